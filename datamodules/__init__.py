@@ -1,0 +1,1 @@
+"""LightningDataModules, WebDataset shard reading and writing, data generators and importers."""

@@ -1,0 +1,1 @@
+"""LaCT: Large Chunk Test-Time Training in plain PyTorch (no Lightning import anywhere in this package)."""

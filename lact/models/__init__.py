@@ -1,0 +1,1 @@
+"""The networks of the three tasks, built from the layers in lact/."""

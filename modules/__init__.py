@@ -1,0 +1,1 @@
+"""LightningModules (one per task) and Lightning callbacks: training logic only, networks live in lact.models."""
