@@ -57,8 +57,7 @@ PEAK_SCRIPT = textwrap.dedent(
     from lact.attention import sliding_window_attention
     torch.set_num_threads(1)
     length, window = int(sys.argv[1]), int(sys.argv[2])
-    q, k, v = (torch.randn(1, 2, length, 16, requires_grad=True) for _ in range(3))
-    sliding_window_attention(q[:, :, :2 * window], k[:, :, :2 * window], v[:, :, :2 * window], window).sum().backward()
+    q, k, v = (torch.randn(1, 4, length, 32, requires_grad=True) for _ in range(3))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sliding_window_attention(q, k, v, window).square().sum().backward()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -81,6 +80,7 @@ def peak_kib(length: int, window: int) -> int:
 def test_sliding_window_memory_grows_linearly():
     # Forward + backward peak memory above the inputs, at 16K and 64K tokens with window 1024. Linear growth
     # gives a ratio near 4; an L x L mask or score matrix would give 16.
+    # (Large heads keep the process's fixed start-up allocations small next to what is measured.)
     small, large = peak_kib(16384, 1024), peak_kib(65536, 1024)
-    assert small > 0
-    assert large / small < 6, (small, large)
+    assert small > 50_000, f"16K tokens should need more than 50 MB above the inputs, measured {small} KiB"
+    assert large / small < 6, f"peak KiB 16K: {small}, 64K: {large}"
