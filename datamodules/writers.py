@@ -49,7 +49,7 @@ class _ShardSink:
                 post=self.shards.append,
                 verbose=0,
                 encoder=False,
-                mtime=0.0,
+                mtime=0,  # an int: a float mtime makes tarfile add a PAX header to every entry
             )
         self._writer.write({"__key__": key, **fields})
         self._keys.add(key)
