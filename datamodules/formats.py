@@ -58,7 +58,7 @@ def view_field(index: int) -> str:
 def encode_png(image: np.ndarray) -> bytes:
     """PNG bytes of a uint8 ``[H, W, 3]`` image (lossless, so decoding gives the same values)."""
     buf = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buf, format="PNG")
+    Image.fromarray(image).save(buf, format="PNG")  # uint8 [H, W, 3] is RGB
     return buf.getvalue()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 import pickle
 import tarfile
@@ -203,3 +204,31 @@ def test_damage_inside_a_dataloader_worker_reaches_the_main_process(tmp_path):
     loader = val_loader(scene_dataset(tmp_path, train=False, max_bad_samples=0), batch_size=2, num_workers=2)
     with pytest.raises(Exception, match=r"shard-000001.tar: whole shard: unreadable tar"):
         list(itertools.islice(loader, 10))
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (lambda cam: cam.update(w2c=cam["w2c"][:3]), "view 1: w2c must be a finite 4x4 matrix, got [3, 4]"),
+        (lambda cam: cam["w2c"][0].__setitem__(0, 2.0), "view 1: w2c[:3, :3] is not a rotation"),
+        (lambda cam: cam.update(w=9), "image 001.png is [6, 8, 3], cameras.json says h=6 w=9"),
+        (lambda cam: cam.pop("fy"), "cameras.json view 1 lacks ['fy']"),
+    ],
+    ids=["w2c-shape", "not-rotation", "size-mismatch", "missing-key"],
+)
+def test_scene_camera_of_wrong_shape_or_value(scene_shards, change, expected):
+    folder, scenes = scene_shards
+    path = folder / "shard-000000.tar"
+    with tarfile.open(path) as tar:
+        entries = [(i.name, tar.extractfile(i).read()) for i in tar]
+    for i, (name, data) in enumerate(entries):
+        if name == "scene_0002.cameras.json":
+            cameras = json.loads(data)
+            change(cameras[1])
+            entries[i] = (name, json.dumps(cameras).encode())
+    write_tar(path, entries)
+    with pytest.warns(UserWarning) as caught:
+        keys = [s["key"] for s in iter_scenes(folder)]
+    assert keys == [k for k in sorted(scenes) if k != "scene_0002"]
+    (message,) = [str(w.message) for w in caught]
+    assert "shard-000000.tar: sample 'scene_0002'" in message and expected in message
