@@ -3,8 +3,8 @@
 ``ShardReader`` is the IterableDataset at the head of each reader pipeline. In one process (one rank,
 one DataLoader worker) it
 
-1. picks its shards: training resamples them for ever (``train=True``), validation visits its share
-   once in order (``train=False``); see :func:`split_shards` for the exact split;
+1. picks its shards: training (``train=True``) reads all shards for ever, in a fresh random order per
+   cycle; validation (``train=False``) visits its share once in order (:func:`split_shards`);
 2. reads each tar file itself (:func:`read_tar`) so that every problem names the shard and the key;
 3. shuffles raw samples in a small buffer (training only), decodes and checks them with the modality's
    ``decode`` function, skips and counts damaged ones through an :class:`ErrorBudget`.
@@ -185,8 +185,8 @@ class ShardReader(IterableDataset):
     Args:
         shards: anything :func:`expand_shards` accepts.
         decode: raw sample (dict of bytes) -> dict of numpy arrays / str; raises DamagedSampleError.
-        train: True: resampled, endless, shuffled stream; False: one exact, ordered pass over this
-            reader's share (see :func:`split_shards`).
+        train: True: an endless, shuffled stream over all shards (resampled in random-order cycles);
+            False: one exact, ordered pass over this reader's share (see :func:`split_shards`).
         seed: base seed of the shard choice and the shuffle buffer (training).
         rank, world_size: overrides for tests; default from :func:`dist_info`, read at construction
             (so build readers after torch.distributed is initialised, e.g. in ``*_dataloader()``).
@@ -233,10 +233,15 @@ class ShardReader(IterableDataset):
         budget = ErrorBudget(self.max_bad_samples, where)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         self.epoch += 1  # a reader iterated again in the same process moves on to a fresh stream
-        shards, stride, offset = split_shards(self.shards, self.rank, self.world_size, worker, num_workers)
         if self.train:
-            raw = self._shuffled(self._resampled(shards, rng, budget), rng)
+            # Every rank and worker draws from all shards with its own seed: the node and worker split of
+            # an endless stream. (Dealing each reader a fixed share instead would leave a reader with one
+            # shard, and every batch it makes, stuck on a handful of samples when shards are few.)
+            raw = self._shuffled(self._endless(self.shards, rng, budget), rng)
         else:
+            shards, stride, offset = split_shards(
+                self.shards, self.rank, self.world_size, worker, num_workers
+            )
             raw = (s for i, s in enumerate(self._in_order(shards, budget)) if i % stride == offset)
         for sample in raw:
             try:
@@ -253,11 +258,14 @@ class ShardReader(IterableDataset):
             yield from read_tar(shard, budget)
 
     @staticmethod
-    def _resampled(shards: list[str], rng: np.random.Generator, budget: ErrorBudget) -> Iterator[dict]:
-        # Endless: each step draws a shard with replacement. If every shard is broken or empty, each
-        # visit is reported to the budget, which raises after max_bad_samples visits: never a silent spin.
+    def _endless(shards: list[str], rng: np.random.Generator, budget: ErrorBudget) -> Iterator[dict]:
+        # Shards are resampled in cycles: each cycle is a fresh random permutation of all shards, so a
+        # reader sees every shard once per cycle (fewer repeats than drawing with replacement). If every
+        # shard is broken or empty, each visit is reported to the budget, which raises after
+        # max_bad_samples visits: never a silent spin.
         while True:
-            yield from read_tar(shards[rng.integers(len(shards))], budget)
+            for index in rng.permutation(len(shards)):
+                yield from read_tar(shards[index], budget)
 
     def _shuffled(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:

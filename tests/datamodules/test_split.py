@@ -130,3 +130,14 @@ def test_collate_refuses_mixed_shapes():
     with pytest.raises(ValueError, match=r"cannot batch 'tokens'.*\['a', 'b'\]"):
         collate([a, b])
     assert collate([a, a])["key"] == ["a", "a"]
+
+
+def test_training_reader_visits_every_shard_once_per_cycle(tmp_path):
+    for i in range(5):
+        write_token_shards(tmp_path / f"p{i}", 1, 1, seed=i)  # 5 shards of one sample each
+    shards = [str(tmp_path / f"p{i}" / "shard-000000.tar") for i in range(5)]
+    stream = iter(token_dataset(shards, train=True, rank=1, world_size=2))
+    tokens = [tuple(next(stream)["tokens"].tolist()) for _ in range(15)]
+    cycles = [tokens[i : i + 5] for i in (0, 5, 10)]
+    assert all(len(set(cycle)) == 5 for cycle in cycles), "no shard twice within a cycle"
+    assert len({tuple(c) for c in cycles}) > 1, "a fresh order each cycle"
