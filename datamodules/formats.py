@@ -101,6 +101,11 @@ def encode_scene(images, intrinsics, w2c) -> dict[str, bytes]:
         raise ValueError(f"intrinsics must be [V={views}, 4] (fx, fy, cx, cy), got {list(intrinsics.shape)}")
     if w2c.shape != (views, 4, 4):
         raise ValueError(f"w2c must be [V={views}, 4, 4], got {list(w2c.shape)}")
+    if not (np.isfinite(intrinsics).all() and np.isfinite(w2c).all()):
+        raise ValueError("intrinsics and w2c must be finite")
+    bad = [i for i in range(views) if not _is_rotation(w2c[i, :3, :3])]
+    if bad:
+        raise ValueError(f"w2c[:3, :3] of views {bad} is not a rotation (expected OpenCV world-to-camera)")
     cameras = [
         {
             "w": width,
@@ -116,10 +121,14 @@ def encode_scene(images, intrinsics, w2c) -> dict[str, bytes]:
 
 
 def encode_tokens(tokens, meta: dict) -> dict[str, bytes]:
-    """Fields of one token sample: ``tokens`` is 1-D uint16 or uint32; ``meta`` a JSON-able dict."""
+    """Fields of one token sample: ``tokens`` is 1-D uint16 or uint32; ``meta`` a JSON-able dict
+    (ids must be below its ``vocab_size``, when given)."""
     tokens = _as_numpy(tokens, "tokens")
     if tokens.ndim != 1 or tokens.dtype not in TOKEN_DTYPES:
         raise ValueError(f"tokens must be 1-D uint16 or uint32, got {tokens.dtype} {list(tokens.shape)}")
+    vocab = meta.get("vocab_size")
+    if isinstance(vocab, int) and tokens.size and int(tokens.max()) >= vocab:
+        raise ValueError(f"token id {int(tokens.max())} >= vocab_size {vocab}")
     return {"tokens.npy": encode_npy(tokens), "meta.json": encode_json(meta)}
 
 
@@ -211,6 +220,11 @@ def _check_array(sample: dict, name: str, array: np.ndarray, dtypes: Sequence, n
         raise _damaged(sample, f"{name} has shape {list(array.shape)}, expected {list(shape)} (None = any)")
 
 
+def _is_rotation(rot: np.ndarray, tol: float = 1e-3) -> bool:
+    rot = np.asarray(rot, dtype=np.float64)
+    return bool(np.abs(rot @ rot.T - np.eye(3)).max() <= tol and abs(np.linalg.det(rot) - 1) <= tol)
+
+
 def _check_camera(sample: dict, index: int, cam) -> tuple[int, int, list[float], np.ndarray]:
     if not isinstance(cam, dict):
         raise _damaged(sample, f"cameras.json view {index} is {type(cam).__name__}, expected an object")
@@ -227,9 +241,8 @@ def _check_camera(sample: dict, index: int, cam) -> tuple[int, int, list[float],
         raise _damaged(
             sample, f"cameras.json view {index}: w2c must be a finite 4x4 matrix, got {list(w2c.shape)}"
         )
-    rot = w2c[:3, :3]
     # A camera that is not a rotation + translation would silently corrupt every ray built from it.
-    if np.abs(rot @ rot.T - np.eye(3)).max() > 1e-3 or abs(np.linalg.det(rot) - 1) > 1e-3:
+    if not _is_rotation(w2c[:3, :3]):
         raise _damaged(sample, f"cameras.json view {index}: w2c[:3, :3] is not a rotation")
     return width, height, intr, w2c
 

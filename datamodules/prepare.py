@@ -55,40 +55,43 @@ def _write_meta(out: str, fmt: str, writer, args: argparse.Namespace, **extra) -
 
 
 def run_scenes(args: argparse.Namespace) -> dict:
+    extra = {}
+    if args.from_json:
+        if (args.height is None) != (args.width is None):
+            raise SystemExit("give both --height and --width (or neither, to keep the original size)")
+        folders = find_camera_json_scenes(args.from_json)
+        extra["source"] = os.path.abspath(args.from_json)
+    else:
+        args.height, args.width = args.height or 64, args.width or 64
     _prepare_out(args.out, args.overwrite)
     with SceneWriter(args.out, samples_per_shard=args.samples_per_shard) as writer:
         if args.from_json:
-            if (args.height is None) != (args.width is None):
-                raise SystemExit("give both --height and --width (or neither, to keep the original size)")
             size = None if args.height is None else (args.height, args.width)
-            for folder in tqdm(find_camera_json_scenes(args.from_json), desc="import scenes", unit="scene"):
+            for folder in tqdm(folders, desc="import scenes", unit="scene"):
                 scene = load_camera_json_scene(folder, size=size)
-                writer.write(
-                    scene_key(folder, args.from_json), scene["images"], scene["intrinsics"], scene["w2c"]
+                key = scene_key(folder, args.from_json)
+                writer.write(key, scene["images"], scene["intrinsics"], scene["w2c"])
+        else:
+            for i in tqdm(range(args.num_scenes), desc="scenes", unit="scene"):
+                scene = generate_scene(
+                    [args.seed, i],
+                    num_views=args.views,
+                    height=args.height,
+                    width=args.width,
+                    num_primitives=tuple(args.primitives),
+                    distance=args.distance,
+                    fov_deg=args.fov,
                 )
-            return _write_meta(args.out, "scenes", writer, args, source=os.path.abspath(args.from_json))
-        args.height, args.width = args.height or 64, args.width or 64
-        for i in tqdm(range(args.num_scenes), desc="scenes", unit="scene"):
-            scene = generate_scene(
-                [args.seed, i],
-                num_views=args.views,
-                height=args.height,
-                width=args.width,
-                num_primitives=tuple(args.primitives),
-                distance=args.distance,
-                fov_deg=args.fov,
-            )
-            writer.write(
-                f"{args.key_prefix}{args.seed}_{i:07d}", scene["images"], scene["intrinsics"], scene["w2c"]
-            )
-    return _write_meta(args.out, "scenes", writer, args)
+                key = f"{args.key_prefix}{args.seed}_{i:07d}"
+                writer.write(key, scene["images"], scene["intrinsics"], scene["w2c"])
+    return _write_meta(args.out, "scenes", writer, args, **extra)
 
 
 def run_text(args: argparse.Namespace) -> dict:
-    _prepare_out(args.out, args.overwrite)
     tokenizer = load_tokenizer(args.tokenizer, args.eod_token)
     dtype = token_dtype(tokenizer.vocab_size)
     files = list_text_files(args.inputs)
+    _prepare_out(args.out, args.overwrite)
     meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id}
     documents = tqdm(iter_documents(files, args.jsonl_field), desc="text documents", unit="doc")
     counted = {"documents": 0, "tokens": 0}

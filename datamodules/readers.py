@@ -72,7 +72,9 @@ def collate(samples: list[dict]) -> dict:
                     f"cannot batch {name!r} of shapes {sorted(shapes)} (samples {keys}); "
                     "give the reader a fixed shape or use batch_size=None"
                 )
-            if all(v.device.type == "cpu" and not v.requires_grad for v in values):
+            if all(
+                v.device.type == "cpu" and not v.requires_grad and v.dtype != torch.bfloat16 for v in values
+            ):
                 # numpy copies on one thread; torch.stack would wake the intra-op thread pool, which in
                 # the main process (num_workers=0) competes with the training step (10-100x slower).
                 batch[name] = torch.from_numpy(np.stack([v.numpy() for v in values]))

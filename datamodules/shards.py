@@ -132,8 +132,8 @@ def read_tar(shard: str, budget: ErrorBudget) -> Iterator[dict]:
                 if not info.isreg():
                     continue
                 key, field = _split_name(info.name)
-                if key is None:
-                    budget.report(DamagedSampleError(shard, info.name, "entry has no '.field' extension"))
+                if key is None or field.startswith("__"):  # "__" fields would shadow __key__, __shard__
+                    budget.report(DamagedSampleError(shard, info.name, "entry name is not <key>.<field>"))
                     continue
                 if field.rsplit(".", 1)[-1].lower() in PICKLE_EXTENSIONS:
                     raise UnsafeEntryError(
@@ -162,14 +162,14 @@ def read_tar(shard: str, budget: ErrorBudget) -> Iterator[dict]:
                 )
                 return
     except (tarfile.TarError, OSError, EOFError) as exn:
-        where = f"inside sample {current['__key__']!r}" if current else "between samples"
-        budget.report(
-            DamagedSampleError(
-                shard,
-                current["__key__"] if current else None,
-                f"unreadable tar {where} after {count} good samples ({type(exn).__name__}: {exn}); rest of shard skipped",
-            )
-        )
+        cause = f"{type(exn).__name__}: {exn}"
+        if current is not None:
+            reason = f"unreadable tar inside this sample after {count} good samples ({cause}); rest of shard skipped"
+        elif count == 0:
+            reason = f"not a readable tar ({cause})"
+        else:
+            reason = f"unreadable tar after {count} good samples ({cause}); rest of shard skipped"
+        budget.report(DamagedSampleError(shard, current["__key__"] if current else None, reason))
         return
     if count == 0:
         budget.report(DamagedSampleError(shard, None, "shard holds no samples"))

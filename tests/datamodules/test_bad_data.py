@@ -52,7 +52,7 @@ def test_truncated_tar_inside_a_sample_names_shard_and_key(tmp_path):
     keys, warnings = keys_and_warnings(shard)
     assert keys == ["seq_00000", "seq_00001"]
     (message,) = warnings
-    assert str(shard) in message and "'seq_00002'" in message and "unreadable tar" in message
+    assert f"{shard}: sample 'seq_00002': unreadable tar inside this sample after 2 good samples" in message
 
 
 def test_tar_cut_between_samples_is_reported_not_silently_short(tmp_path):
@@ -75,7 +75,7 @@ def test_garbage_bytes_shard_is_skipped_with_its_name(tmp_path):
     keys, warnings = keys_and_warnings(tmp_path)
     assert keys == [f"seq_{i:05d}" for i in range(4)]
     (message,) = warnings
-    assert str(garbage) in message and "whole shard" in message
+    assert f"{garbage}: whole shard: not a readable tar (ReadError: invalid header)" in message
 
 
 def test_garbage_bytes_inside_an_image_name_the_key_and_field(scene_shards):
@@ -202,7 +202,7 @@ def test_damage_inside_a_dataloader_worker_reaches_the_main_process(tmp_path):
     write_scenes(tmp_path, 4, 2)
     (tmp_path / "shard-000001.tar").write_bytes(b"junk" * 300)
     loader = val_loader(scene_dataset(tmp_path, train=False, max_bad_samples=0), batch_size=2, num_workers=2)
-    with pytest.raises(Exception, match=r"shard-000001.tar: whole shard: unreadable tar"):
+    with pytest.raises(Exception, match=r"shard-000001.tar: whole shard: not a readable tar"):
         list(itertools.islice(loader, 10))
 
 
@@ -232,3 +232,12 @@ def test_scene_camera_of_wrong_shape_or_value(scene_shards, change, expected):
     assert keys == [k for k in sorted(scenes) if k != "scene_0002"]
     (message,) = [str(w.message) for w in caught]
     assert "shard-000000.tar: sample 'scene_0002'" in message and expected in message
+
+
+def test_entries_that_are_not_key_dot_field_are_reported(tmp_path):
+    good = token_entries("good", np.arange(17, dtype=np.uint16))
+    shard = write_tar(tmp_path / "s.tar", [("README", b"hello"), *good, ("x.__key__", b"spoof")])
+    keys, warnings = keys_and_warnings(shard)
+    assert keys == ["good"]
+    assert len(warnings) == 2 and all("entry name is not <key>.<field>" in w for w in warnings)
+    assert "sample 'README'" in warnings[0] and "sample 'x.__key__'" in warnings[1]

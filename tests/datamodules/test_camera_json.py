@@ -128,9 +128,9 @@ def test_gso_object_is_where_the_cameras_say(gso):
 @needs_gso
 def test_gso_resize_crop_and_shard_round_trip(tmp_path, gso):
     _, full = gso
-    prepare.main(
-        ["scenes", "--out", str(tmp_path), "--from-json", str(GSO), "--height", "48", "--width", "64"]
-    )
+    args = ["scenes", "--out", str(tmp_path), "--from-json", str(GSO), "--height", "48", "--width", "64"]
+    meta = prepare.main(args)
+    assert meta["samples"] == 1 and meta["shards"] == ["shard-000000.tar"]
     (sample,) = iter_scenes(tmp_path, num_views=64, image_size=(48, 64))
     assert sample["key"] == "gso_toy"
     intr = sample["intrinsics"].numpy()

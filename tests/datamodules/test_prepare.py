@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,14 @@ def test_prepare_scenes_is_deterministic_and_matches_the_generator(tmp_path):
         "--samples-per-shard",
         "2",
     ]
-    prepare.main([*args, "--out", str(tmp_path / "a")])
+    meta = prepare.main([*args, "--out", str(tmp_path / "a")])
     prepare.main([*args, "--out", str(tmp_path / "b")])
+    assert (
+        meta["shards"]
+        == sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
+        == ["shard-000000.tar", "shard-000001.tar"]
+    )
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["samples"] == 3
     for name in ("shard-000000.tar", "shard-000001.tar"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     samples = list(iter_scenes(tmp_path / "a", num_views=4, image_size=(16, 16)))

@@ -98,9 +98,14 @@ def test_writers_refuse_bad_keys_and_arrays(tmp_path):
             writer.write("has.dot", **good)
         with pytest.raises(ValueError, match="images must be uint8"):
             writer.write("ok", np.zeros((1, 2, 2, 3), np.float32), good["intrinsics"], good["w2c"])
+        with pytest.raises(ValueError, match=r"views \[0\] is not a rotation"):
+            writer.write("ok", good["images"], good["intrinsics"], 2 * good["w2c"])
         writer.write("ok", **good)
         with pytest.raises(ValueError, match="duplicate"):
             writer.write("ok", **good)
-    with TokenWriter(str(tmp_path / "t")) as writer, pytest.raises(ValueError, match="uint16 or uint32"):
-        writer.write("t", np.arange(4, dtype=np.int64), {})
+    with TokenWriter(str(tmp_path / "t")) as writer:
+        with pytest.raises(ValueError, match="uint16 or uint32"):
+            writer.write("t", np.arange(4, dtype=np.int64), {})
+        with pytest.raises(ValueError, match="token id 300 >= vocab_size 257"):
+            writer.write("t", np.array([1, 300], dtype=np.uint16), {"vocab_size": 257})
     assert writer.shards == []  # nothing written: no empty shard left behind
