@@ -198,3 +198,41 @@ def test_warmup_then_cosine():
     assert schedule(10) == pytest.approx(1.0)
     assert schedule(60) == pytest.approx(0.55)
     assert schedule(110) == pytest.approx(0.1) and schedule(500) == pytest.approx(0.1)
+
+
+class RecordLosses(Callback):
+    """Training losses of CLI runs (the CLI builds the callback, so the list lives on the class)."""
+
+    values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        RecordLosses.values.append(float(outputs["loss"]))
+
+
+def test_cli_fit_tiny_config_on_scene_shards_then_predict(tmp_path):
+    """The path a user takes: shards from the data layer, `train.py fit` with configs/nvs/tiny.yaml (20 steps),
+    then `train.py predict --ckpt_path` writing PNGs and a turntable per scene."""
+    import train
+    from datamodules.prepare import main as prepare
+
+    shards, root = tmp_path / "scenes", tmp_path / "run"
+    prepare(["scenes", "--out", str(shards), "--num-scenes", "6", "--views", "4", "--height", "16", "--width", "16"])  # fmt: skip
+    common = [
+        "--config=configs/nvs/tiny.yaml",
+        f"--trainer.default_root_dir={root}",
+        f"--data.init_args.train_shards={shards}",
+        f"--data.init_args.val_shards={shards}",
+    ]
+    RecordLosses.values = []
+    train.main(["fit", *common, "--trainer.callbacks+=tests.modules.test_nvs.RecordLosses"])
+    losses = RecordLosses.values
+    assert len(losses) == 20 and sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 20  # plain data: no unpickled classes
+
+    train.main(["predict", *common, f"--ckpt_path={checkpoint}"])
+    scenes = sorted(p.name for p in (root / "predict").iterdir())
+    assert len(scenes) == 6
+    for scene in scenes:
+        names = {p.name for p in (root / "predict" / scene).iterdir()}
+        assert names == {"input_000.png", "input_001.png", "gt_000.png", "view_000.png", "turntable.gif"}
