@@ -26,6 +26,11 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/lact_operator.py
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/nvs_render.py
+
+# Novel view synthesis end to end: procedural scenes, <= 10 min CPU training, held-out scores, figures.
+demo: install
+	$(BIN)/python scripts/demo_nvs.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
