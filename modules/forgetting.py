@@ -103,6 +103,9 @@ class ForgettingSchedule(Callback):
             batch only, then restored; the embedding gets no update meanwhile (its grads are dropped).
             With tied embeddings the replaced rows are also the output rows of those ids.
         prob_steps: length of the probabilistic phase in optimizer steps.
+        keep_rows: first-dim indices (token ids) whose rows a reset or probabilistic replacement leaves
+            as they are, e.g. special tokens that carry the structure (mask, separator); their optimizer
+            state is still reset with the rest of the parameter.
         seed: run seed; draws use (seed, reset index). ``None`` takes ``PL_GLOBAL_SEED`` (set by
             ``seed_everything``) or 0. A resumed run keeps the checkpoint's seed.
     """
@@ -121,6 +124,7 @@ class ForgettingSchedule(Callback):
         lr_min_ratio: float = 0.0,
         prob: float = 0.0,
         prob_steps: int = 0,
+        keep_rows: list[int] | None = None,
         seed: int | None = None,
     ) -> None:
         if every_k < 0:
@@ -147,6 +151,7 @@ class ForgettingSchedule(Callback):
         self.init, self.std, self.optimizer_state = init, std, optimizer_state
         self.lr_restart, self.lr_warmup_steps, self.lr_min_ratio = lr_restart, lr_warmup_steps, lr_min_ratio
         self.prob, self.prob_steps = prob, prob_steps
+        self.keep_rows = sorted(set(keep_rows or []))
         self.seed = seed
         # Checkpointed counters.
         self.resets = 0
@@ -289,6 +294,13 @@ class ForgettingSchedule(Callback):
             out.normal_(cur.mean().item(), cur.std().item(), generator=g)
         if t.pad_row is not None:
             out[t.pad_row] = 0.0
+        if self.keep_rows:
+            rows = torch.tensor(self.keep_rows)
+            if out.ndim == 0 or rows.max() >= out.shape[0]:
+                raise ValueError(
+                    f"keep_rows={self.keep_rows} out of range for {t.name} of shape {tuple(out.shape)}"
+                )
+            out[rows] = full_value(t.param)[rows.to(t.param.device)].float().cpu()
         return out
 
     @torch.no_grad()
@@ -320,6 +332,7 @@ class ForgettingSchedule(Callback):
         replace = torch.rand(w.shape[0], generator=g) < self.prob  # [V], same on every rank
         if t.pad_row is not None:
             replace[t.pad_row] = False
+        replace[self.keep_rows] = False
         fresh = self._draw(pl_module, t, g)
         local = local_tensor(w)
         self._prob_saved = local.clone()

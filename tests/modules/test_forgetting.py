@@ -191,3 +191,13 @@ def test_probabilistic_mode_replaces_rows_for_the_batch_only_and_freezes_the_emb
         assert torch.equal(snap.embeds[i], before)
     assert torch.equal(seen[3], before)  # after it: the original rows, now trained
     assert not torch.equal(snap.embeds[4], before)
+
+
+def test_keep_rows_survive_resets_and_probabilistic_replacement():
+    model = TinyLM(lr=0.0)
+    kept = model.embed.weight[[2, 3]].detach().clone()
+    fit(model, ForgettingSchedule(every_k=2, keep_rows=[2, 3], prob=1.0, prob_steps=1, seed=0), max_steps=2)
+    assert torch.equal(model.seen_in_forward[0][[2, 3]], kept)  # not replaced in the probabilistic step
+    assert not torch.equal(model.seen_in_forward[0][4:], model.seen_in_forward[1][4:])
+    assert torch.equal(model.embed.weight[[2, 3]], kept)  # nor by the reset at step 2
+    assert torch.count_nonzero(model.embed.weight[PAD]) == 0
