@@ -95,7 +95,7 @@ class MaskedLMModule(LightningModule):
         self.log("train/acc", acc.mean())
         return loss
 
-    def on_validation_start(self) -> None:
+    def on_validation_epoch_start(self) -> None:
         # Held-out rows were never trained, yet in a tied model they drift (they sit in the output softmax
         # and decay); evaluate them as truly unseen tokens: a fresh draw of the init distribution.
         ids = self._holdout_ids()
@@ -108,7 +108,9 @@ class MaskedLMModule(LightningModule):
         with torch.no_grad():
             w[ids] = fresh.to(w.device, w.dtype)
 
-    def on_validation_end(self) -> None:
+    def on_validation_epoch_end(self) -> None:
+        # Restore here, not in on_validation_end: ModelCheckpoint saves in its on_validation_end, which
+        # Lightning calls before the module's, and must see the trained rows.
         if self._saved_rows is not None:
             with torch.no_grad():
                 self.net.embed.weight[self._holdout_ids()] = self._saved_rows
