@@ -1,0 +1,74 @@
+"""Window attention at O(L * window) cost (DESIGN §2.5): every query block attends to a fixed number of key
+blocks through `scaled_dot_product_attention`; no L x L mask is ever built.
+
+Layout: q, k, v [B, H, L, D] (batch, heads, tokens, head dim); outputs [B, H, L, D].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+    """Causal attention where token i sees tokens j with i - window < j <= i (itself and window - 1 before).
+
+    Queries are cut into blocks of `window` tokens; block c attends to key blocks c - 1 and c under one
+    [window, 2 * window] mask shared by all blocks, so memory is O(L * window).
+    """
+    if window < 1:
+        raise ValueError(f"window must be a positive int, got {window}")
+    length = q.shape[-2]
+    if length <= window:  # every causal pair is within the window
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    pad = (-length) % window
+    if pad:  # padded keys sit after every real query, so the causal mask hides them
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    batch, heads, padded, dim = q.shape
+    blocks = padded // window
+    qb, kb, vb = (t.reshape(batch, heads, blocks, window, dim) for t in (q, k, v))
+    # Block 0 has no previous block: plain causal attention within it.
+    first = F.scaled_dot_product_attention(qb[:, :, 0], kb[:, :, 0], vb[:, :, 0], is_causal=True)
+    # Blocks 1..n-1: keys of the previous and the current block; query r (absolute cW + r) sees key column j
+    # (absolute (c-1)W + j) iff r < j <= W + r.
+    rows = torch.arange(window, device=q.device)[:, None]
+    cols = torch.arange(2 * window, device=q.device)[None, :]
+    mask = (cols > rows) & (cols <= rows + window)
+    k_ctx = torch.cat([kb[:, :, :-1], kb[:, :, 1:]], dim=3).flatten(1, 2)  # [B, H*(n-1), 2W, D]
+    v_ctx = torch.cat([vb[:, :, :-1], vb[:, :, 1:]], dim=3).flatten(1, 2)
+    rest = F.scaled_dot_product_attention(qb[:, :, 1:].flatten(1, 2), k_ctx, v_ctx, attn_mask=mask)
+    rest = rest.unflatten(1, (heads, blocks - 1))
+    out = torch.cat([first.unsqueeze(2), rest], dim=2).reshape(batch, heads, padded, dim)
+    return out[:, :, :length]
+
+
+def interleaved_block_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int) -> Tensor:
+    """Block attention for the AR video layout [noisy_0, clean_0, noisy_1, clean_1, ...] of `chunk_size`-token
+    segments: every segment attends bidirectionally to itself and to the latest clean segment before it
+    (noisy_{i+1} -> clean_i; clean_i -> clean_{i-1}); noisy_0 and clean_0 see only themselves.
+    Memory O(L * chunk_size).
+    """
+    length = q.shape[-2]
+    if chunk_size < 1 or length % chunk_size:
+        raise ValueError(f"L={length} must be a positive multiple of chunk_size={chunk_size}")
+    batch, heads, _, dim = q.shape
+    segments = length // chunk_size
+    qs, ks, vs = (t.reshape(batch, heads, segments, chunk_size, dim) for t in (q, k, v))
+    # The latest clean segment strictly before s, excluding s's own noisy twin: s - 1 for noisy s >= 2,
+    # s - 2 for clean s >= 3, none for segments 0 and 1 (index 0 as a placeholder, masked out).
+    index = torch.arange(segments, device=q.device)
+    previous = torch.where(index % 2 == 0, index - 1, index - 2)
+    has_previous = previous >= 1
+    previous = previous.clamp(min=0)
+    k_ctx = torch.cat([ks[:, :, previous], ks], dim=3)  # [B, H, S, 2T, D]
+    v_ctx = torch.cat([vs[:, :, previous], vs], dim=3)
+    key_valid = torch.cat(
+        [
+            has_previous[:, None].expand(segments, chunk_size),
+            torch.ones(segments, chunk_size, dtype=torch.bool, device=q.device),
+        ],
+        dim=1,
+    )  # [S, 2T]
+    out = F.scaled_dot_product_attention(qs, k_ctx, v_ctx, attn_mask=key_valid[:, None, :])
+    return out.reshape(batch, heads, length, dim)

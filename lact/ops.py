@@ -1,0 +1,365 @@
+"""The LaCT operator: a SwiGLU MLP used as fast weights, updated by one closed-form gradient step per chunk.
+
+Layouts (B = batch x heads, L = tokens, d = head dim, h = hidden width of the fast-weight MLP):
+
+    w_gate, w_up   [B, h, d]        fast weights; f_W(x) = W_down (silu(W_gate x) * (W_up x))
+    w_down         [B, d, h]
+    q, k, v        [B, L, d]        queries read the memory, (key, value) pairs write it
+    lr_*           [B, L, 1] fp32   per-token inner learning rates, already positive
+    momentum       [B, L, 1]        per-token beta in (0, 1), averaged per chunk
+
+Two primitives, `swiglu_apply` (read) and `update_step` (write: closed-form step, momentum, Muon, weight norm),
+and three schedules built only from them: `causal_lact` (language model), `bidirectional_lact` (novel view
+synthesis) and `interleaved_lact` (autoregressive video). Autograd flows through every schedule; the inner
+gradient itself is the closed form of `swiglu_update`, never autograd of the inner loss.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Newton-Schulz coefficients (a, b, c) for X <- aX + (bA + cA^2)X, A = X X^T (DESIGN §2.1).
+MUON_FIXED = ((3.4445, -4.7750, 2.0315),) * 5
+MUON_SCHEDULE = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+MUON_COEFFICIENTS = {"fixed": MUON_FIXED, "schedule": MUON_SCHEDULE}
+
+FastWeights = tuple[Tensor, Tensor, Tensor]  # (w_gate [B,h,d], w_up [B,h,d], w_down [B,d,h])
+
+
+class FastWeightState(NamedTuple):
+    """Everything a schedule carries from one chunk to the next.
+
+    weights: current (w_gate, w_up, w_down); row_norms: the per-row L2 norms of the initial (slow) weights,
+    ([B,h,1], [B,h,1], [B,d,1]), which the weight norm restores after every update; momentum: the running
+    momentum buffers of the three matrices, or None before the first update / without momentum.
+    """
+
+    weights: FastWeights
+    row_norms: FastWeights
+    momentum: FastWeights | None = None
+
+    @classmethod
+    def initial(cls, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> FastWeightState:
+        weights = (w_gate, w_up, w_down)
+        return cls(weights, tuple(row_norms(w) for w in weights))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def swiglu_apply(w_gate: Tensor, w_up: Tensor, w_down: Tensor, x: Tensor) -> Tensor:
+    """f_W(x) = W_down (silu(W_gate x) * (W_up x)).  x [B, n, d] -> [B, n, d]."""
+    gate = x @ w_gate.mT  # [B, n, h]
+    up = x @ w_up.mT
+    return (F.silu(gate) * up) @ w_down.mT
+
+
+def swiglu_update(
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr_gate: Tensor,
+    lr_up: Tensor,
+    lr_down: Tensor,
+) -> FastWeights:
+    """The closed-form negative gradient of L(W) = -sum_i lr_i <f_W(k_i), v_i> on one chunk (DESIGN §2.1).
+
+    k, v [B, b, d]; lr_* [B, b, 1]. Returns (dW_gate [B,h,d], dW_up [B,h,d], dW_down [B,d,h]), in k's dtype.
+    """
+    lr_gate, lr_up, lr_down = (lr.to(k.dtype) for lr in (lr_gate, lr_up, lr_down))
+    gate = k @ w_gate.mT  # G^T  [B, b, h]
+    up = k @ w_up.mT  # U^T
+    sig = torch.sigmoid(gate)
+    silu_gate = gate * sig
+    hidden = silu_gate * up  # H^T
+    p = v @ w_down  # P^T = (W_down^T V)^T  [B, b, h]
+    d_down = v.mT @ (hidden * lr_down)
+    d_up = (p * silu_gate).mT @ (k * lr_up)
+    silu_grad = sig * (1 + gate * (1 - sig))
+    d_gate = (p * up * silu_grad).mT @ (k * lr_gate)
+    return d_gate, d_up, d_down
+
+
+def newton_schulz(
+    x: Tensor, coefficients: str | tuple[tuple[float, float, float], ...] = "schedule"
+) -> Tensor:
+    """Approximately orthogonalise each matrix of x [..., m, n] (Muon): normalise by its Frobenius norm, then
+    iterate X <- aX + (bA + cA^2)X, A = X X^T, once per (a, b, c), on the wide orientation.
+
+    `coefficients` is "fixed", "schedule" or an explicit tuple of (a, b, c). Computed in bf16 on CUDA and in
+    fp32 (or the input's float64) elsewhere, where bf16 matmul is slow; returned in x's dtype.
+    """
+    if isinstance(coefficients, str):
+        if coefficients not in MUON_COEFFICIENTS:
+            raise ValueError(f"muon must be None, 'fixed' or 'schedule', got {coefficients!r}")
+        coefficients = MUON_COEFFICIENTS[coefficients]
+    if x.is_cuda:
+        compute_dtype = torch.bfloat16
+    else:
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(compute_dtype)
+    tall = y.shape[-2] > y.shape[-1]
+    if tall:
+        y = y.mT
+    y = y / (torch.linalg.matrix_norm(y, keepdim=True) + 1e-7)
+    for a, b, c in coefficients:
+        gram = y @ y.mT
+        y = a * y + (b * gram + c * (gram @ gram)) @ y
+    if tall:
+        y = y.mT
+    return y.to(x.dtype)
+
+
+def row_norms(w: Tensor) -> Tensor:
+    """L2 norm of every row over the input (last) dimension: [B, rows, cols] -> [B, rows, 1]."""
+    return torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+
+
+def renormalize_rows(w: Tensor, target_norms: Tensor) -> Tensor:
+    """Rescale every row of w [B, rows, cols] back to target_norms [B, rows, 1] (DESIGN §2.1 step 4)."""
+    return w * (target_norms / (row_norms(w) + 1e-5))
+
+
+def update_step(
+    state: FastWeightState,
+    k: Tensor,
+    v: Tensor,
+    lr_gate: Tensor,
+    lr_up: Tensor,
+    lr_down: Tensor,
+    *,
+    beta: Tensor | None = None,
+    muon: str | None = None,
+) -> FastWeightState:
+    """One chunk's update: closed-form step, then momentum, Muon, step and weight norm, in that order.
+
+    k, v [B, b, d]; lr_* [B, b, 1]; beta [B, 1, 1] (this chunk's momentum coefficient) or None for no momentum.
+    """
+    delta = swiglu_update(*state.weights, k, v, lr_gate, lr_up, lr_down)
+    momentum = state.momentum
+    if beta is not None:
+        beta = beta.to(delta[0].dtype)
+        if momentum is not None:
+            delta = tuple(d + beta * m for d, m in zip(delta, momentum))
+        momentum = delta
+    if muon is not None:
+        delta = tuple(newton_schulz(d, muon) for d in delta)
+    weights = tuple(renormalize_rows(w + d, n) for w, d, n in zip(state.weights, delta, state.row_norms))
+    return FastWeightState(weights, state.row_norms, momentum)
+
+
+def chunk_beta(momentum: Tensor | None, start: int, end: int) -> Tensor | None:
+    """The momentum coefficient of tokens [start, end): the mean of their per-token beta, [B, 1, 1]."""
+    if momentum is None:
+        return None
+    return momentum[:, start:end].mean(dim=1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def causal_lact(
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr_gate: Tensor,
+    lr_up: Tensor,
+    lr_down: Tensor,
+    *,
+    chunk_size: int,
+    momentum: Tensor | None = None,
+    muon: str | None = None,
+) -> Tensor:
+    """Apply-then-update over chunks of `chunk_size` tokens (language model, DESIGN §2.3).
+
+    o[c] = f_{W_c}(q[c]), then W_{c+1} = update(W_c; k[c], v[c]). Token t never sees memory written by its own
+    or later chunks; the last chunk (which may be partial) is apply-only. Returns o [B, L, d].
+    """
+    check_inputs(w_gate, w_up, w_down, q, k, v, lr_gate, lr_up, lr_down, momentum=momentum, muon=muon)
+    check_chunk_size(chunk_size)
+    state = FastWeightState.initial(w_gate, w_up, w_down)
+    length = q.shape[1]
+    outputs = []
+    for start in range(0, length, chunk_size):
+        end = min(start + chunk_size, length)
+        outputs.append(swiglu_apply(*state.weights, q[:, start:end]))
+        if end < length:
+            state = update_step(
+                state,
+                k[:, start:end],
+                v[:, start:end],
+                lr_gate[:, start:end],
+                lr_up[:, start:end],
+                lr_down[:, start:end],
+                beta=chunk_beta(momentum, start, end),
+                muon=muon,
+            )
+    return torch.cat(outputs, dim=1)
+
+
+def bidirectional_lact(
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr_gate: Tensor,
+    lr_up: Tensor,
+    lr_down: Tensor,
+    *,
+    update_len: int,
+    chunk_size: int | None = None,
+    muon: str | None = None,
+) -> tuple[Tensor, FastWeights]:
+    """Update-then-apply (novel view synthesis, DESIGN §2.3).
+
+    Updates on tokens [0, update_len) (in chunks of `chunk_size`, all at once when None), then applies the
+    updated weights to all L tokens. Returns (o [B, L, d], updated (w_gate, w_up, w_down)); applying those
+    weights later to other queries with `swiglu_apply` gives the same outputs (reconstruct once, render many).
+    """
+    check_inputs(w_gate, w_up, w_down, q, k, v, lr_gate, lr_up, lr_down, muon=muon)
+    if not 0 <= update_len <= q.shape[1]:
+        raise ValueError(f"update_len must be in [0, L={q.shape[1]}], got {update_len}")
+    if chunk_size is None:
+        chunk_size = max(update_len, 1)
+    check_chunk_size(chunk_size)
+    state = FastWeightState.initial(w_gate, w_up, w_down)
+    for start in range(0, update_len, chunk_size):
+        end = min(start + chunk_size, update_len)
+        state = update_step(
+            state,
+            k[:, start:end],
+            v[:, start:end],
+            lr_gate[:, start:end],
+            lr_up[:, start:end],
+            lr_down[:, start:end],
+            muon=muon,
+        )
+    return swiglu_apply(*state.weights, q), state.weights
+
+
+def interleaved_lact(
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr_gate: Tensor,
+    lr_up: Tensor,
+    lr_down: Tensor,
+    *,
+    chunk_size: int,
+    momentum: Tensor | None = None,
+    muon: str | None = None,
+    state: FastWeightState | None = None,
+) -> tuple[Tensor, FastWeightState]:
+    """The autoregressive-video schedule (DESIGN §2.3) over [noisy_0, clean_0, noisy_1, clean_1, ...].
+
+    The sequence is cut into segments of `chunk_size` tokens, alternately noisy (even segments) and clean (odd
+    segments); L must be a multiple of chunk_size and may end on either kind. W_0 is applied to noisy_0; then
+    for every clean_i: update on clean_i, apply the new weights to clean_i and noisy_{i+1}. Noisy tokens never
+    change the weights (their k, v and lr are ignored).
+
+    `state` continues from an earlier call (chunk-by-chunk sampling); when None, the weights passed in are the
+    initial ones and their row norms the weight-norm targets. Returns (o [B, L, d], the state after the last
+    clean segment), so sampling can run noisy_i alone, then the finished clean_i, then noisy_{i+1}, ...
+    """
+    check_inputs(w_gate, w_up, w_down, q, k, v, lr_gate, lr_up, lr_down, momentum=momentum, muon=muon)
+    check_chunk_size(chunk_size)
+    length = q.shape[1]
+    if length % chunk_size:
+        raise ValueError(f"interleaved_lact: L={length} must be a multiple of chunk_size={chunk_size}")
+    if state is None:
+        state = FastWeightState.initial(w_gate, w_up, w_down)
+    outputs = []
+    for segment, start in enumerate(range(0, length, chunk_size)):
+        end = start + chunk_size
+        if segment % 2 == 1:  # clean: write it into memory first, then read it with the new weights
+            state = update_step(
+                state,
+                k[:, start:end],
+                v[:, start:end],
+                lr_gate[:, start:end],
+                lr_up[:, start:end],
+                lr_down[:, start:end],
+                beta=chunk_beta(momentum, start, end),
+                muon=muon,
+            )
+        outputs.append(swiglu_apply(*state.weights, q[:, start:end]))
+    return torch.cat(outputs, dim=1), state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument checks: every schedule refuses malformed input with the name of the argument and what was expected.
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def check_inputs(
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr_gate: Tensor,
+    lr_up: Tensor,
+    lr_down: Tensor,
+    *,
+    momentum: Tensor | None = None,
+    muon: str | None = None,
+) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, L, d], got shape {tuple(q.shape)}")
+    batch, length, dim = q.shape
+    if w_gate.dim() != 3 or w_gate.shape[0] != batch or w_gate.shape[2] != dim:
+        raise ValueError(f"w_gate must be [B={batch}, h, d={dim}], got shape {tuple(w_gate.shape)}")
+    hidden = w_gate.shape[1]
+    expected = {
+        "w_up": (w_up, (batch, hidden, dim)),
+        "w_down": (w_down, (batch, dim, hidden)),
+        "k": (k, (batch, length, dim)),
+        "v": (v, (batch, length, dim)),
+        "lr_gate": (lr_gate, (batch, length, 1)),
+        "lr_up": (lr_up, (batch, length, 1)),
+        "lr_down": (lr_down, (batch, length, 1)),
+    }
+    if momentum is not None:
+        expected["momentum"] = (momentum, (batch, length, 1))
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)} (B, ...), got {tuple(tensor.shape)}")
+    for name, tensor in {"w_gate": w_gate, "w_up": w_up, "w_down": w_down, "q": q, "k": k, "v": v}.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        if tensor.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {tensor.dtype}")
+    for name, lr in {"lr_gate": lr_gate, "lr_up": lr_up, "lr_down": lr_down}.items():
+        if not lr.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor (float32), got {lr.dtype}")
+        if not torch.compiler.is_compiling() and lr.numel() and bool((lr <= 0).any()):
+            raise ValueError(f"{name} must be positive everywhere (the operator applies no softplus)")
+    if muon is not None and muon not in MUON_COEFFICIENTS:
+        raise ValueError(f"muon must be None, 'fixed' or 'schedule', got {muon!r}")

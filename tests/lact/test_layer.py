@@ -1,0 +1,84 @@
+"""LaCTLayer (DESIGN §2.4): initialisation, the three schedules through the layer, reconstruct/render."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lact.layer import LaCTLayer, inverse_softplus
+
+
+def test_inverse_softplus_round_trips():
+    for y in (1e-3, 1e-2, 0.5, 3.0):
+        assert torch.nn.functional.softplus(
+            torch.tensor(inverse_softplus(y), dtype=torch.float64)
+        ).item() == pytest.approx(y)
+
+
+def test_initial_lr_is_base_lr_and_fast_weights_have_design_scale():
+    torch.manual_seed(0)
+    layer = LaCTLayer(64, 2, inter_multi=4, base_lr=1e-2, schedule="bidirectional", chunk_size=None)
+    assert layer.hidden == 128 and layer.state_size == 3 * 2 * 32 * 128
+    torch.nn.init.zeros_(layer.lr_proj.weight)
+    inputs = layer.fast_weight_inputs(torch.randn(2, 5, 64))
+    for lr in (inputs.lr_gate, inputs.lr_up, inputs.lr_down):
+        torch.testing.assert_close(lr, torch.full_like(lr, 1e-2))
+        assert lr.dtype == torch.float32 and lr.shape == (4, 5, 1)
+    assert inputs.q.norm(dim=-1).sub(1).abs().max() < 1e-5 and inputs.k.norm(dim=-1).sub(1).abs().max() < 1e-5
+    assert layer.w_gate.std().item() == pytest.approx(32**-0.5, rel=0.1)
+    assert layer.w_down.std().item() == pytest.approx(128**-0.5, rel=0.1)
+
+
+def test_zero_gate_starts_switched_off_but_learns():
+    layer = LaCTLayer(32, 2, schedule="interleaved", chunk_size=4, output_gate="zero", qk_silu=False)
+    x = torch.randn(2, 12, 32)
+    y = layer(x)
+    assert torch.equal(y, torch.zeros_like(y))
+    y.sum().backward()  # silu'(0) = 1/2: the gate still receives gradient
+    assert layer.gate_proj.weight.grad.abs().sum() > 0
+
+
+def test_causal_layer_is_causal_across_chunks():
+    torch.manual_seed(0)
+    layer = LaCTLayer(32, 2, schedule="causal", chunk_size=4, momentum=True, muon="schedule", rotary=True)
+    x = torch.randn(2, 14, 32)
+    y = layer(x)
+    x2 = x.clone()
+    x2[:, 8:] = torch.randn(2, 6, 32)
+    y2 = layer(x2)
+    assert torch.equal(y[:, :8], y2[:, :8])
+    assert not torch.allclose(y[:, 8:], y2[:, 8:])
+
+
+def test_reconstruct_then_render_equals_bidirectional_forward():
+    torch.manual_seed(0)
+    layer = LaCTLayer(
+        32, 4, schedule="bidirectional", chunk_size=None, inter_multi=2, base_lr=1e-2, muon="fixed"
+    )
+    inputs, targets = torch.randn(2, 10, 32), torch.randn(2, 6, 32)
+    full = layer(torch.cat([inputs, targets], dim=1), update_len=10)
+    y_inputs, weights = layer.reconstruct(inputs)
+    torch.testing.assert_close(y_inputs, full[:, :10], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.render(targets, weights), full[:, 10:], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_backward_reaches_every_parameter():
+    layer = LaCTLayer(32, 2, schedule="causal", chunk_size=4, momentum=True, muon="fixed")
+    layer(torch.randn(2, 12, 32)).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dim": 30, "num_heads": 4}, "divide dim"),
+        ({"dim": 32, "num_heads": 4, "chunk_size": 0}, "chunk_size"),
+        ({"dim": 32, "num_heads": 4, "schedule": "sideways"}, "schedule"),
+        ({"dim": 32, "num_heads": 4, "schedule": "bidirectional", "momentum": True}, "momentum"),
+        ({"dim": 32, "num_heads": 4, "output_gate": "relu"}, "output_gate"),
+    ],
+)
+def test_bad_configs_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LaCTLayer(**kwargs)
