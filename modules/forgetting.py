@@ -243,14 +243,16 @@ class ForgettingSchedule(Callback):
     def _setup_lr_restart(self, trainer: Trainer) -> None:
         ids = {id(t.param) for t in self._targets}
         for opt in trainer.optimizers:
-            groups = [g for g in opt.param_groups if any(id(p) in ids for p in g["params"])]
-            for i, g in enumerate(groups):
-                others = sum(id(p) not in ids for p in g["params"])
-                if others:
+            groups = []
+            for i, g in enumerate(opt.param_groups):
+                held = sum(id(p) in ids for p in g["params"])
+                if held and held < len(g["params"]):
                     raise ValueError(
                         f"lr_restart needs the reset parameters in their own param group; group {i} of "
-                        f"{type(opt).__name__} also holds {others} other parameter(s)"
+                        f"{type(opt).__name__} also holds {len(g['params']) - held} other parameter(s)"
                     )
+                if held:
+                    groups.append(g)
             if groups:
                 self._lr_groups[id(opt)] = groups
                 self._hooks += [
