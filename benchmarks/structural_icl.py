@@ -47,15 +47,17 @@ def run(name: str, out: Path, max_steps: int | None, extra: list[str]) -> float:
 
 
 def read_curves(root: Path) -> dict[str, list[tuple[int, float]]]:
-    """``val/<set>_acc`` rows of the run's CSV log as {set: [(step, acc), ...]}; steps are 1-based counts."""
+    """``val/<set>_acc`` and ``val/<set>_ctx_acc`` rows of the run's CSV log as
+    {"<set>" or "<set>_ctx": [(step, acc), ...]}; steps are 1-based optimizer-step counts."""
     (metrics,) = sorted(root.glob("version_*/metrics.csv"))[-1:]
-    curves: dict[str, list[tuple[int, float]]] = {s: [] for s in SETS}
+    keys = [*SETS, *(f"{s}_ctx" for s in SETS)]
+    curves: dict[str, list[tuple[int, float]]] = {k: [] for k in keys}
     with open(metrics) as f:
         for row in csv.DictReader(f):
-            for s in SETS:
-                v = row.get(f"val/{s}_acc", "")
+            for k in keys:
+                v = row.get(f"val/{k}_acc", "")
                 if v != "":
-                    curves[s].append((int(row["step"]) + 1, float(v)))
+                    curves[k].append((int(row["step"]) + 1, float(v)))
     return curves
 
 
@@ -80,6 +82,9 @@ def plot(curves: dict[str, dict], path: Path) -> None:
     for name, c in curves.items():
         steps, acc = zip(*c["holdout"])
         (line,) = a.plot(steps, acc, label=name)
+        if c["holdout_ctx"]:
+            steps_c, acc_c = zip(*c["holdout_ctx"])
+            a.plot(steps_c, acc_c, color=line.get_color(), ls=":", lw=1.2, label=f"{name}: among context ids")
         steps, sw = zip(*c["switch_head"])
         b.plot(steps, [1 - x for x in sw], label=name)
         n = stop_after(name)
@@ -99,22 +104,26 @@ def plot(curves: dict[str, dict], path: Path) -> None:
     )
     for ax in (a, b):
         ax.grid(alpha=0.3)
-    fig.legend(*a.get_legend_handles_labels(), loc="lower center", ncol=4, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(*a.get_legend_handles_labels(), loc="lower center", ncol=4, frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=110)
 
 
 def table(curves: dict[str, dict]) -> str:
-    head = "| run | wall s | val | tail | holdout (peak) | holdout (final) | switch head | 1 - switch head | switch tail |"
-    lines = [head, "|" + "---|" * 9]
+    head = (
+        "| run | wall s | val | tail | holdout (peak) | holdout (final) | holdout among context ids (final) "
+        "| switch head | 1 - switch head | switch tail |"
+    )
+    lines = [head, "|" + "---|" * 10]
     for name, c in curves.items():
         wall_file = OUT_ROOT / name / "wall_s.txt"
         wall = float(wall_file.read_text()) if wall_file.exists() else float("nan")
         last = {s: c[s][-1][1] for s in SETS}
         peak_step, peak = max(c["holdout"], key=lambda sv: sv[1])
+        ctx = f"{c['holdout_ctx'][-1][1]:.3f}" if c["holdout_ctx"] else "-"
         lines.append(
             f"| {name} | {wall:.0f} | {last['val']:.3f} | {last['tail']:.3f} | "
-            f"{peak:.3f} @ {peak_step} | {last['holdout']:.3f} | {last['switch_head']:.3f} | "
+            f"{peak:.3f} @ {peak_step} | {last['holdout']:.3f} | {ctx} | {last['switch_head']:.3f} | "
             f"{1 - last['switch_head']:.3f} | {last['switch_tail']:.3f} |"
         )
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 Loss: cross-entropy on the masked positions only. Metric: a sequence counts as right when all its masked
 tokens are predicted exactly (argmax over the whole vocabulary); logged as ``val/<set>_acc`` for every
-evaluation set of the datamodule.
+evaluation set of the datamodule, and ``val/<set>_ctx_acc`` with the argmax restricted to the ids visible in
+the sequence (which context token the model picks, whatever the rest of the vocabulary scores).
 
 What this module needs from the datamodule (duck-typed, datamodules never import modules):
 ``eval_sets`` (names of the validation dataloaders, in order), ``holdout_token_ids`` ([H] int64 ids never
@@ -81,13 +82,28 @@ class MaskedLMModule(LightningModule):
         """input_ids: [B, L] int64 -> logits [B, L, V]."""
         return self.net(input_ids)
 
-    def _loss_and_acc(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch["input_ids"])
-        labels = batch["labels"]
+    def _loss_and_acc(
+        self, batch: dict[str, torch.Tensor], context_acc: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """Loss (scalar) and accuracy per sequence ([B], 1.0 where every masked token is right).
+
+        With ``context_acc`` also the accuracy of the argmax taken only over the ids visible in the
+        sequence's input ([B]): it asks which context token the model picks, leaving out whether that
+        token's logit beats the rest of the vocabulary.
+        """
+        ids, labels = batch["input_ids"], batch["labels"]
+        logits = self(ids)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         masked = labels != -100
-        right = (logits.argmax(-1) == labels) | ~masked
-        return loss, right.all(1).float()  # [B] 1.0 where every masked token is right
+
+        def acc(lg: torch.Tensor) -> torch.Tensor:
+            return ((lg.argmax(-1) == labels) | ~masked).all(1).float()
+
+        if not context_acc:
+            return loss, acc(logits)
+        visible = torch.zeros(ids.shape[0], logits.shape[-1], dtype=torch.bool, device=ids.device)
+        visible.scatter_(1, ids, True)  # [B, V]; the mask id is visible too and never a label
+        return loss, acc(logits), acc(logits.masked_fill(~visible[:, None, :], float("-inf")))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, acc = self._loss_and_acc(batch)
@@ -124,11 +140,12 @@ class MaskedLMModule(LightningModule):
     def validation_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        loss, acc = self._loss_and_acc(batch)
+        loss, acc, ctx_acc = self._loss_and_acc(batch, context_acc=True)
         dm = getattr(self.trainer, "datamodule", None)
         name = dm.eval_sets[dataloader_idx] if dm is not None and hasattr(dm, "eval_sets") else dataloader_idx
         self.log(f"val/{name}_acc", acc.mean(), add_dataloader_idx=False, batch_size=len(acc))
         self.log(f"val/{name}_loss", loss, add_dataloader_idx=False, batch_size=len(acc))
+        self.log(f"val/{name}_ctx_acc", ctx_acc.mean(), add_dataloader_idx=False, batch_size=len(acc))
 
     def configure_optimizers(self):
         emb = self.net.embed.weight

@@ -22,6 +22,24 @@ def test_accuracy_counts_a_sequence_only_when_all_masked_tokens_are_right():
     assert acc.tolist() == [1.0, 0.0]
 
 
+class FavoursZero(torch.nn.Module):
+    """Scores id 0 highest everywhere, then the right answer 2, then everything else."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*ids.shape, 5)
+        logits[..., 0], logits[..., 2] = 9.0, 5.0
+        return logits
+
+
+def test_context_accuracy_restricts_the_argmax_to_visible_ids():
+    m = MaskedLMModule(vocab_size=5, dim=8, depth=1, heads=2, max_len=3)
+    m.net = FavoursZero()
+    batch = {"input_ids": torch.tensor([[1, 2, 3], [1, 4, 3]]), "labels": torch.tensor([[-100, 2, -100]] * 2)}
+    _, acc, ctx = m._loss_and_acc(batch, context_acc=True)
+    assert acc.tolist() == [0.0, 0.0]  # id 0 wins over the whole vocabulary
+    assert ctx.tolist() == [1.0, 0.0]  # among visible ids: 2 wins in the first, absent in the second
+
+
 class Echo(torch.nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.one_hot(ids, 5).float() * 10
@@ -50,7 +68,7 @@ def test_holdout_rows_are_redrawn_for_evaluation_and_restored():
         assert torch.equal(rows, seen.rows[0]) and rows.abs().max() < 7.0
         assert abs(rows.std().item() - model.net.embed_std) < 0.3 * model.net.embed_std
     assert torch.equal(model.net.embed.weight, before)
-    assert {f"val/{n}_acc" for n in dm.eval_sets} <= set(trainer.callback_metrics)
+    assert {f"val/{n}_{m}" for n in dm.eval_sets for m in ("acc", "ctx_acc")} <= set(trainer.callback_metrics)
 
 
 def test_train_py_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
