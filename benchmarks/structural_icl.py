@@ -94,7 +94,7 @@ def plot(curves: dict[str, dict], path: Path) -> None:
                     n, color=line.get_color(), ls="--", lw=0.8, label=f"{name}: forgetting stops (N = {n})"
                 )
     a.set(
-        title="unseen tokens: holdout accuracy",
+        title="unseen tokens: holdout accuracy (dotted: among context ids)",
         xlabel="optimizer step",
         ylabel="accuracy",
         ylim=(-0.02, 1.02),
