@@ -26,6 +26,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/lact_operator.py
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/structural_icl.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
