@@ -53,15 +53,14 @@ def test_window_attention_rejects_bad_arguments():
 
 PEAK_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys, torch
+    import json, sys, torch
     from lact.attention import sliding_window_attention
+    from tests.peak_memory import peak_rss_increase_kib
     torch.set_num_threads(1)
     length, window = int(sys.argv[1]), int(sys.argv[2])
     q, k, v = (torch.randn(1, 4, length, 32, requires_grad=True) for _ in range(3))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    sliding_window_attention(q, k, v, window).square().sum().backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_kib": after - before}))
+    peak = peak_rss_increase_kib(lambda: sliding_window_attention(q, k, v, window).square().sum().backward())
+    print(json.dumps({"peak_kib": peak}))
     """
 )
 

@@ -1,0 +1,184 @@
+"""Throughput of the LaCT operator against this machine's own matmul peak, measured in the same run.
+
+    python benchmarks/lact_operator.py [--quick] [--threads N] [--dtype float32|bfloat16]
+
+Prints one markdown table per section:
+  1. matmul peak (same dtype and thread count), the reference every percentage below divides by;
+  2. causal_lact at L = 8192, chunk 2048, 4 heads, d = h = 128: forward and forward+backward, Muon off / on;
+  3. chunk sweep 16 ... 4096 at that L (forward+backward tokens/s) and the ratio chunk 2048 / chunk 16;
+  4. length sweep: LaCT + sliding-window attention against full causal attention, time and t(2L) / t(L).
+Only ratios inside one run mean anything: the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lact.attention import sliding_window_attention  # noqa: E402
+from lact.ops import causal_lact  # noqa: E402
+
+HEADS, HEAD_DIM, HIDDEN = 4, 128, 128
+
+
+def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int) -> tuple[float, str]:
+    """Best FLOP/s over square matmuls and the operator's own batched shapes."""
+    best, where = 0.0, ""
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        rate = 2 * n**3 / timeit(lambda a=a, b=b: a @ b, repeats)
+        if rate > best:
+            best, where = rate, f"{n}x{n} @ {n}x{n}"
+    a = torch.randn(HEADS, 2048, HEAD_DIM, dtype=dtype)
+    w = torch.randn(HEADS, HEAD_DIM, 2 * HIDDEN, dtype=dtype)
+    rate = 2 * HEADS * 2048 * HEAD_DIM * 2 * HIDDEN / timeit(lambda: a @ w, repeats)
+    if rate > best:
+        best, where = rate, f"bmm {HEADS}x2048x{HEAD_DIM} @ {HEAD_DIM}x{2 * HIDDEN}"
+    return best, where
+
+
+def operator_inputs(length: int, dtype: torch.dtype, requires_grad: bool):
+    g = torch.Generator().manual_seed(0)
+    b, d, h = HEADS, HEAD_DIM, HIDDEN
+    tensors = [
+        torch.randn(b, h, d, generator=g) * d**-0.5,
+        torch.randn(b, h, d, generator=g) * d**-0.5,
+        torch.randn(b, d, h, generator=g) * h**-0.5,
+        F.normalize(torch.randn(b, length, d, generator=g), dim=-1),
+        F.normalize(torch.randn(b, length, d, generator=g), dim=-1),
+        torch.randn(b, length, d, generator=g),
+    ]
+    tensors = [t.to(dtype).requires_grad_(requires_grad) for t in tensors]
+    lrs = [torch.full((b, length, 1), 1e-3, requires_grad=requires_grad) for _ in range(3)]
+    return tensors + lrs
+
+
+def operator_flops(length: int, chunk: int, muon: bool) -> float:
+    """Forward FLOPs (DESIGN §2.6): apply 6dhL on every token, update 12dhL on every chunk but the last
+    (apply-only), and with Muon 5 (4 m^2 n + 2 m^3) per update and per matrix (m <= n)."""
+    d, h = HEAD_DIM, HIDDEN
+    updates = -(-length // chunk) - 1  # every chunk but the last writes memory
+    flops = 6 * d * h * length + 12 * d * h * updates * chunk
+    if muon:
+        m, n = min(d, h), max(d, h)
+        flops += updates * 3 * 5 * (4 * m * m * n + 2 * m**3)
+    return HEADS * flops
+
+
+def run_operator(length, chunk, dtype, muon, backward):
+    inputs = operator_inputs(length, dtype, requires_grad=backward)
+
+    def step():
+        out = causal_lact(*inputs, chunk_size=chunk, muon=muon)
+        if backward:
+            out.float().square().mean().backward()
+
+    return step
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, lengths up to 16K (smoke run)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    repeats = 2 if args.quick else 5
+    length, chunk = 8192, 2048
+
+    print(f"# LaCT operator benchmark: torch {torch.__version__}, {args.threads} threads, {args.dtype}\n")
+    peak, where = matmul_peak(dtype, repeats)
+    print(table(["matmul peak GFLOP/s", "shape"], [[f"{peak / 1e9:.1f}", where]]), "\n")
+
+    rows = []
+    for muon in (None, "schedule"):
+        flops = operator_flops(length, chunk, muon is not None)
+        fwd = timeit(run_operator(length, chunk, dtype, muon, backward=False), repeats)
+        both = timeit(run_operator(length, chunk, dtype, muon, backward=True), repeats)
+        # forward+backward is counted as 3x the forward FLOPs (the backward of every matmul is two matmuls).
+        rows.append(
+            [
+                "on" if muon else "off",
+                f"{length / fwd:,.0f}",
+                f"{flops / fwd / 1e9:.1f}",
+                f"{100 * flops / fwd / peak:.0f}%",
+                f"{length / both:,.0f}",
+                f"{100 * 3 * flops / both / peak:.0f}%",
+            ]
+        )
+    print(f"causal_lact, L={length}, chunk={chunk}, {HEADS} heads, d=h={HEAD_DIM}\n")
+    print(
+        table(["Muon", "fwd tok/s", "fwd GFLOP/s", "fwd % peak", "fwd+bwd tok/s", "fwd+bwd % peak"], rows),
+        "\n",
+    )
+
+    rows, rates = [], {}
+    for c in (16, 64, 256, 1024, 2048, 4096):
+        t = timeit(run_operator(length, c, dtype, None, backward=True), max(1, repeats // 2))
+        rates[c] = length / t
+        rows.append([str(c), f"{rates[c]:,.0f}"])
+    print(f"chunk sweep, forward+backward, L={length}\n")
+    print(table(["chunk", "fwd+bwd tok/s"], rows))
+    print(f"\nchunk 2048 / chunk 16 = {rates[2048] / rates[16]:.1f}x\n")
+
+    lengths = [4096, 8192, 16384] if args.quick else [4096, 8192, 16384, 32768, 65536]
+    window = 2048
+    rows, lact_t, full_t = [], {}, {}
+    for n in lengths:
+        inputs = operator_inputs(n, dtype, requires_grad=False)
+        q, k, v = (t.unsqueeze(0) for t in inputs[3:6])  # [1, heads, L, d]
+
+        def lact_swa(inputs=inputs, q=q, k=k, v=v):
+            causal_lact(*inputs, chunk_size=chunk)
+            sliding_window_attention(q, k, v, window)
+
+        lact_t[n] = timeit(lact_swa, max(1, repeats // 2))
+        full_t[n] = timeit(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True), 1)
+        prev = n // 2
+        rows.append(
+            [
+                str(n),
+                f"{lact_t[n] * 1e3:.0f}",
+                f"{lact_t[n] / lact_t[prev]:.2f}" if prev in lact_t else "",
+                f"{full_t[n] * 1e3:.0f}",
+                f"{full_t[n] / full_t[prev]:.2f}" if prev in full_t else "",
+            ]
+        )
+    print(
+        f"length sweep, forward: LaCT (chunk {chunk}) + sliding-window attention (window {window}) vs full causal SDPA\n"
+    )
+    print(table(["L", "LaCT+SWA ms", "t(L)/t(L/2)", "full attn ms", "t(L)/t(L/2)"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Rotary embedding and the SwiGLU MLP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lact.nn import RotaryEmbedding, SwiGLUMLP
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    rope = RotaryEmbedding(16)
+    q, k = torch.randn(2, 1, 16, dtype=torch.float64).unbind(0)
+
+    def score(pos_q, pos_k):
+        return (rope(q, torch.tensor([pos_q])) * rope(k, torch.tensor([pos_k]))).sum()
+
+    # Angles are computed in fp32 (as in training), hence the tolerance.
+    torch.testing.assert_close(score(5, 2), score(105, 102), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(score(0, 0), (q * k).sum())  # position 0 is the identity
+    assert not torch.allclose(score(5, 2), score(5, 3))
+    # A rotation preserves norms, so L2-normalised q/k stay normalised.
+    x = torch.randn(3, 7, 16)
+    torch.testing.assert_close(rope(x, torch.arange(7)).norm(dim=-1), x.norm(dim=-1))
+
+
+def test_rotary_rejects_odd_dim():
+    with pytest.raises(ValueError, match="even"):
+        RotaryEmbedding(7)
+
+
+def test_swiglu_mlp_matches_its_formula():
+    mlp = SwiGLUMLP(8, 12)
+    x = torch.randn(2, 3, 8)
+    w_gate, w_up = mlp.gate_up.weight.chunk(2, dim=0)
+    expected = (torch.nn.functional.silu(x @ w_gate.T) * (x @ w_up.T)) @ mlp.down.weight.T
+    torch.testing.assert_close(mlp(x), expected)
