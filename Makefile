@@ -25,6 +25,7 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/lact_operator.py
+	$(BIN)/python benchmarks/data.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,140 @@
+"""LightningDataModules over WebDataset shards: a base class and one generic module per modality.
+
+The task DataModules (novel view synthesis, language model, video) subclass these and override
+``sample_transform`` (e.g. pick input and target views, add noise) or ``dataset``; everything about
+shards, ranks, workers, epochs and bad data stays here.
+
+Training draws ``batches_per_epoch`` full batches per epoch on every rank from an endless resampled
+stream; the stream of a pass is seeded by the trainer's global step when the pass starts, so a run
+resumed from a checkpoint taken at an epoch boundary sees exactly the batches it would have seen, and a
+run resumed mid-epoch continues with a fresh reproducible stream (it does not replay the interrupted
+epoch). Validation is one exact pass over ``val_shards``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from lightning.pytorch import LightningDataModule
+
+from datamodules.readers import scene_dataset, token_dataset, train_loader, val_loader, video_dataset
+from datamodules.shards import ShardReader
+
+
+class ShardDataModule(LightningDataModule):
+    """Train and validation loaders from shard specs (brace pattern, glob, folder, or list of them).
+
+    Args:
+        train_shards, val_shards: shards to train on / validate on (None: no loader of that kind).
+        batch_size: samples per training batch; ``val_batch_size`` defaults to it.
+        num_workers: DataLoader worker processes per rank.
+        batches_per_epoch: training batches per epoch, identical on every rank.
+        shuffle_buffer: raw samples held for shuffling in training.
+        seed: base seed of the training stream.
+        max_bad_samples: damaged samples/shards skipped per reading process before the run stops.
+        pin_memory: passed to the DataLoader.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str] | None = None,
+        val_shards: str | Sequence[str] | None = None,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        batches_per_epoch: int = 1000,
+        shuffle_buffer: int = 64,
+        seed: int = 0,
+        max_bad_samples: int = 16,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.max_bad_samples, self.pin_memory = max_bad_samples, pin_memory
+
+    def dataset(self, shards, train: bool, **reader_kwargs) -> ShardReader:
+        """The modality's reader; subclasses call scene_dataset / token_dataset / video_dataset."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement dataset(shards, train, **reader_kwargs)"
+        )
+
+    def sample_transform(self, train: bool) -> Callable[[dict], dict] | None:
+        """Per-sample transform run in the workers after decoding; must be picklable (a module-level
+        function or functools.partial), not a bound method of this module (it holds the trainer)."""
+        return None
+
+    def _reader_kwargs(self, train: bool) -> dict:
+        return {
+            "seed": self.seed,
+            "max_bad_samples": self.max_bad_samples,
+            "shuffle_buffer": self.shuffle_buffer if train else 0,
+            "transform": self.sample_transform(train),
+        }
+
+    def _global_step(self) -> int | None:
+        trainer = self.trainer
+        return trainer.global_step if trainer is not None else None
+
+    def train_dataloader(self):
+        if self.train_shards is None:
+            raise ValueError(f"{type(self).__name__}: train_shards is not set")
+        return train_loader(
+            self.dataset(self.train_shards, True, **self._reader_kwargs(True)),
+            batch_size=self.batch_size,
+            batches_per_epoch=self.batches_per_epoch,
+            num_workers=self.num_workers,
+            epoch_fn=self._global_step,
+            pin_memory=self.pin_memory,
+        )
+
+    def val_dataloader(self):
+        if self.val_shards is None:
+            return []  # Lightning skips validation when there is no loader
+        return val_loader(
+            self.dataset(self.val_shards, False, **self._reader_kwargs(False)),
+            batch_size=self.val_batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+
+class SceneShardDataModule(ShardDataModule):
+    """Batches of scenes: ``images`` uint8 [B, V, H, W, 3], ``intrinsics`` [B, V, 4], ``w2c`` [B, V, 4, 4],
+    ``key`` and ``shard`` lists. ``num_views`` and ``image_size`` (H, W) are required of every scene."""
+
+    def __init__(
+        self, *args, num_views: int | None = None, image_size: tuple[int, int] | None = None, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self.num_views, self.image_size = num_views, image_size
+
+    def dataset(self, shards, train: bool, **reader_kwargs) -> ShardReader:
+        return scene_dataset(
+            shards, train=train, num_views=self.num_views, image_size=self.image_size, **reader_kwargs
+        )
+
+
+class TokenShardDataModule(ShardDataModule):
+    """Batches of ``tokens`` int64 [B, seq_len + 1] (inputs ``[:, :-1]``, targets ``[:, 1:]``)."""
+
+    def __init__(self, *args, seq_len: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seq_len = seq_len
+
+    def dataset(self, shards, train: bool, **reader_kwargs) -> ShardReader:
+        length = None if self.seq_len is None else self.seq_len + 1
+        return token_dataset(shards, train=train, length=length, **reader_kwargs)
+
+
+class VideoShardDataModule(ShardDataModule):
+    """Batches of ``frames`` uint8 [B, T, H, W, 3] or ``latents`` float16 [B, C, T, h, w], ``caption`` list."""
+
+    def __init__(self, *args, field: str = "frames", shape: Sequence[int | None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.field, self.shape = field, shape
+
+    def dataset(self, shards, train: bool, **reader_kwargs) -> ShardReader:
+        return video_dataset(shards, train=train, field=self.field, shape=self.shape, **reader_kwargs)

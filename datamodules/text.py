@@ -1,0 +1,155 @@
+"""Text to packed token sequences: documents, tokenizers, packing.
+
+Documents come from ``.txt`` files (one document per file) and ``.jsonl`` files (one document per line,
+its ``text`` field), or folders holding them (recursively, sorted by path). Each document is tokenized,
+followed by the end-of-document id, and the concatenated stream is cut into sequences of
+``seq_len + 1`` tokens that overlap by one token: sequence i is ``stream[i*seq_len : (i+1)*seq_len + 1]``,
+so inputs ``x = s[:-1]`` and targets ``y = s[1:]`` cover every token of the stream exactly once as a
+target. The tail that does not fill a sequence is dropped and counted.
+
+Tokenizers: :class:`ByteTokenizer` (UTF-8 bytes 0..255, end-of-document 256; nothing to download) or a
+local ``tokenizer.json`` through the ``tokenizers`` library (:class:`JsonTokenizer`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255 and 256 as the end-of-document id (vocab_size 257)."""
+
+    name = "bytes"
+    vocab_size = 257
+    eod_id = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class JsonTokenizer:
+    """A local ``tokenizer.json`` (Hugging Face tokenizers). The end-of-document id is ``eod_token``'s,
+    or the first of ``<|endoftext|>``, ``</s>``, ``<eos>``, ``<|eos|>``, ``[SEP]`` in the vocabulary."""
+
+    def __init__(self, path: str, eod_token: str | None = None):
+        from tokenizers import Tokenizer  # optional path: only this tokenizer needs the library
+
+        self.tokenizer = Tokenizer.from_file(path)
+        self.name = os.path.basename(os.path.dirname(os.path.abspath(path))) + "/" + os.path.basename(path)
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        candidates = (eod_token,) if eod_token is not None else EOD_CANDIDATES
+        ids = [self.tokenizer.token_to_id(t) for t in candidates]
+        found = [(t, i) for t, i in zip(candidates, ids) if i is not None]
+        if not found:
+            raise ValueError(f"{path}: none of {list(candidates)} is in the vocabulary; pass eod_token=")
+        self.eod_token, self.eod_id = found[0]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(spec: str = "bytes", eod_token: str | None = None):
+    """``"bytes"`` for :class:`ByteTokenizer`, else the path of a local tokenizer.json."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"tokenizer {spec!r} is neither 'bytes' nor an existing tokenizer.json file")
+    return JsonTokenizer(spec, eod_token)
+
+
+def list_text_files(inputs: Iterable[str]) -> list[str]:
+    """The .txt/.jsonl files named in ``inputs`` or found (recursively, sorted) in its folders."""
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(d, f)
+                for d, _, names in os.walk(item)
+                for f in names
+                if f.endswith(TEXT_SUFFIXES)
+            )
+            if not found:
+                raise FileNotFoundError(f"folder {item} holds no {'/'.join(TEXT_SUFFIXES)} files")
+            files.extend(found)
+        elif os.path.isfile(item):
+            if not item.endswith(TEXT_SUFFIXES):
+                raise ValueError(f"{item}: expected a {' or '.join(TEXT_SUFFIXES)} file")
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"text input {item} does not exist")
+    return files
+
+
+def iter_documents(files: Iterable[str], jsonl_field: str = "text") -> Iterator[tuple[str, str]]:
+    """``(source, text)`` per document: a .txt file is one document, a .jsonl line is one."""
+    for path in files:
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8") as f:
+                yield path, f.read()
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record[jsonl_field]
+                except (json.JSONDecodeError, KeyError, TypeError) as exn:
+                    raise ValueError(
+                        f"{path}:{line_no}: expected a JSON object with a {jsonl_field!r} string ({exn})"
+                    ) from exn
+                if not isinstance(text, str):
+                    raise ValueError(
+                        f"{path}:{line_no}: field {jsonl_field!r} is {type(text).__name__}, expected a string"
+                    )
+                yield path, text
+
+
+def pack_tokens(
+    docs: Iterable[tuple[str, np.ndarray]], seq_len: int, eod_id: int
+) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Pack tokenized documents ``(source, ids)`` into sequences of ``seq_len + 1`` int64 ids.
+
+    Yields ``(sequence, sources)`` where ``sources`` are the distinct sources with tokens in it. The
+    generator's return value (``StopIteration.value``) is the number of tail tokens stored in no sequence.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    pieces: list[np.ndarray] = []  # pending tokens, kept as chunks so long documents are not re-copied
+    owners: list[str] = []  # the source of each piece
+    pending = 0
+    emitted = False
+    for source, ids in docs:
+        pieces.append(np.concatenate([np.asarray(ids, dtype=np.int64), [eod_id]]))
+        owners.append(source)
+        pending += len(pieces[-1])
+        if pending < seq_len + 1:
+            continue
+        stream = np.concatenate(pieces)
+        ends = np.cumsum([len(p) for p in pieces])  # where each piece ends in `stream`
+        start = 0
+        while start + seq_len + 1 <= len(stream):
+            end = start + seq_len + 1
+            first, last = np.searchsorted(ends, [start, end - 1], "right")
+            yield stream[start:end], sorted(set(owners[first : last + 1]))
+            emitted = True
+            start += seq_len  # the last token of this sequence is the first of the next
+        first = int(np.searchsorted(ends, start, "right"))
+        pieces = [stream[start : ends[first]], *pieces[first + 1 :]]
+        owners = owners[first:]
+        pending = len(stream) - start
+    # With a sequence emitted, the first pending token is already stored (as that sequence's last).
+    return max(pending - 1, 0) if emitted else pending

@@ -1,0 +1,85 @@
+"""Procedural videos: any T, H, W; deterministic; motion that leaves the frame, comes back and occludes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datamodules import prepare
+from datamodules.readers import iter_videos
+from datamodules.videos import frames_to_latents, generate_video
+
+
+@pytest.mark.parametrize("t,h,w", [(1, 8, 8), (16, 64, 64), (9, 24, 40), (5, 40, 24)])
+def test_any_size(t, h, w):
+    video = generate_video(0, num_frames=t, height=h, width=w)
+    assert video["frames"].shape == (t, h, w, 3) and video["frames"].dtype == np.uint8
+    assert video["tracks"].shape[1:] == (t, 2)
+
+
+def test_deterministic_per_seed():
+    a, b, c = (generate_video(s, num_frames=8) for s in (4, 4, 5))
+    assert np.array_equal(a["frames"], b["frames"]) and a["caption"] == b["caption"]
+    assert not np.array_equal(a["frames"], c["frames"])
+
+
+def test_frames_change_smoothly():
+    frames = generate_video(1, num_frames=24)["frames"].astype(np.int16)
+    steps = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))
+    assert (steps > 0).mean() > 0.9, "something moves in (almost) every frame"
+    tracks = generate_video(1, num_frames=24)["tracks"]
+    speed = np.linalg.norm(np.diff(tracks, axis=1), axis=-1)
+    assert speed.max() < 0.1, "no jumps: at most a tenth of the frame per step"
+
+
+def test_shapes_leave_the_frame_and_come_back_and_occlude():
+    left_and_returned = occluded = 0
+    for seed in range(20):
+        video = generate_video(seed, num_frames=48, height=8, width=8)  # tracks do not depend on the size
+        tracks, radii, extent = video["tracks"], video["radii"], video["extent"]
+        for k in range(len(radii)):
+            outside = ((tracks[k] < -radii[k]) | (tracks[k] > extent + radii[k])).any(-1)  # fully out of view
+            if outside.any() and not outside[0]:
+                first_out = np.argmax(outside)
+                left_and_returned += (~outside[first_out:]).any()
+        for i in range(len(radii)):
+            for j in range(i + 1, len(radii)):
+                gap = np.linalg.norm(tracks[i] - tracks[j], axis=-1)
+                occluded += (gap < 0.5 * (radii[i] + radii[j])).any()
+    assert left_and_returned >= 3 and occluded >= 3
+
+
+def test_latents_are_pooled_pixels():
+    frames = generate_video(2, num_frames=3, height=8, width=12)["frames"]
+    latents = frames_to_latents(frames, downsample=4)
+    assert latents.shape == (3, 3, 2, 3) and latents.dtype == np.float16
+    block = frames[1, 4:8, 8:12, 0].astype(np.float32) / 127.5 - 1
+    assert latents[0, 1, 1, 2] == np.float16(block.mean())
+    with pytest.raises(ValueError, match="not divisible"):
+        frames_to_latents(frames, downsample=5)
+
+
+@pytest.mark.parametrize("fmt", ["frames", "latents"])
+def test_prepare_videos_round_trip(tmp_path, fmt):
+    args = [
+        "videos",
+        "--out",
+        str(tmp_path),
+        "--num-videos",
+        "3",
+        "--frames",
+        "5",
+        "--height",
+        "16",
+        "--width",
+        "24",
+    ]
+    args += ["--format", fmt, "--latent-downsample", "2", "--seed", "3", "--samples-per-shard", "2"]
+    meta = prepare.main(args)
+    assert meta["samples"] == 3 and meta["shards"] == ["shard-000000.tar", "shard-000001.tar"]
+    samples = list(iter_videos(tmp_path, field=fmt))
+    for i, sample in enumerate(samples):
+        video = generate_video([3, i], num_frames=5, height=16, width=24)
+        want = video["frames"] if fmt == "frames" else frames_to_latents(video["frames"], 2)
+        assert np.array_equal(sample[fmt].numpy(), want)
+        assert sample["caption"] == video["caption"] and sample["key"] == f"video_s3_{i:07d}"
