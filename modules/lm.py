@@ -9,12 +9,15 @@ Predict batches carry ``input_ids`` [1, P] (a prompt) and optionally ``prompt`` 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 
 from lact.models.lm import LaCTLM, LMConfig
@@ -204,6 +207,7 @@ class LMModule(LightningModule):
             self._val_sums[key] = self._val_sums.get(key, 0) + row
 
     def on_validation_epoch_end(self) -> None:
+        # Sums are reduced over ranks here, so every rank logs the same value (sync_dist averages equals).
         for key in sorted(self._val_sums, key=str):
             total = self.trainer.strategy.reduce(self._val_sums[key].clone(), reduce_op="sum")
             loss_sum, count, correct = total.tolist()
@@ -211,11 +215,11 @@ class LMModule(LightningModule):
                 continue
             loss = loss_sum / count
             if key == ("all", 0):
-                self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-                self.log("val/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
-                self.log("val/accuracy", correct / count, sync_dist=False)
+                self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+                self.log("val/ppl", math.exp(min(loss, 50.0)), sync_dist=True)
+                self.log("val/accuracy", correct / count, sync_dist=True)
             else:
-                self.log(f"val/loss_pos_{bucket_name(*key)}", loss, sync_dist=False)
+                self.log(f"val/loss_pos_{bucket_name(*key)}", loss, sync_dist=True)
 
     # ---- optimisation ----------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -278,3 +282,28 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class CompletionWriter(BasePredictionWriter):
+    """Writes the completions of ``predict`` as JSON lines ({prompt, completion, tokens}) to `path`
+    (default <trainer.default_root_dir>/completions.jsonl, rewritten by every predict run) and prints them."""
+
+    def __init__(self, path: str | None = None):
+        super().__init__(write_interval="batch")
+        self.path = path
+
+    def _file(self, trainer) -> str:
+        return self.path or os.path.join(trainer.default_root_dir, "completions.jsonl")
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            os.makedirs(os.path.dirname(os.path.abspath(self._file(trainer))), exist_ok=True)
+            open(self._file(trainer), "w").close()
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ):
+        with open(self._file(trainer), "a", encoding="utf-8") as f:
+            for result in prediction:
+                f.write(json.dumps(result, ensure_ascii=False) + "\n")
+                print(f"{result['prompt']!r} -> {result['completion']!r}")

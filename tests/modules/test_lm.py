@@ -89,6 +89,21 @@ def test_validation_logs_loss_by_position_bucket():
     assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-4)
 
 
+def test_every_position_bucket_is_logged_and_they_average_to_the_loss():
+    torch.manual_seed(0)
+    module = tiny_module(bucket_size=64)
+    tokens = torch.randint(0, 64, (4, 301))
+    batches = [{"input_ids": tokens[i : i + 2, :-1], "labels": tokens[i : i + 2, 1:]} for i in (0, 2)]
+    metrics = quiet_trainer().validate(
+        module, dataloaders=DataLoader(batches, batch_size=None), verbose=False
+    )[0]
+    sizes = {"0-64": 64, "64-128": 64, "128-256": 128, "256-300": 44}
+    assert set(metrics) == {"val/loss", "val/ppl", "val/accuracy"} | {f"val/loss_pos_{k}" for k in sizes}
+    mean = sum(metrics[f"val/loss_pos_{k}"] * n for k, n in sizes.items()) / 300
+    assert mean == pytest.approx(metrics["val/loss"], rel=1e-5)
+    assert metrics["val/loss"] == pytest.approx(math.log(64), rel=0.05)  # untrained: near uniform
+
+
 def test_predict_generates_text_with_the_cache():
     module = tiny_module(max_new_tokens=7, temperature=0.0)
     prompts = [{"input_ids": torch.tensor([[40, 41, 33]]), "prompt": ["()!"]}]
@@ -96,6 +111,16 @@ def test_predict_generates_text_with_the_cache():
     (result,) = out[0]
     assert result["prompt"] == "()!" and len(result["tokens"]) == 7
     assert isinstance(result["completion"], str)
+
+
+def test_predict_on_the_tiny_config_writes_completions(tmp_path):
+    train.main(["fit", *tiny_args(tmp_path, 2)])
+    args = [a for a in tiny_args(tmp_path, 2) if "max_steps" not in a]
+    train.main(["predict", *args, "--model.init_args.max_new_tokens=5", "--ckpt_path=last"])
+    lines = (tmp_path / "completions.jsonl").read_text(encoding="utf-8").splitlines()
+    results = [json.loads(line) for line in lines]
+    assert [r["prompt"] for r in results] == ["def forward(self", "The LaCT operator"]
+    assert all(len(r["tokens"]) == 5 for r in results)
 
 
 def test_checkpoint_hyperparameters_load_weights_only(tmp_path):
@@ -223,11 +248,10 @@ def training_step_peak(length: int) -> dict:
 
 @pytest.mark.slow
 def test_56k_token_training_step_runs_on_cpu_with_linear_memory():
-    # One fwd + bwd + AdamW step of the tiny model on one sequence; peak memory above the model and inputs.
+    # One fwd + bwd + AdamW step of the tiny model on one 56K-token sequence; peak memory above the model and
+    # inputs grows linearly: doubling the length (28K -> 56K) at most doubles it (+5%). The 32K / 56K / 64K
+    # table is benchmarks/lm_long_step.py (kept out of the suite: three such steps take minutes).
     step = training_step_peak(56 * 1024)
-    assert math.isfinite(step["loss"]) and step["peak_kib"] > 0
-    ratio = training_step_peak(64 * 1024)["peak_kib"] / training_step_peak(32 * 1024)["peak_kib"]
-    print(
-        f"56K step: {step['peak_kib'] / 1024:.0f} MiB peak, {step['seconds']:.1f} s; 64K/32K ratio {ratio:.2f}"
-    )
-    assert ratio <= 2.1, ratio
+    assert math.isfinite(step["loss"]) and step["peak_kib"] > 1_000_000, step  # > 1 GB: the step was measured
+    ratio = step["peak_kib"] / training_step_peak(28 * 1024)["peak_kib"]
+    assert ratio <= 2.1, f"peak 56K / 28K = {ratio:.2f}; 56K step {step}"
