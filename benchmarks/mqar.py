@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,7 +118,7 @@ def plot(results: dict, chance: float, path: Path, title: str) -> None:
     ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance ({chance:.3f})")
     ax.axhline(0.9, color="gray", ls=":", lw=1, label="90%")
     ax.set(xlabel="optimizer step", ylabel="answer accuracy (held-out)", ylim=(0, 1.02), title=title)
-    ax.legend(loc="center right")
+    ax.legend(loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -129,8 +130,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw <out>/mqar.png from <out>/mqar.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.plot_only:
+        saved = json.loads((out / "mqar.json").read_text())
+        args.config = str(ROOT / saved["config"])
     spec = yaml.safe_load(Path(args.config).read_text())
     task = spec["data"]["init_args"]
     cfg = spec["model"]["init_args"]["config"]
@@ -140,14 +146,19 @@ def main(argv: list[str] | None = None) -> dict:
         f"MQAR: {task['num_pairs']} pairs, gap {task['gap']} (pairs >= {task['gap'] + 1} tokens before queries; "
         f"window {cfg['window']}, attention reach {reach}), seq_len {task['seq_len']}, chance {1 / values:.3f}"
     )
+    title = (
+        f"MQAR, {task['num_pairs']} pairs {task['gap'] + 1}+ tokens before queries, window {cfg['window']}"
+    )
+    if args.plot_only:
+        plot(saved["results"], 1 / values, out / "mqar.png", title)
+        return saved["results"]
     results = {}
     for name, ratio in (("LaCT hybrid", 1.0), ("SWA only", 0.0)):
         print(f"{name}:", flush=True)
         results[name] = run(spec, ratio, args.steps)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "mqar.json").write_text(
-        json.dumps({"config": args.config, "task": task, "results": results}, indent=1)
+        json.dumps({"config": os.path.relpath(args.config, ROOT), "task": task, "results": results}, indent=1)
     )
     title = (
         f"MQAR, {task['num_pairs']} pairs {task['gap'] + 1}+ tokens before queries, window {cfg['window']}"
