@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import TokenShardDataModule
 from datamodules.formats import token_dtype
-from datamodules.text import iter_documents, load_tokenizer, pack_tokens
+from datamodules.text import iter_documents, list_text_files, load_tokenizer, pack_tokens
 from datamodules.writers import TokenWriter
 
 STAMP = "prepared.json"
@@ -39,27 +39,6 @@ def to_lm_sample(sample: dict) -> dict:
     """A decoded token sample (``tokens`` [L + 1]) -> ``input_ids`` [L] and next-token ``labels`` [L]."""
     tokens = sample["tokens"]
     return {"input_ids": tokens[:-1], "labels": tokens[1:]}
-
-
-def list_files(inputs: Sequence[str], suffixes: Sequence[str]) -> list[str]:
-    """The files named in `inputs`, and those under its folders (recursively, sorted) ending in `suffixes`."""
-    files = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found = sorted(
-                os.path.join(d, f)
-                for d, _, names in os.walk(item)
-                for f in names
-                if f.endswith(tuple(suffixes))
-            )
-            if not found:
-                raise FileNotFoundError(f"text folder {item} holds no {'/'.join(suffixes)} files")
-            files.extend(found)
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"text input {item} does not exist")
-    return files
 
 
 def documents(files: Sequence[str]) -> Iterator[tuple[str, str]]:
@@ -88,7 +67,7 @@ def prepare_text_shards(
     """
     if val_every < 2:
         raise ValueError(f"val_every must be >= 2 (one in val_every sequences is held out), got {val_every}")
-    files = list_files(inputs, suffixes)
+    files = list_text_files(inputs, suffixes)
     record = {
         "files": [[f, os.path.getsize(f), os.path.getmtime(f)] for f in files],
         "seq_len": seq_len,
