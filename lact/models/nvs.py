@@ -1,0 +1,278 @@
+"""Novel view synthesis: an LVSM-style decoder-only transformer with LaCT layers (DESIGN §3.1).
+
+    pixels   9 ray channels (o, d, o x d) + RGB in [-1, 1] (input views) or zeros (target views)
+    tokens   patchify (p x p) -> Linear -> LayerNorm                                   [B, V, N, D]
+    blocks   x += Attention_within_each_view(LN(x))
+             x += LaCT_bidirectional(LN(x) of all views; the input views' tokens write the fast weights)
+             x += SwiGLU_MLP(LN(x))
+    output   target views only: LayerNorm -> Linear(D, 3 p p) -> sigmoid -> unpatchify   [B, Vt, 3, H, W]
+
+Images are float in [0, 1], [B, V, 3, H, W]; cameras are OpenCV intrinsics [B, V, 4] (fx, fy, cx, cy in
+pixels) and world-to-camera matrices [B, V, 4, 4] (see lact/geometry.py). Any number of input and target
+views works at run time.
+
+Target views never influence input views: attention stays within a view and only input tokens update the
+fast weights. So a scene can be reconstructed once (`reconstruct`: every layer's fast weights after the
+update) and any number of target cameras rendered from that state afterwards (`render`), with the same
+result as the full forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lact.geometry import patchify, plucker_rays, unpatchify
+from lact.layer import LaCTLayer
+from lact.nn import SwiGLUMLP
+from lact.ops import FastWeights
+
+RAY_CHANNELS = 9
+RGB_CHANNELS = 3
+
+
+@dataclass
+class NVSConfig:
+    """Sizes of the NVS network. The defaults are the published object-level scale (24 layers, D 768).
+
+    patch_size: pixels per patch side; image height and width must be multiples of it.
+    attn_heads: heads of the per-view attention (head dim = dim / attn_heads).
+    lact_heads: fast-weight heads; each holds a SwiGLU MLP of width d = dim / lact_heads and hidden width
+        lact_inter_multi * d, so the fast-weight state is 3 * lact_inter_multi * dim^2 / lact_heads per layer.
+    lact_chunk_size: input-view tokens per fast-weight update; None = one update on all of them.
+    lact_base_lr: the inner learning rate at initialisation.
+    lact_muon: None, "fixed" or "schedule" (Newton-Schulz orthogonalised updates).
+    mlp_ratio: the SwiGLU MLP has hidden width round(2/3 * mlp_ratio * dim), the parameter count of a
+        two-matrix MLP of width mlp_ratio * dim.
+    output_bias: initial bias of the output logits, so every pixel starts at sigmoid(output_bias) (0.5 for
+        0; 2.0 gives 0.88, near the white background of object renders, which saves the first few hundred
+        steps of a short run).
+    checkpointing: recompute each block's activations in the backward pass (saves memory, costs ~1/3 time).
+    """
+
+    patch_size: int = 8
+    dim: int = 768
+    num_layers: int = 24
+    attn_heads: int = 12
+    lact_heads: int = 1
+    lact_inter_multi: float = 4.0
+    lact_chunk_size: int | None = None
+    lact_base_lr: float = 1e-2
+    lact_muon: str | None = None
+    mlp_ratio: float = 4.0
+    output_bias: float = 0.0
+    checkpointing: bool = False
+
+    def __post_init__(self):
+        for name in ("patch_size", "dim", "num_layers", "attn_heads", "lact_heads"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"NVSConfig.{name} must be a positive int, got {getattr(self, name)}")
+        for name in ("attn_heads", "lact_heads"):
+            if self.dim % getattr(self, name):
+                raise ValueError(f"NVSConfig.{name}={getattr(self, name)} must divide dim={self.dim}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(2 / 3 * self.mlp_ratio * self.dim)
+
+
+class NVSState(NamedTuple):
+    """A reconstructed scene: the fast weights of every layer after the update on the input views.
+
+    weights[l] = (w_gate [B*H, h, d], w_up [B*H, h, d], w_down [B*H, d, h]) of block l; height and width are
+    the input views' image size in pixels, the default size of rendered views.
+    """
+
+    weights: list[FastWeights]
+    height: int
+    width: int
+
+
+class ViewAttention(nn.Module):
+    """Full self-attention among the tokens of each view separately, with RMS-normalised q and k (keeps the
+    logits bounded early in training). x [B, V, N, D] -> [B, V, N, D]."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, views, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch * views, tokens, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B*V, heads, N, head_dim] each
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(out.transpose(1, 2).reshape(batch, views, tokens, dim))
+
+
+class NVSBlock(nn.Module):
+    """Three pre-norm residual sub-blocks: per-view attention, LaCT over all views, SwiGLU MLP."""
+
+    def __init__(self, config: NVSConfig):
+        super().__init__()
+        dim = config.dim
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = ViewAttention(dim, config.attn_heads)
+        self.lact_norm = nn.LayerNorm(dim)
+        self.lact = LaCTLayer(
+            dim,
+            config.lact_heads,
+            schedule="bidirectional",
+            chunk_size=config.lact_chunk_size,
+            inter_multi=config.lact_inter_multi,
+            base_lr=config.lact_base_lr,
+            muon=config.lact_muon,
+        )
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = SwiGLUMLP(dim, config.mlp_hidden)
+
+    def forward(self, x: Tensor, num_inputs: int) -> Tensor:
+        """x [B, V, N, D] with the `num_inputs` input views first -> [B, V, N, D]."""
+        x = x + self.attn(self.attn_norm(x))
+        tokens = x.shape[2]
+        x = x + self.lact(self.lact_norm(x).flatten(1, 2), update_len=num_inputs * tokens).view_as(x)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, FastWeights]:
+        """Input views only: x [B, Vi, N, D] -> (x [B, Vi, N, D], this layer's updated fast weights)."""
+        x = x + self.attn(self.attn_norm(x))
+        y, weights = self.lact.reconstruct(self.lact_norm(x).flatten(1, 2))
+        x = x + y.view_as(x)
+        return x + self.mlp(self.mlp_norm(x)), weights
+
+    def render(self, x: Tensor, weights: FastWeights) -> Tensor:
+        """Target views only, reading the fast weights from `reconstruct`: x [B, Vt, N, D] -> same shape."""
+        x = x + self.attn(self.attn_norm(x))
+        x = x + self.lact.render(self.lact_norm(x).flatten(1, 2), weights).view_as(x)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class NVSNet(nn.Module):
+    """The decoder-only NVS network; see the module docstring for shapes."""
+
+    def __init__(self, config: NVSConfig | None = None):
+        super().__init__()
+        self.config = config = config or NVSConfig()
+        p, dim = config.patch_size, config.dim
+        self.embed = nn.Linear((RAY_CHANNELS + RGB_CHANNELS) * p * p, dim, bias=False)
+        self.embed_norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(NVSBlock(config) for _ in range(config.num_layers))
+        self.out_norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, RGB_CHANNELS * p * p)
+        self.apply(init_linear)
+        nn.init.constant_(self.out.bias, config.output_bias)
+
+    # ---------------------------------------------------------------------------------------- tokens
+
+    def tokenize(self, intrinsics: Tensor, w2c: Tensor, images: Tensor | None, height: int, width: int):
+        """Views -> tokens [B, V, N, D], N = (H/p)(W/p). `images` [B, V, 3, H, W] in [0, 1], or None for
+        target views (their RGB channels are zeros)."""
+        check_cameras(intrinsics, w2c)
+        rays = plucker_rays(intrinsics, w2c, height, width)  # [B, V, 9, H, W]
+        if images is None:
+            rgb = rays.new_zeros(*rays.shape[:2], RGB_CHANNELS, height, width)
+        else:
+            if images.shape != (*rays.shape[:2], RGB_CHANNELS, height, width):
+                raise ValueError(
+                    f"images must be [B, V, 3, H, W] = {[*rays.shape[:2], RGB_CHANNELS, height, width]} "
+                    f"to match the cameras, got {list(images.shape)}"
+                )
+            rgb = images.to(rays.dtype) * 2 - 1
+        pixels = torch.cat([rays, rgb], dim=2)
+        return self.embed_norm(
+            self.embed(patchify(pixels, self.config.patch_size).to(self.embed.weight.dtype))
+        )
+
+    def decode(self, x: Tensor, height: int, width: int) -> Tensor:
+        """Target tokens [B, V, N, D] -> images [B, V, 3, H, W] in (0, 1)."""
+        return unpatchify(torch.sigmoid(self.out(self.out_norm(x))), self.config.patch_size, height, width)
+
+    def run_block(self, block: NVSBlock, method: str, *args):
+        """Calls block.<method>(*args), recomputing its activations in backward when checkpointing."""
+        fn = getattr(block, method)
+        if self.config.checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    # ---------------------------------------------------------------------------------------- passes
+
+    def forward(
+        self,
+        images: Tensor,
+        intrinsics: Tensor,
+        w2c: Tensor,
+        target_intrinsics: Tensor,
+        target_w2c: Tensor,
+    ) -> Tensor:
+        """All views in one pass. images [B, Vi, 3, H, W] in [0, 1] with cameras intrinsics [B, Vi, 4] and
+        w2c [B, Vi, 4, 4]; target cameras [B, Vt, 4] and [B, Vt, 4, 4]. Returns [B, Vt, 3, H, W] in (0, 1)."""
+        height, width = images.shape[-2:]
+        check_view_counts(intrinsics, target_intrinsics)
+        inputs = self.tokenize(intrinsics, w2c, images, height, width)
+        targets = self.tokenize(target_intrinsics, target_w2c, None, height, width)
+        num_inputs = inputs.shape[1]
+        x = torch.cat([inputs, targets], dim=1)
+        for block in self.blocks:
+            x = self.run_block(block, "forward", x, num_inputs)
+        return self.decode(x[:, num_inputs:], height, width)
+
+    def reconstruct(self, images: Tensor, intrinsics: Tensor, w2c: Tensor) -> NVSState:
+        """Input views only (shapes as in forward) -> the scene's NVSState, rendered by `render`."""
+        height, width = images.shape[-2:]
+        x = self.tokenize(intrinsics, w2c, images, height, width)
+        if x.shape[1] < 1:
+            raise ValueError("reconstruct needs at least one input view, got 0")
+        weights = []
+        for block in self.blocks:
+            x, layer_weights = self.run_block(block, "reconstruct", x)
+            weights.append(layer_weights)
+        return NVSState(weights, int(height), int(width))
+
+    def render(
+        self,
+        state: NVSState,
+        intrinsics: Tensor,
+        w2c: Tensor,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> Tensor:
+        """Target cameras intrinsics [B, Vt, 4], w2c [B, Vt, 4, 4] of a reconstructed scene -> images
+        [B, Vt, 3, H, W] in (0, 1), by default at the input views' size. Vt may be anything, e.g. a chunk
+        of a long turntable."""
+        height, width = height or state.height, width or state.width
+        x = self.tokenize(intrinsics, w2c, None, height, width)
+        for block, weights in zip(self.blocks, state.weights, strict=True):
+            x = self.run_block(block, "render", x, weights)
+        return self.decode(x, height, width)
+
+
+def init_linear(module: nn.Module) -> None:
+    """N(0, 0.02) weights and zero biases for every Linear (the LaCT layers' slow fast weights are
+    Parameters, not Linears, and keep their own initialisation)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def check_cameras(intrinsics: Tensor, w2c: Tensor) -> None:
+    if intrinsics.dim() != 3 or intrinsics.shape[-1] != 4:
+        raise ValueError(f"intrinsics must be [B, V, 4] (fx, fy, cx, cy), got {list(intrinsics.shape)}")
+    if w2c.shape != (*intrinsics.shape[:2], 4, 4):
+        raise ValueError(f"w2c must be [B, V, 4, 4] = {[*intrinsics.shape[:2], 4, 4]}, got {list(w2c.shape)}")
+
+
+def check_view_counts(input_intrinsics: Tensor, target_intrinsics: Tensor) -> None:
+    """At least one input view (something to reconstruct from) and one target view (something to render)."""
+    if input_intrinsics.dim() >= 2 and input_intrinsics.shape[1] < 1:
+        raise ValueError("num_input_views must be >= 1: the model reconstructs the scene from input views")
+    if target_intrinsics.dim() >= 2 and target_intrinsics.shape[1] < 1:
+        raise ValueError("num_target_views must be >= 1: there is no view to render")

@@ -1,0 +1,120 @@
+"""Real renders: train on 48 views of one scanned object for at most 10 CPU minutes, evaluate on 16 held out.
+
+    .venv/bin/python scripts/gso_toy_nvs.py [--source ../shared/data/gso_toy] [--size 64] [--minutes 10]
+
+1. imports ../shared/data/gso_toy (64 renders, opencv_cameras.json) with the data layer's camera-JSON
+   importer into outputs/gso_toy/data, resized to --size (the source stays where it is);
+2. trains configs/nvs/gso_toy.yaml: inputs and targets drawn among the 48 training views only;
+3. renders the 16 held-out views (held_out_views in the config) and prints PSNR / SSIM against the
+   nearest-input-view baseline, once from the config's num_input_views inputs (as in training) and once
+   from all 48 training views (any number of input views works at run time). Writes outputs/gso_toy/:
+   heldout.png (rows: ground truth | prediction | nearest input view), turntable.gif, summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from nvs_eval import ROOT, evaluate, load_net, pick_threads, print_summary, run, write_turntable
+from torch.nn.functional import interpolate
+from torchvision.utils import make_grid
+
+from datamodules.nvs import NVSDataModule
+from modules.nvs_outputs import save_png
+
+CONFIG = "configs/nvs/gso_toy.yaml"  # its paths point into OUT
+OUT = "outputs/gso_toy"
+
+
+def import_scene(source: Path, out: Path, size: int) -> None:
+    """The data layer's importer, re-run only when the import is missing or was made at another size."""
+    meta = out / "meta.json"
+    if meta.exists():
+        args = json.loads(meta.read_text())["args"]
+        if (args["height"], args["width"], Path(args["from_json"]).resolve()) == (
+            size,
+            size,
+            source.resolve(),
+        ):
+            return
+    run([sys.executable, "-m", "datamodules.prepare", "scenes", "--out", str(out), "--from-json", str(source),
+         "--height", str(size), "--width", str(size), "--overwrite"])  # fmt: skip
+
+
+def held_out_loader(data: Path, data_args: dict, size: int, inputs: int):
+    """The 16 held-out views of the scene as targets, `inputs` of the other 48 as inputs (drawn by key)."""
+    dm = NVSDataModule(
+        val_shards=str(data),
+        image_size=size,
+        num_input_views=inputs,
+        held_out_views=data_args["held_out_views"],
+        val_batch_size=1,
+    )
+    return dm.val_dataloader()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--source", default=str(ROOT.parent / "shared" / "data" / "gso_toy"), help="camera-JSON folder"
+    )
+    parser.add_argument("--size", type=int, default=64, help="image height = width (64 or 128)")
+    parser.add_argument("--minutes", type=float, default=10.0, help="training time limit (default 10)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: the faster of 1 and all cores)"
+    )
+    parser.add_argument("--skip-train", action="store_true", help="evaluate the existing checkpoint only")
+    args = parser.parse_args(argv)
+    source, out = Path(args.source), ROOT / OUT
+    if not (source / "opencv_cameras.json").is_file():
+        raise SystemExit(
+            f"{source}/opencv_cameras.json not found: pass --source <folder with the gso_toy renders>"
+        )
+    config = yaml.safe_load((ROOT / CONFIG).read_text())
+    data_args = config["data"]["init_args"]
+    import_scene(source, out / "data", args.size)
+    threads = pick_threads(args.threads, config)
+    checkpoint = out / "run" / "checkpoints" / "last.ckpt"
+    if not args.skip_train:
+        shutil.rmtree(out / "run", ignore_errors=True)
+        limit = time.strftime("%H:%M:%S", time.gmtime(round(args.minutes * 60)))
+        start = time.time()
+        run([sys.executable, "train.py", "fit", "--config", CONFIG, f"--trainer.max_time=00:{limit}",
+             f"--data.init_args.image_size={args.size}"], threads)  # fmt: skip
+        print(
+            f"fit took {(time.time() - start) / 60:.1f} min (start-up, data loading and validation included)"
+        )
+
+    torch.set_num_threads(threads)
+    net, steps = load_net(checkpoint)
+    held_out = len(data_args["held_out_views"])
+    results = {}
+    for inputs in (data_args["num_input_views"], 64 - held_out):
+        summary, batches = evaluate(net, held_out_loader(out / "data", data_args, args.size, inputs))
+        results[f"{inputs}_inputs"] = summary
+        print_summary(
+            summary,
+            f"gso_toy, {held_out} held-out views at {args.size}x{args.size} from {inputs} input views "
+            f"(model trained {steps} steps on the other {64 - held_out} views)",
+        )
+        if inputs == data_args["num_input_views"]:
+            batch = batches[0]
+            rows = torch.cat([batch["target_images"][0], batch["prediction"][0], batch["nearest"][0]])
+            grid = make_grid(rows.clamp(0, 1), nrow=held_out, padding=2, pad_value=1.0)
+            save_png(interpolate(grid[None], scale_factor=2, mode="nearest")[0], out / "heldout.png")
+            write_turntable(net, batch, out / "turntable.gif", scenes=1, scale=2)
+    results.update(global_step=steps, threads=threads, size=args.size, config=CONFIG)
+    (out / "summary.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {OUT}/heldout.png (rows: ground truth | prediction | nearest input view), {OUT}/turntable.gif, "
+          f"{OUT}/summary.json; TensorBoard: .venv/bin/tensorboard --logdir {OUT}/run/tensorboard")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

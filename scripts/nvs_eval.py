@@ -1,0 +1,145 @@
+"""Evaluation helpers shared by scripts/demo_nvs.py and scripts/gso_toy_nvs.py: load a checkpoint's network,
+score held-out views against the nearest-input-view baseline, write the image grid and a turntable GIF."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.functional import interpolate
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # scripts/ run as files: make the suite's packages importable
+    sys.path.insert(0, str(ROOT))
+
+from lact.geometry import orbit_cameras  # noqa: E402
+from lact.models.nvs import NVSConfig, NVSNet  # noqa: E402
+from modules.nvs import nearest_input_view  # noqa: E402
+from modules.nvs_outputs import image_grid, save_gif, save_png, to_uint8  # noqa: E402
+
+METHODS = ("model", "nearest_input_view")
+
+
+def run(cmd: list[str], threads: int | None = None) -> None:
+    """Run a command from the repository root (OMP_NUM_THREADS=threads when given); fail when it fails."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+
+
+def load_net(checkpoint: Path) -> tuple[NVSNet, int]:
+    """(the network of a Lightning checkpoint in eval mode, its global step), loaded with weights_only=True."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    net = NVSNet(NVSConfig(**ckpt["hyper_parameters"]["model"]))
+    net.load_state_dict(
+        {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    )
+    return net.eval(), int(ckpt["global_step"])
+
+
+def step_time(net: NVSNet, data_args: dict, threads: int) -> float:
+    """Seconds per training step (forward and backward) of `net` on a random batch shaped like `data_args`'."""
+    torch.set_num_threads(threads)
+    batch, inputs, targets = (data_args[k] for k in ("batch_size", "num_input_views", "num_target_views"))
+    size = data_args["image_size"]
+    views = inputs + targets
+    intrinsics = torch.tensor([size, size, size / 2, size / 2]).expand(batch, views, 4)
+    w2c = torch.eye(4).repeat(batch, views, 1, 1)
+    w2c[..., 2, 3] = 2.7  # the world origin 2.7 units in front of the camera
+    images = torch.rand(batch, inputs, 3, size, size)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        pred = net(images, intrinsics[:, :inputs], w2c[:, :inputs], intrinsics[:, inputs:], w2c[:, inputs:])
+        pred.square().mean().backward()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def pick_threads(requested: int, config: dict) -> int:
+    """`requested`, or (0) the faster of 1 thread and all cores (up to 8) for the config's model and batch: on
+    a CPU shared with other jobs one thread is often several times faster than two, as threads wait for each
+    other at every op."""
+    if requested > 0:
+        return requested
+    cores = min(os.cpu_count() or 1, 8)
+    if cores == 1:
+        return 1
+    net = NVSNet(NVSConfig(**config["model"]["init_args"]["model"]))
+    timings = {n: step_time(net, config["data"]["init_args"], n) for n in (1, cores)}
+    best = min(timings, key=timings.get)
+    print(
+        f"torch threads: {', '.join(f'{n}: {t:.2f} s/step' for n, t in timings.items())} -> {best}",
+        flush=True,
+    )
+    return best
+
+
+@torch.no_grad()
+def evaluate(net: NVSNet, loader) -> tuple[dict, list[dict]]:
+    """Mean PSNR (dB) and SSIM over all target views (data_range 1) of the model and of the nearest input
+    view, plus the batches with their `prediction` and `nearest` images [B, Vt, 3, H, W]."""
+    scores = {name: {"psnr": [], "ssim": []} for name in METHODS}
+    batches = []
+    for batch in loader:
+        pred = net(
+            batch["input_images"], batch["input_intrinsics"], batch["input_w2c"],
+            batch["target_intrinsics"], batch["target_w2c"],
+        )  # fmt: skip
+        nearest = nearest_input_view(batch["input_images"], batch["input_w2c"], batch["target_w2c"])
+        target = batch["target_images"].flatten(0, 1)
+        for name, images in zip(METHODS, (pred, nearest)):
+            images = images.flatten(0, 1).clamp(0, 1)
+            psnr = peak_signal_noise_ratio(images, target, data_range=1.0, dim=(1, 2, 3), reduction="none")
+            ssim = structural_similarity_index_measure(images, target, data_range=1.0, reduction="none")
+            scores[name]["psnr"].append(psnr)
+            scores[name]["ssim"].append(ssim)
+        batches.append({**batch, "prediction": pred, "nearest": nearest})
+    summary = {
+        name: {k: torch.cat(v).mean().item() for k, v in metrics.items()} for name, metrics in scores.items()
+    }
+    summary["target_views"] = int(torch.cat(scores["model"]["psnr"]).numel())
+    summary["scenes"] = sum(len(b["key"]) for b in batches)
+    return summary, batches
+
+
+def write_grid(batch: dict, path: Path, scenes: int = 6, scale: int = 4) -> None:
+    """Rows of scenes: input views | ground truth | prediction | nearest input view, upscaled `scale` times."""
+    grid = image_grid(
+        batch["input_images"][:scenes],
+        batch["target_images"][:scenes],
+        torch.cat([batch["prediction"][:scenes], batch["nearest"][:scenes]], dim=1),
+    )
+    save_png(interpolate(grid[None], scale_factor=scale, mode="nearest")[0], path)
+
+
+@torch.no_grad()
+def write_turntable(
+    net: NVSNet, batch: dict, path: Path, scenes: int = 3, frames: int = 36, scale: int = 4
+) -> None:
+    """Reconstruct each of the first `scenes` scenes once from its input views, render `frames` cameras on an
+    orbit around it, and tile the scenes side by side in one GIF."""
+    tiles = []
+    for i in range(min(scenes, len(batch["key"]))):
+        one = slice(i, i + 1)
+        state = net.reconstruct(
+            batch["input_images"][one], batch["input_intrinsics"][one], batch["input_w2c"][one]
+        )
+        orbit = orbit_cameras(batch["input_w2c"][i], frames)[None]
+        tiles.append(net.render(state, batch["input_intrinsics"][one, :1].expand(1, frames, 4), orbit)[0])
+    video = interpolate(torch.cat(tiles, dim=-1), scale_factor=scale, mode="nearest")  # [frames, 3, H, W']
+    save_gif(to_uint8(video).numpy(), path, fps=12)
+
+
+def print_summary(summary: dict, title: str) -> None:
+    gain = summary["model"]["psnr"] - summary["nearest_input_view"]["psnr"]
+    print(f"\n{title}")
+    print("| method | PSNR (dB) | SSIM |\n|---|---:|---:|")
+    for name in METHODS:
+        print(f"| {name.replace('_', ' ')} | {summary[name]['psnr']:.2f} | {summary[name]['ssim']:.3f} |")
+    print(f"model - nearest input view: {gain:+.2f} dB PSNR")

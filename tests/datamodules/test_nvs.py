@@ -1,0 +1,127 @@
+"""NVSDataModule: input/target split per scene, deterministic evaluation views, held-out views, resizing, pose
+normalisation, and clear errors for impossible view counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules.nvs import NVSDataModule, select_views
+from datamodules.readers import iter_scenes
+from datamodules.scenes import generate_scene
+from datamodules.writers import SceneWriter
+from lact.geometry import camera_centers
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Six procedural scenes of 6 views at 16x16 in two shards."""
+    out = tmp_path_factory.mktemp("nvs_scenes")
+    with SceneWriter(str(out), samples_per_shard=3) as writer:
+        for i in range(6):
+            scene = generate_scene([7, i], num_views=6, height=16, width=16)
+            writer.write(f"scene{i}", scene["images"], scene["intrinsics"], scene["w2c"])
+    return str(out)
+
+
+def raw_scenes(shards) -> dict:
+    return {s["key"]: s for s in iter_scenes(shards)}
+
+
+def first_batch(loader) -> dict:
+    return next(iter(loader))
+
+
+def test_training_batches_split_each_scene_into_disjoint_inputs_and_targets(shards):
+    dm = NVSDataModule(shards, num_input_views=3, num_target_views=2, batch_size=4, batches_per_epoch=2)
+    scenes = raw_scenes(shards)
+    batch = first_batch(dm.train_dataloader())
+    assert batch["input_images"].shape == (4, 3, 3, 16, 16) and batch["target_images"].shape == (
+        4,
+        2,
+        3,
+        16,
+        16,
+    )
+    assert batch["input_images"].dtype == torch.float32 and 0 <= batch["input_images"].min() <= 1
+    for i, key in enumerate(batch["key"]):
+        inputs, targets = batch["input_views"][i], batch["target_views"][i]
+        assert not set(inputs.tolist()) & set(targets.tolist())
+        raw = scenes[key]
+        for name, views in (("input", inputs), ("target", targets)):
+            expected = raw["images"][views].permute(0, 3, 1, 2).float() / 255
+            torch.testing.assert_close(batch[f"{name}_images"][i], expected)
+            torch.testing.assert_close(batch[f"{name}_w2c"][i], raw["w2c"][views])
+            torch.testing.assert_close(batch[f"{name}_intrinsics"][i], raw["intrinsics"][views])
+
+
+def test_validation_views_are_deterministic_per_scene(shards):
+    dm = NVSDataModule(val_shards=shards, num_input_views=2, num_target_views=3, val_batch_size=6)
+    first, second = first_batch(dm.val_dataloader()), first_batch(dm.val_dataloader())
+    assert first["key"] == second["key"] and len(first["key"]) == 6
+    assert torch.equal(first["input_views"], second["input_views"])
+    assert torch.equal(first["target_images"], second["target_images"])
+    assert len({tuple(v.tolist()) for v in first["input_views"]}) > 1  # not the same views for every scene
+    predict = first_batch(dm.predict_dataloader())  # falls back to val_shards, same selection
+    assert torch.equal(predict["target_views"], first["target_views"])
+
+
+def test_held_out_views_are_never_trained_on_and_are_the_evaluation_targets(shards):
+    dm = NVSDataModule(
+        shards,
+        shards,
+        num_input_views=2,
+        num_target_views=2,
+        held_out_views=[1, 4],
+        batch_size=6,
+        batches_per_epoch=4,
+    )
+    seen = set()
+    for batch in dm.train_dataloader():
+        seen |= set(batch["input_views"].flatten().tolist()) | set(batch["target_views"].flatten().tolist())
+    assert seen and not seen & {1, 4}
+    val = first_batch(dm.val_dataloader())
+    assert val["target_views"].tolist() == [[1, 4]] * 6
+    assert not set(val["input_views"].flatten().tolist()) & {1, 4}
+
+
+def test_resizing_scales_images_and_intrinsics(shards):
+    dm = NVSDataModule(val_shards=shards, image_size=8, num_input_views=1, num_target_views=1)
+    batch = first_batch(dm.val_dataloader())
+    assert batch["input_images"].shape[-2:] == (8, 8)
+    raw = raw_scenes(shards)[batch["key"][0]]
+    view = batch["input_views"][0, 0]
+    torch.testing.assert_close(batch["input_intrinsics"][0, 0], raw["intrinsics"][view] / 2)
+    # Downscaling by 2 with antialiasing averages 2x2 blocks.
+    blocks = (raw["images"][view].permute(2, 0, 1).float() / 255).reshape(3, 8, 2, 8, 2).mean(dim=(2, 4))
+    torch.testing.assert_close(batch["input_images"][0, 0], blocks, atol=1e-5, rtol=0)
+
+
+def test_pose_normalisation_uses_the_input_views(shards):
+    dm = NVSDataModule(val_shards=shards, num_input_views=3, num_target_views=2, normalize_poses=True)
+    batch = first_batch(dm.val_dataloader())
+    centres = camera_centers(batch["input_w2c"])  # [B, 3, 3]
+    torch.testing.assert_close(centres.mean(dim=1), torch.zeros(len(centres), 3), atol=1e-5, rtol=0)
+    assert centres.norm(dim=-1).amax(dim=1).sub(1).abs().max() < 1e-5
+    torch.testing.assert_close(
+        batch["input_w2c"][:, 0, :3, :3], torch.eye(3).expand(len(centres), 3, 3), atol=1e-5, rtol=0
+    )
+
+
+def test_view_count_errors(shards):
+    with pytest.raises(ValueError, match="num_input_views must be >= 1"):
+        NVSDataModule(shards, num_input_views=0)
+    with pytest.raises(ValueError, match="num_target_views must be >= 1"):
+        NVSDataModule(shards, num_target_views=0)
+    dm = NVSDataModule(
+        shards, shards, num_input_views=4, num_target_views=3, batch_size=2, batches_per_epoch=1
+    )
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        with pytest.raises(
+            ValueError, match=r"scene 'scene\d' \(shard .*\.tar\) holds 6 views, fewer than .* 4 \+ 3"
+        ):
+            first_batch(loader)
+    with pytest.raises(ValueError, match="outside held_out_views"):
+        select_views(6, 4, 1, None, held_out=[0, 1], scene="s")
+    with pytest.raises(ValueError, match=r"held_out_views \[9\]"):
+        select_views(6, 1, 1, None, held_out=[9], scene="s")

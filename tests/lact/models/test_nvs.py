@@ -1,0 +1,145 @@
+"""The NVS network: shapes, any view counts, reconstruct-once rendering equal to the full forward, gradients,
+activation checkpointing, and the parameter counts of the published configs (on the meta device)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lact.geometry import look_at
+from lact.models.nvs import NVSConfig, NVSNet
+
+ROOT = Path(__file__).resolve().parents[3]
+TINY = dict(
+    patch_size=4, dim=32, num_layers=2, attn_heads=2, lact_heads=2, lact_inter_multi=2.0, mlp_ratio=2.0
+)
+
+
+def cameras(batch: int, views: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cameras on a sphere of radius 2.7 looking at the origin: intrinsics [B, V, 4], w2c [B, V, 4, 4]."""
+    g = torch.Generator().manual_seed(seed)
+    azimuth = torch.rand(batch, views, generator=g) * 2 * math.pi
+    elevation = torch.rand(batch, views, generator=g) - 0.3
+    eyes = 2.7 * torch.stack(
+        [elevation.cos() * azimuth.cos(), elevation.cos() * azimuth.sin(), elevation.sin()], dim=-1
+    )
+    w2c = look_at(eyes, torch.zeros_like(eyes), torch.tensor([0.0, 0.0, 1.0]).expand_as(eyes))
+    focal = size / (2 * math.tan(math.radians(25)))
+    return torch.tensor([focal, focal, size / 2, size / 2]).expand(batch, views, 4), w2c
+
+
+def scene(batch=2, inputs=3, targets=2, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed + 100)
+    images = torch.rand(batch, inputs, 3, size, size, generator=g)
+    return (images, *cameras(batch, inputs, size, seed), *cameras(batch, targets, size, seed + 1))
+
+
+def test_forward_shapes_range_and_any_view_count():
+    torch.manual_seed(0)
+    net = NVSNet(NVSConfig(**TINY))
+    for inputs, targets in ((1, 1), (3, 2), (5, 4)):
+        out = net(*scene(inputs=inputs, targets=targets))
+        assert out.shape == (2, targets, 3, 16, 16)
+        assert out.min() > 0 and out.max() < 1
+    out = net(*scene(size=24))  # another resolution (a multiple of the patch size)
+    assert out.shape == (2, 2, 3, 24, 24)
+
+
+@pytest.mark.parametrize("lact", [{}, {"lact_chunk_size": 40, "lact_muon": "schedule"}])
+def test_reconstruct_once_then_render_equals_the_full_forward(lact):
+    torch.manual_seed(0)
+    net = NVSNet(NVSConfig(**{**TINY, "num_layers": 3, **lact})).eval()
+    images, k_in, w_in, k_out, w_out = scene(inputs=3, targets=5)
+    with torch.no_grad():
+        full = net(images, k_in, w_in, k_out, w_out)
+        state = net.reconstruct(images, k_in, w_in)
+        assert len(state.weights) == 3 and (state.height, state.width) == (16, 16)
+        # Render the five target views in uneven pieces: each piece must match the joint forward.
+        parts = [net.render(state, k_out[:, a:b], w_out[:, a:b]) for a, b in ((0, 1), (1, 4), (4, 5))]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_matter_and_targets_do_not_see_each_other():
+    # float64: at initialisation the inputs' influence on the targets is small (~1e-7), as the fast-weight
+    # update starts with base_lr and the output projections with std 0.02; it grows with training.
+    torch.manual_seed(0)
+    net = NVSNet(NVSConfig(**TINY)).double()
+    images, k_in, w_in, k_out, w_out = (t.double() for t in scene(inputs=2, targets=2))
+    with torch.no_grad():
+        base = net(images, k_in, w_in, k_out, w_out)
+        changed = net(images.flip(-1), k_in, w_in, k_out, w_out)
+        alone = net(images, k_in, w_in, k_out[:, :1], w_out[:, :1])
+    assert (base - changed).abs().max() > 1e-9  # the prediction depends on the input images
+    torch.testing.assert_close(alone, base[:, :1], rtol=1e-12, atol=1e-12)
+
+
+def test_backward_reaches_every_parameter_and_checkpointing_matches():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        net = NVSNet(NVSConfig(**TINY, checkpointing=checkpointing))
+        images, k_in, w_in, k_out, w_out = scene()
+        net(images, k_in, w_in, k_out, w_out).square().mean().backward()
+        for name, p in net.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_view_counts_and_shapes_are_checked():
+    net = NVSNet(NVSConfig(**TINY))
+    images, k_in, w_in, k_out, w_out = scene()
+    with pytest.raises(ValueError, match="num_input_views must be >= 1"):
+        net(images[:, :0], k_in[:, :0], w_in[:, :0], k_out, w_out)
+    with pytest.raises(ValueError, match="num_target_views must be >= 1"):
+        net(images, k_in, w_in, k_out[:, :0], w_out[:, :0])
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        net(*scene(size=18))
+    with pytest.raises(ValueError, match=r"w2c must be \[B, V, 4, 4\]"):
+        net(images, k_in, w_in[:, :2], k_out, w_out)
+    with pytest.raises(ValueError, match="lact_heads=3 must divide dim=32"):
+        NVSConfig(**{**TINY, "lact_heads": 3})
+
+
+def expected_parameters(c: NVSConfig) -> tuple[int, int]:
+    """(total, fast-weight state) parameters of NVSNet(c), counted by hand from DESIGN §3.1 and §2.4."""
+    d, p = c.dim, c.patch_size
+    state = int(3 * c.lact_inter_multi * d * d / c.lact_heads)
+    attn = 4 * d * d + 2 * (d // c.attn_heads)  # qkv, proj, q/k RMSNorm
+    lact = (
+        4 * d * d + (d * 3 * c.lact_heads + 3 * c.lact_heads) + state + d // c.lact_heads + d * c.lact_heads
+    )
+    mlp = 3 * d * c.mlp_hidden
+    block = 3 * 2 * d + attn + lact + mlp  # three LayerNorms
+    total = 12 * p * p * d + 2 * d + c.num_layers * block + 2 * d + (d * 3 * p * p + 3 * p * p)
+    return total, c.num_layers * state
+
+
+@pytest.mark.parametrize(
+    ("config", "millions", "state_fraction"),
+    [("paper_24l.yaml", 397.3, (0.38, 0.45)), ("paper_14l.yaml", 182.5, (0.24, 0.30))],
+)
+def test_published_configs_parameter_counts_on_meta(config, millions, state_fraction):
+    spec = yaml.safe_load((ROOT / "configs" / "nvs" / config).read_text())["model"]["init_args"]["model"]
+    c = NVSConfig(**spec)
+    assert (c.patch_size, c.dim) == (8, 768)
+    with torch.device("meta"):  # no memory: 400M parameters would take 1.6 GB
+        net = NVSNet(c)
+    total = sum(p.numel() for p in net.parameters())
+    state = sum(block.lact.state_size for block in net.blocks)
+    assert (total, state) == expected_parameters(c)
+    assert total / 1e6 == pytest.approx(millions, abs=0.1)
+    assert state_fraction[0] < state / total < state_fraction[1]
+
+
+@pytest.mark.parametrize("config", ["tiny.yaml", "demo.yaml"])
+def test_small_configs_build(config):
+    spec = yaml.safe_load((ROOT / "configs" / "nvs" / config).read_text())["model"]["init_args"]["model"]
+    with torch.device("meta"):
+        net = NVSNet(NVSConfig(**spec))
+    assert sum(p.numel() for p in net.parameters()) == expected_parameters(net.config)[0]
