@@ -242,6 +242,11 @@ class LMModule(LightningModule):
                 if self.trainer.max_steps > 0
                 else self.trainer.estimated_stepping_batches
             )
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                f"the cosine schedule needs a finite length, got {total} steps: "
+                "set trainer.max_steps or total_steps"
+            )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, hp.warmup_steps, int(total), hp.min_lr_ratio)
         )
