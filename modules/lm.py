@@ -179,6 +179,9 @@ class LMModule(LightningModule):
     def on_train_epoch_start(self) -> None:
         self._last_step_end = None  # validation between epochs is not training time
 
+    def on_validation_start(self) -> None:
+        self._last_step_end = None  # nor is validation in the middle of an epoch
+
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
