@@ -85,6 +85,8 @@ def prepare_text_shards(
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id}
     dtype = token_dtype(tok.vocab_size)
     counts = {"train": 0, "val": 0}
+    if os.path.exists(stamp):  # first: an interrupted rewrite must not leave a valid-looking stamp behind
+        os.remove(stamp)
     for split in counts:  # stale shards of an earlier preparation would be mixed in by the reader
         folder = os.path.join(out_dir, split)
         if os.path.isdir(folder):

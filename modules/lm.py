@@ -179,6 +179,9 @@ class LMModule(LightningModule):
     def on_train_epoch_start(self) -> None:
         self._last_step_end = None  # validation between epochs is not training time
 
+    def on_validation_start(self) -> None:
+        self._last_step_end = None  # nor is validation in the middle of an epoch
+
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
@@ -241,6 +244,11 @@ class LMModule(LightningModule):
                 self.trainer.max_steps
                 if self.trainer.max_steps > 0
                 else self.trainer.estimated_stepping_batches
+            )
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                f"the cosine schedule needs a finite length, got {total} steps: "
+                "set trainer.max_steps or total_steps"
             )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, hp.warmup_steps, int(total), hp.min_lr_ratio)

@@ -10,6 +10,7 @@ import torch
 
 from datamodules.lm import LMDataModule, prepare_text_shards
 from datamodules.mqar import IGNORE, MQARDataModule, MQARStream, check_mqar, mqar_sample, mqar_vocab
+from datamodules.readers import iter_tokens
 
 TASK = {"vocab_size": 41, "num_pairs": 6, "gap": 30, "seq_len": 80}
 
@@ -97,7 +98,10 @@ def test_text_files_become_byte_level_shards_once(tmp_path):
     mtime = shards[0].stat().st_mtime_ns
     assert prepare_text_shards(inputs, str(tmp_path / "out"), seq_len=32, val_every=4) == record
     assert shards[0].stat().st_mtime_ns == mtime  # unchanged inputs: nothing rewritten
-    assert prepare_text_shards(inputs, str(tmp_path / "out"), seq_len=16, val_every=4)["seq_len"] == 16
+    changed = prepare_text_shards(inputs, str(tmp_path / "out"), seq_len=16, val_every=4)
+    assert changed["seq_len"] == 16 and changed["counts"]["train"] > record["counts"]["train"]
+    lengths = {len(s["tokens"]) for s in iter_tokens(str(tmp_path / "out" / "train"))}
+    assert lengths == {17}  # the seq_len 32 shards are gone, not mixed in
 
 
 def test_lm_datamodule_trains_on_any_text_file(tmp_path):

@@ -78,6 +78,25 @@ def test_weight_decay_on_matrices_only():
     assert counted == sum(p.numel() for p in module.parameters())
 
 
+class GradNormAfterStep(Callback):
+    norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad.norm() for p in pl_module.parameters() if p.grad is not None]
+        GradNormAfterStep.norms.append(float(torch.stack(grads).norm()))
+
+
+def test_gradients_are_clipped_to_grad_clip():
+    GradNormAfterStep.norms = []
+    module = tiny_module(grad_clip=1e-3, total_steps=2)
+    data = MQARDataModule(vocab_size=64, num_pairs=2, gap=8, seq_len=32, batch_size=2, batches_per_epoch=2)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[GradNormAfterStep()])
+    trainer.fit(module, datamodule=data)
+    assert len(GradNormAfterStep.norms) == 2
+    assert all(n == pytest.approx(1e-3, rel=1e-3) for n in GradNormAfterStep.norms), GradNormAfterStep.norms
+    assert trainer.callback_metrics["train/grad_norm"] > 1e-2  # the logged norm is the one before clipping
+
+
 def test_validation_logs_loss_by_position_bucket():
     torch.manual_seed(0)
     module = tiny_module(bucket_size=64)
