@@ -79,15 +79,21 @@ def main(argv=None) -> None:
         )
     config = yaml.safe_load((ROOT / CONFIG).read_text())
     data_args = config["data"]["init_args"]
+    data_args["image_size"] = args.size
     import_scene(source, out / "data", args.size)
-    threads = pick_threads(args.threads, config)
+    threads, step_seconds = pick_threads(args.threads, config)
     checkpoint = out / "run" / "checkpoints" / "last.ckpt"
     if not args.skip_train:
         shutil.rmtree(out / "run", ignore_errors=True)
         limit = time.strftime("%H:%M:%S", time.gmtime(round(args.minutes * 60)))
+        # The cosine schedule should end within the time limit: size it from the measured step time, keeping
+        # a quarter of the budget for the optimizer, data loading and validation. max_time stays the cap.
+        steps = max(100, int(0.75 * args.minutes * 60 / step_seconds))
+        print(f"training for min({steps} steps, {args.minutes:g} minutes)", flush=True)
         start = time.time()
-        run([sys.executable, "train.py", "fit", "--config", CONFIG, f"--trainer.max_time=00:{limit}",
-             f"--data.init_args.image_size={args.size}"], threads)  # fmt: skip
+        limits = [f"--trainer.max_time=00:{limit}", f"--trainer.max_steps={steps}"]
+        size = f"--data.init_args.image_size={args.size}"
+        run([sys.executable, "train.py", "fit", "--config", CONFIG, *limits, size], threads)
         print(
             f"fit took {(time.time() - start) / 60:.1f} min (start-up, data loading and validation included)"
         )

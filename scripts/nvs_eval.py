@@ -4,6 +4,7 @@ score held-out views against the nearest-input-view baseline, write the image gr
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -53,31 +54,28 @@ def step_time(net: NVSNet, data_args: dict, threads: int) -> float:
     w2c[..., 2, 3] = 2.7  # the world origin 2.7 units in front of the camera
     images = torch.rand(batch, inputs, 3, size, size)
     times = []
-    for _ in range(3):
+    for _ in range(4):
         start = time.perf_counter()
         pred = net(images, intrinsics[:, :inputs], w2c[:, :inputs], intrinsics[:, inputs:], w2c[:, inputs:])
         pred.square().mean().backward()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return statistics.median(times[1:])  # the first step pays one-off allocations
 
 
-def pick_threads(requested: int, config: dict) -> int:
-    """`requested`, or (0) the faster of 1 thread and all cores (up to 8) for the config's model and batch: on
-    a CPU shared with other jobs one thread is often several times faster than two, as threads wait for each
-    other at every op."""
-    if requested > 0:
-        return requested
-    cores = min(os.cpu_count() or 1, 8)
-    if cores == 1:
-        return 1
+def pick_threads(requested: int, config: dict) -> tuple[int, float]:
+    """(threads, seconds per training step) for the config's model and batch: `requested` threads, or (0) the
+    faster of 1 thread and all cores (up to 8). On a CPU shared with other jobs one thread is often several
+    times faster than two, as threads wait for each other at every op."""
     net = NVSNet(NVSConfig(**config["model"]["init_args"]["model"]))
-    timings = {n: step_time(net, config["data"]["init_args"], n) for n in (1, cores)}
+    cores = min(os.cpu_count() or 1, 8)
+    candidates = [requested] if requested > 0 else sorted({1, cores})
+    timings = {n: step_time(net, config["data"]["init_args"], n) for n in candidates}
     best = min(timings, key=timings.get)
     print(
         f"torch threads: {', '.join(f'{n}: {t:.2f} s/step' for n, t in timings.items())} -> {best}",
         flush=True,
     )
-    return best
+    return best, timings[best]
 
 
 @torch.no_grad()

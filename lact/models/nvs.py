@@ -255,10 +255,12 @@ class NVSNet(nn.Module):
 
 
 def init_linear(module: nn.Module) -> None:
-    """N(0, 0.02) weights and zero biases for every Linear (the LaCT layers' slow fast weights are
-    Parameters, not Linears, and keep their own initialisation)."""
+    """Linear weights ~ N(0, 1 / (3 fan_in)), biases zero: std 0.02 at the published width (768), and the
+    same scale relative to the fan-in for narrower models, where a fixed 0.02 would start every residual
+    branch (and the LaCT branch's output gate) nearly switched off. The LaCT layers' slow fast weights are
+    Parameters, not Linears, and keep their own initialisation (DESIGN §2.4)."""
     if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=(3 * module.in_features) ** -0.5)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
 

@@ -64,8 +64,7 @@ def test_reconstruct_once_then_render_equals_the_full_forward(lact):
 
 
 def test_inputs_matter_and_targets_do_not_see_each_other():
-    # float64: at initialisation the inputs' influence on the targets is small (~1e-7), as the fast-weight
-    # update starts with base_lr and the output projections with std 0.02; it grows with training.
+    # float64, so that the check on the targets' independence can be tight.
     torch.manual_seed(0)
     net = NVSNet(NVSConfig(**TINY)).double()
     images, k_in, w_in, k_out, w_out = (t.double() for t in scene(inputs=2, targets=2))
@@ -73,7 +72,7 @@ def test_inputs_matter_and_targets_do_not_see_each_other():
         base = net(images, k_in, w_in, k_out, w_out)
         changed = net(images.flip(-1), k_in, w_in, k_out, w_out)
         alone = net(images, k_in, w_in, k_out[:, :1], w_out[:, :1])
-    assert (base - changed).abs().max() > 1e-9  # the prediction depends on the input images
+    assert (base - changed).abs().max() > 1e-5  # the prediction depends on the input images (7e-4 here)
     torch.testing.assert_close(alone, base[:, :1], rtol=1e-12, atol=1e-12)
 
 
