@@ -26,6 +26,10 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/lact_operator.py
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/lm_generation.py
+	$(BIN)/python benchmarks/lm_long_step.py
+	$(BIN)/python benchmarks/mqar.py
+	$(BIN)/python benchmarks/structural_icl.py
 	$(BIN)/python benchmarks/nvs_render.py
 
 # Novel view synthesis end to end: procedural scenes, <= 10 min CPU training, held-out scores, figures.

@@ -31,7 +31,7 @@ def checkpoint_dir(default_root_dir: str | None) -> str:
 class LaCTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step:08d}"})
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{step:08d}"})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
 
 

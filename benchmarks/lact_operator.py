@@ -7,13 +7,13 @@ Prints one markdown table per section:
   2. causal_lact at L = 8192, chunk 2048, 4 heads, d = h = 128: forward and forward+backward, Muon off / on;
   3. chunk sweep 16 ... 4096 at that L (forward+backward tokens/s) and the ratio chunk 2048 / chunk 16;
   4. length sweep: LaCT + sliding-window attention against full causal attention, time and t(2L) / t(L).
-Only ratios inside one run mean anything: the machines are shared and noisy.
+Only ratios inside one run mean anything: the machines are shared and noisy. Every time is the best of
+several runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +31,8 @@ HEADS, HEAD_DIM, HIDDEN = 4, 128, 128
 
 
 def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds."""
+    """Best wall time of fn() over `repeats` runs, in seconds: on a shared machine other jobs only ever add
+    time, so the minimum is the least disturbed measurement (as the standard library's timeit advises)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -39,7 +40,7 @@ def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def matmul_peak(dtype: torch.dtype, repeats: int) -> tuple[float, str]:

@@ -70,23 +70,22 @@ def load_tokenizer(spec: str = "bytes", eod_token: str | None = None):
     return JsonTokenizer(spec, eod_token)
 
 
-def list_text_files(inputs: Iterable[str]) -> list[str]:
-    """The .txt/.jsonl files named in ``inputs`` or found (recursively, sorted) in its folders."""
+def list_text_files(inputs: Iterable[str], suffixes: Sequence[str] = TEXT_SUFFIXES) -> list[str]:
+    """The files named in ``inputs`` or found (recursively, sorted) in its folders, each ending in one of
+    ``suffixes`` (.txt and .jsonl by default; anything other than .jsonl is read as one plain-text document)."""
+    suffixes = tuple(suffixes)
     files = []
     for item in inputs:
         if os.path.isdir(item):
             found = sorted(
-                os.path.join(d, f)
-                for d, _, names in os.walk(item)
-                for f in names
-                if f.endswith(TEXT_SUFFIXES)
+                os.path.join(d, f) for d, _, names in os.walk(item) for f in names if f.endswith(suffixes)
             )
             if not found:
-                raise FileNotFoundError(f"folder {item} holds no {'/'.join(TEXT_SUFFIXES)} files")
+                raise FileNotFoundError(f"folder {item} holds no {'/'.join(suffixes)} files")
             files.extend(found)
         elif os.path.isfile(item):
-            if not item.endswith(TEXT_SUFFIXES):
-                raise ValueError(f"{item}: expected a {' or '.join(TEXT_SUFFIXES)} file")
+            if not item.endswith(suffixes):
+                raise ValueError(f"{item}: expected a {' or '.join(suffixes)} file")
             files.append(item)
         else:
             raise FileNotFoundError(f"text input {item} does not exist")

@@ -1,0 +1,109 @@
+"""A small masked-LM transformer encoder with tied input/output embeddings (pure torch).
+
+It is the network of the structural in-context-learning toy (DESIGN §4): short sequences of token ids in,
+logits over the whole vocabulary out. The output layer is the token embedding itself (tied), so a token
+whose embedding row was never trained (or was just re-drawn) can still be predicted by copying it from
+the context: that is what "structural" in-context learning means here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``, bidirectional attention.
+
+    Args:
+        dim: model width D.
+        heads: attention heads (D must be divisible by it).
+        mlp_ratio: hidden width of the MLP as a multiple of D.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, D] -> [B, L, D]."""
+        b, l, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, D/heads], no mask: encoder
+        x = x + self.proj(a.transpose(1, 2).reshape(b, l, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class MaskedLMEncoder(nn.Module):
+    """Token embedding + learned positions -> pre-norm blocks -> LayerNorm -> tied output projection.
+
+    Args:
+        vocab_size: V, the number of token ids (specials, content and held-out tokens together).
+        dim: model width D.
+        depth: number of blocks.
+        heads: attention heads per block.
+        max_len: longest sequence (positions are learned).
+        pad_id: the padding id; its embedding row is zero and gets no gradient.
+        init_std: standard deviation of every Linear weight and the positions; biases start at zero.
+        embed_std: standard deviation of the token-embedding initialiser N(0, embed_std²) (default 1.0,
+            torch's own); its scale decides how long freshly drawn rows look like trained ones.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        max_len: int = 16,
+        pad_id: int = 0,
+        init_std: float = 0.02,
+        embed_std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not 0 <= pad_id < vocab_size:
+            raise ValueError(f"pad_id={pad_id} must be a token id in [0, vocab_size={vocab_size})")
+        self.init_std, self.embed_std = init_std, embed_std
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        self.pos = nn.Parameter(torch.zeros(max_len, dim))
+        self.blocks = nn.ModuleList(EncoderBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied: one Parameter, two uses
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, self.init_std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.pos, 0.0, self.init_std)
+        with torch.no_grad():
+            self.init_embedding_(self.embed.weight)
+            self.embed.weight[self.embed.padding_idx].zero_()
+
+    def init_embedding_(self, out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Fill ``out`` in place with a fresh draw of the token-embedding initialiser N(0, embed_std²).
+
+        ``out`` is any float tensor (the whole ``[V, D]`` table or some rows of it); the padding row is not
+        special-cased here. Returns ``out``.
+        """
+        return out.normal_(0.0, self.embed_std, generator=generator)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [B, L] int64 token ids -> logits [B, L, V] (float, unnormalised)."""
+        if ids.shape[1] > self.pos.shape[0]:
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len={self.pos.shape[0]}")
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))

@@ -1,0 +1,169 @@
+"""Masked-LM training of the structural in-context-learning toy (DESIGN §4, issue 6).
+
+Loss: cross-entropy on the masked positions only. Metric: a sequence counts as right when all its masked
+tokens are predicted exactly (argmax over the whole vocabulary); logged as ``val/<set>_acc`` for every
+evaluation set of the datamodule, and ``val/<set>_ctx_acc`` with the argmax restricted to the ids visible in
+the sequence (which context token the model picks, whatever the rest of the vocabulary scores).
+
+What this module needs from the datamodule (duck-typed, datamodules never import modules):
+``eval_sets`` (names of the validation dataloaders, in order), ``holdout_token_ids`` ([H] int64 ids never
+trained) and ``vocab_size``.
+
+The forgetting protocol (see ``modules/forgetting.py``) is implemented here: ``token_embedding()`` and
+``init_parameter_(name, out, generator)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from lact.models.mlm import MaskedLMEncoder
+from modules.forgetting import seeded_generator
+
+
+class MaskedLMModule(LightningModule):
+    """Args:
+    vocab_size: V, must equal the datamodule's ``vocab_size``.
+    pad_id: padding id (embedding row kept at zero).
+    dim, depth, heads, max_len, init_std, embed_std: the encoder (``lact.models.mlm.MaskedLMEncoder``).
+    lr: peak AdamW learning rate; linear warmup over ``warmup_steps`` optimizer steps, then constant.
+    weight_decay: AdamW decay of the matrices (not biases, norms, positions or the embedding).
+    embedding_weight_decay: AdamW decay of the token embedding (its own parameter group).
+    betas: AdamW betas.
+    eval_seed: seeds the per-evaluation re-draw of the held-out rows (mixed with the global step).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        pad_id: int = 0,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        max_len: int = 16,
+        init_std: float = 0.02,
+        embed_std: float = 1.0,
+        lr: float = 1e-3,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.01,
+        embedding_weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eval_seed: int = 1234,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = MaskedLMEncoder(vocab_size, dim, depth, heads, max_len, pad_id, init_std, embed_std)
+        self._saved_rows: torch.Tensor | None = None
+
+    # ---- forgetting protocol -------------------------------------------------------------------------
+    def token_embedding(self) -> nn.Embedding:
+        """The input token embedding (its weight is also the tied output projection)."""
+        return self.net.embed
+
+    def init_parameter_(self, name: str, out: torch.Tensor, generator: torch.Generator) -> None:
+        """Fill ``out`` (full shape of parameter ``name``) with a fresh draw of its initialiser."""
+        if name != "net.embed.weight":
+            raise ValueError(f"init_parameter_: no model initialiser for {name!r}; only 'net.embed.weight'")
+        self.net.init_embedding_(out, generator)
+
+    # ---- training ------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and getattr(dm, "vocab_size", self.hparams.vocab_size) != self.hparams.vocab_size:
+            raise ValueError(
+                f"model vocab_size={self.hparams.vocab_size} but the datamodule's vocabulary has "
+                f"{dm.vocab_size} ids: set model.init_args.vocab_size to {dm.vocab_size}"
+            )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [B, L] int64 -> logits [B, L, V]."""
+        return self.net(input_ids)
+
+    def _loss_and_acc(
+        self, batch: dict[str, torch.Tensor], context_acc: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """Loss (scalar) and accuracy per sequence ([B], 1.0 where every masked token is right).
+
+        With ``context_acc`` also the accuracy of the argmax taken only over the ids visible in the
+        sequence's input ([B]): it asks which context token the model picks, leaving out whether that
+        token's logit beats the rest of the vocabulary.
+        """
+        ids, labels = batch["input_ids"], batch["labels"]
+        logits = self(ids)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        masked = labels != -100
+
+        def acc(lg: torch.Tensor) -> torch.Tensor:
+            return ((lg.argmax(-1) == labels) | ~masked).all(1).float()
+
+        if not context_acc:
+            return loss, acc(logits)
+        visible = torch.zeros(ids.shape[0], logits.shape[-1], dtype=torch.bool, device=ids.device)
+        visible.scatter_(1, ids, True)  # [B, V]; the mask id is visible too and never a label
+        return loss, acc(logits), acc(logits.masked_fill(~visible[:, None, :], float("-inf")))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, acc = self._loss_and_acc(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", acc.mean())
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        # Held-out rows were never trained, yet in a tied model they drift (they sit in the output softmax
+        # and decay); evaluate them as truly unseen tokens: a fresh draw of the init distribution.
+        ids = self._holdout_ids()
+        if ids is None:
+            return
+        w = self.net.embed.weight
+        self._saved_rows = w.detach()[ids].clone()
+        fresh = torch.empty(len(ids), w.shape[1], dtype=torch.float32)
+        self.net.init_embedding_(fresh, seeded_generator(self.hparams.eval_seed, self.global_step))
+        with torch.no_grad():
+            w[ids] = fresh.to(w.device, w.dtype)
+
+    def on_validation_epoch_end(self) -> None:
+        # Restore here, not in on_validation_end: ModelCheckpoint saves in its on_validation_end, which
+        # Lightning calls before the module's, and must see the trained rows.
+        if self._saved_rows is not None:
+            with torch.no_grad():
+                self.net.embed.weight[self._holdout_ids()] = self._saved_rows
+            self._saved_rows = None
+
+    def _holdout_ids(self) -> torch.Tensor | None:
+        dm = getattr(self.trainer, "datamodule", None)
+        ids = getattr(dm, "holdout_token_ids", None)
+        return None if ids is None else ids.to(self.device)
+
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        loss, acc, ctx_acc = self._loss_and_acc(batch, context_acc=True)
+        dm = getattr(self.trainer, "datamodule", None)
+        name = dm.eval_sets[dataloader_idx] if dm is not None and hasattr(dm, "eval_sets") else dataloader_idx
+        self.log(f"val/{name}_acc", acc.mean(), add_dataloader_idx=False, batch_size=len(acc))
+        self.log(f"val/{name}_loss", loss, add_dataloader_idx=False, batch_size=len(acc))
+        self.log(f"val/{name}_ctx_acc", ctx_acc.mean(), add_dataloader_idx=False, batch_size=len(acc))
+
+    def configure_optimizers(self):
+        emb = self.net.embed.weight
+        decay, no_decay = [], []
+        for n, p in self.named_parameters():
+            if p is emb:
+                continue
+            (decay if p.ndim == 2 and n.endswith("weight") else no_decay).append(p)
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            [
+                {"params": [emb], "weight_decay": hp.embedding_weight_decay, "name": "embedding"},
+                {"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
+                {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+            ],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        warm = max(1, hp.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

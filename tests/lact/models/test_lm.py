@@ -1,0 +1,197 @@
+"""The hybrid LM: config checks, parameter-count formula, causality, long-range reach, and the decoding
+cache (incremental logits equal the full forward's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lact.layer import LaCTLayer
+from lact.models.lm import LaCTLM, LMConfig, parameter_count
+from lact.models.lm_cache import extend, generate, init_cache
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Several torch threads on a shared, busy CPU are many times slower than one (measured: 0.08 s against
+    # 0.3-3 s per tiny training step), so these tests run single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small(**overrides) -> LMConfig:
+    base = dict(vocab_size=40, dim=32, num_layers=2, num_heads=4, lact_heads=2, window=5, chunk_size=7)
+    return LMConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"num_heads": 5}, "num_heads"),
+        ({"num_heads": 32}, "num_heads"),  # head dim 1: odd, rotary cannot rotate it
+        ({"lact_heads": 3}, "lact_heads"),
+        ({"window": 0}, "window"),
+        ({"chunk_size": -4}, "chunk_size"),
+        ({"chunk_size": 2.5}, "chunk_size"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"num_layers": 0}, "num_layers"),
+        ({"muon": "adam"}, "muon"),
+        ({"lact_ratio": 1.5}, "lact_ratio"),
+        ({"base_lr": 0.0}, "base_lr"),
+        ({"inter_multi": 0.01}, "inter_multi"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=rf"LMConfig\.{field}"):
+        small(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_embeddings": False, "momentum": False},
+        {"lact_ratio": 0.0},
+        {"lact_ratio": 0.5, "num_layers": 4, "inter_multi": 2.0, "mlp_hidden": 100},
+    ],
+)
+def test_parameter_count_formula_matches_the_module(overrides):
+    cfg = small(**overrides)
+    with torch.device("meta"):
+        model = LaCTLM(cfg)
+    assert sum(p.numel() for p in model.parameters()) == parameter_count(cfg)
+    assert sum(b.lact is not None for b in model.blocks) == sum(cfg.lact_layers())
+
+
+def test_lact_ratio_spreads_lact_blocks():
+    assert small(num_layers=4, lact_ratio=0.5).lact_layers() == [False, True, False, True]
+    assert small(num_layers=3, lact_ratio=0.0).lact_layers() == [False] * 3
+    assert small(num_layers=3).lact_layers() == [True] * 3
+
+
+@pytest.mark.parametrize(
+    ("name", "dim", "low", "high"), [("760m", 1536, 700e6, 820e6), ("3b", 3072, 2.8e9, 3.2e9)]
+)
+def test_paper_configs_match_the_formula_on_the_meta_device(name, dim, low, high):
+    spec = yaml.safe_load((ROOT / "configs" / "lm" / f"{name}.yaml").read_text())
+    cfg = LMConfig(**spec["model"]["init_args"]["config"])
+    assert (cfg.dim, cfg.num_layers, cfg.lact_heads, cfg.chunk_size, cfg.window) == (dim, 24, 4, 2048, 2048)
+    assert spec["data"]["init_args"]["seq_len"] == 32768
+    with torch.device("meta"):  # no memory: parameters have shapes only
+        model = LaCTLM(cfg)
+    counted = sum(p.numel() for p in model.parameters())
+    assert counted == parameter_count(cfg)
+    assert low < counted < high, f"{name}: {counted / 1e6:.1f}M parameters"
+
+
+def test_init_follows_the_design():
+    torch.manual_seed(0)
+    model = LaCTLM(small(dim=64, num_heads=4, lact_heads=2, vocab_size=500, tie_embeddings=False))
+    block = model.blocks[0]
+    for linear in (block.qkv, block.o_proj, model.lm_head, block.lact.lr_proj):
+        assert linear.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.token_embedding.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert isinstance(model.token_embedding, torch.nn.Embedding)
+    lact = block.lact
+    assert isinstance(lact, LaCTLayer) and lact.qkv is None and lact.o_proj is None
+    assert lact.w_gate.std().item() == pytest.approx(32**-0.5, rel=0.15)  # N(0, 1/d), d = 64 / 2
+    assert lact.w_down.std().item() == pytest.approx(32**-0.5, rel=0.15)  # N(0, 1/h), h = d
+    assert torch.equal(lact.lr_proj.bias, torch.zeros_like(lact.lr_proj.bias))
+
+
+def test_tied_head_is_the_token_embedding():
+    model = LaCTLM(small())
+    x = torch.randint(0, 40, (1, 6))
+    manual = model.norm(
+        model.blocks[1](model.blocks[0](model.token_embedding(x), torch.arange(6)), torch.arange(6))
+    )
+    torch.testing.assert_close(model(x), manual @ model.token_embedding.weight.T)
+
+
+@pytest.mark.parametrize("t", [4, 6, 7, 13, 20])  # window 5, chunk 7: around window and chunk boundaries
+def test_logits_up_to_t_ignore_later_tokens(t):
+    torch.manual_seed(0)
+    model = LaCTLM(small(momentum=True, muon="schedule")).eval()
+    x = torch.randint(0, 40, (2, 30))
+    y = x.clone()
+    y[:, t + 1 :] = torch.randint(0, 40, (2, 30 - t - 1))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.equal(a[:, : t + 1], b[:, : t + 1])
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+def test_lact_reaches_past_the_attention_receptive_field():
+    # Two layers of window 5 see at most 8 tokens back; position 0 must still reach position 28 through
+    # the fast weights in the hybrid, and must not in the SWA-only model built from the same code.
+    torch.manual_seed(0)
+    x = torch.randint(0, 40, (1, 30))
+    y = x.clone()
+    y[0, 0] = (x[0, 0] + 1) % 40
+    for ratio in (1.0, 0.0):
+        model = LaCTLM(small(lact_ratio=ratio, base_lr=0.5)).eval()  # a large inner lr: a visible effect
+        with torch.no_grad():
+            changed = (model(x) - model(y)).abs().amax(-1)[0]
+        far = changed[torch.tensor([9, 10, 11, 12, 13, 28])]  # chunk 1 (7..13) reads chunk 0's memory
+        if ratio:
+            assert torch.all(far > 1e-4), changed
+        else:
+            assert torch.all(far == 0) and changed[8] > 0, changed  # 8 = 2 * (window - 1): still in reach
+
+
+@pytest.mark.parametrize(
+    ("overrides", "prefill"),
+    [
+        ({"momentum": True, "muon": "schedule"}, 3),
+        ({"momentum": True, "muon": "fixed", "window": 9, "chunk_size": 4}, 1),
+        ({"momentum": False, "lact_ratio": 0.5, "num_layers": 3, "tie_embeddings": False}, 11),
+        ({"momentum": True, "window": 1, "chunk_size": 1, "lact_rotary": False}, 2),
+    ],
+)
+def test_incremental_decoding_equals_full_forward(overrides, prefill):
+    torch.manual_seed(0)
+    model = LaCTLM(small(**overrides)).eval()
+    x = torch.randint(0, 40, (2, 37))  # 5+ chunks and 4+ windows
+    with torch.no_grad():
+        full = model(x)
+        cache = init_cache(model)
+        pieces = [extend(model, x[:, :prefill], cache)]
+        pieces += [extend(model, x[:, i : i + 1], cache) for i in range(prefill, 30)]
+        pieces.append(extend(model, x[:, 30:], cache))  # several tokens at once, mid-chunk
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert cache.position == 37
+    assert all(c.k.shape[2] == min(model.cfg.window - 1, 37) for c in cache.blocks)
+
+
+def test_cached_generation_equals_greedy_recompute():
+    torch.manual_seed(0)
+    model = LaCTLM(small(momentum=True)).eval()
+    prompt = torch.randint(0, 40, (2, 4))
+    out = generate(model, prompt, 20, temperature=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+    sampled = generate(model, prompt, 5, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (2, 9) and torch.equal(sampled[:, :4], prompt)
+
+
+def test_block_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = LaCTLM(small(momentum=True))
+    x = torch.randint(0, 40, (2, 16))
+    model(x).square().mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.checkpoint_blocks = True
+    model(x).square().mean().backward()
+    for a, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(p.grad, a)
