@@ -30,6 +30,11 @@ bench: install
 	$(BIN)/python benchmarks/lm_long_step.py
 	$(BIN)/python benchmarks/mqar.py
 	$(BIN)/python benchmarks/structural_icl.py
+	$(BIN)/python benchmarks/nvs_render.py
+
+# Novel view synthesis end to end: procedural scenes, <= 10 min CPU training, held-out scores, figures.
+demo: install
+	$(BIN)/python scripts/demo_nvs.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

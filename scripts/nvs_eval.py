@@ -63,12 +63,20 @@ def step_time(net: NVSNet, data_args: dict, threads: int) -> float:
 
 
 def pick_threads(requested: int, config: dict) -> tuple[int, float]:
-    """(threads, seconds per training step) for the config's model and batch: `requested` threads, or (0) the
-    faster of 1 thread and all cores (up to 8). On a CPU shared with other jobs one thread is often several
-    times faster than two, as threads wait for each other at every op."""
+    """(threads, seconds per training step) for the config's model and batch: `requested` threads, or (0) one
+    thread when other jobs load the machine, else the faster of 1 thread and all cores (up to 8). On a CPU
+    shared with other jobs one thread is often several times faster than two."""
     net = NVSNet(NVSConfig(**config["model"]["init_args"]["model"]))
     cores = min(os.cpu_count() or 1, 8)
-    candidates = [requested] if requested > 0 else sorted({1, cores})
+    if requested > 0:
+        candidates = [requested]
+    elif os.getloadavg()[0] >= 0.5 * cores:
+        # Other jobs keep the cores busy: a short timing can catch a quiet moment, after which every op of a
+        # multi-threaded run waits for a preempted thread. One thread degrades gracefully.
+        print(f"load average {os.getloadavg()[0]:.1f} on {cores} cores: one torch thread", flush=True)
+        candidates = [1]
+    else:
+        candidates = sorted({1, cores})
     timings = {n: step_time(net, config["data"]["init_args"], n) for n in candidates}
     best = min(timings, key=timings.get)
     print(
