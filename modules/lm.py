@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lact.models.lm import LaCTLM, LMConfig
 from lact.models.lm_cache import generate
-from modules.scale import shard_model
+from modules.scale import parse_param_dtype, shard_model
 
 IGNORE = -100
 
@@ -96,10 +96,7 @@ class LMModule(LightningModule):
             raise ValueError(
                 f"warmup_steps must be >= 0 and bucket_size >= 1, got {warmup_steps}, {bucket_size}"
             )
-        if fsdp_param_dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(
-                f"fsdp_param_dtype must be None, bfloat16, float16 or float32, got {fsdp_param_dtype!r}"
-            )
+        parse_param_dtype(fsdp_param_dtype)  # fails here on a bad name, not at sharding time
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
         self.save_hyperparameters()
@@ -132,9 +129,7 @@ class LMModule(LightningModule):
     # ---- scale -----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """FSDP2 under ModelParallelStrategy: one shard unit per block, then the root (embedding, head)."""
-        dtype = (
-            None if self.hparams.fsdp_param_dtype is None else getattr(torch, self.hparams.fsdp_param_dtype)
-        )
+        dtype = parse_param_dtype(self.hparams.fsdp_param_dtype)
         shard_model(self.model, self.model.blocks, self.device_mesh, param_dtype=dtype)
 
     # ---- training --------------------------------------------------------------------------------------

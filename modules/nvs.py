@@ -8,6 +8,12 @@ Batches (from datamodules.nvs) are dicts of
 Loss MSE + lpips_weight * LPIPS from `lpips_start_step` on; PSNR and SSIM with data_range 1; AdamW with weight
 decay on matrices only, linear warmup then cosine; gradient-norm clipping, and the optimizer step is skipped
 (logged as train/skipped_steps) when the norm is non-finite or above `skip_grad_norm`.
+
+Scale (DESIGN §6): under Lightning's `ModelParallelStrategy(tensor_parallel_size=1)`, `configure_model` shards
+the network with FSDP2 (modules/scale.py), one unit per NVSBlock and then the root (tokenizer and decoder);
+`model.checkpointing` recomputes each block in backward, `fsdp_param_dtype: bfloat16` gathers and computes
+in bf16 from fp32 weights (the cameras' rays are still computed in fp32). Without that strategy (one
+device, DDP) nothing is sharded.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from lact.geometry import camera_centers, orbit_cameras
 from lact.models.nvs import NVSConfig, NVSNet
 from modules.lpips import load_lpips
 from modules.nvs_outputs import image_grid, to_uint8
+from modules.scale import parse_param_dtype, shard_model
 
 
 def nearest_input_view(input_images: Tensor, input_w2c: Tensor, target_w2c: Tensor) -> Tensor:
@@ -64,6 +71,8 @@ class NVSModule(LightningModule):
     lpips_metric: also report LPIPS in validation. LPIPS needs its backbone weights on disk (modules/lpips.py).
     log_images: scenes of the first validation batch shown in TensorBoard (inputs | targets | predictions).
     turntable_frames, render_chunk: predict renders a turntable of this many frames, this many views per call.
+    fsdp_param_dtype: under FSDP2 (ModelParallelStrategy), the dtype parameters are gathered and computed in
+        ("bfloat16"); None for their own dtype.
     """
 
     def __init__(
@@ -84,8 +93,10 @@ class NVSModule(LightningModule):
         log_images: int = 4,
         turntable_frames: int = 24,
         render_chunk: int = 8,
+        fsdp_param_dtype: str | None = None,
     ):
         super().__init__()
+        parse_param_dtype(fsdp_param_dtype)  # fails here on a bad name, not at sharding time
         config = NVSConfig(**model) if isinstance(model, dict) else (model or NVSConfig())
         self.save_hyperparameters()
         self.hparams["model"] = asdict(config)  # plain data, so checkpoints load with weights_only=True
@@ -97,6 +108,21 @@ class NVSModule(LightningModule):
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_psnr_nearest = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
         self.skipped_steps = 0
+
+    # ------------------------------------------------------------------------------------------ scale
+
+    def configure_model(self) -> None:
+        """FSDP2 under ModelParallelStrategy: one shard unit per block, then the root (tokenizer, decoder).
+        `reconstruct` and `render` (predict) gather parameters like `forward`; the root's camera inputs are
+        not cast to the parameter dtype."""
+        shard_model(
+            self.net,
+            self.net.blocks,
+            self.device_mesh,
+            param_dtype=parse_param_dtype(self.hparams.fsdp_param_dtype),
+            cast_root_inputs=False,
+            forward_methods=("reconstruct", "render"),
+        )
 
     # ------------------------------------------------------------------------------------------ forward
 

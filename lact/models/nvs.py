@@ -196,8 +196,9 @@ class NVSNet(nn.Module):
         return unpatchify(torch.sigmoid(self.out(self.out_norm(x))), self.config.patch_size, height, width)
 
     def run_block(self, block: NVSBlock, method: str, *args):
-        """Calls block.<method>(*args), recomputing its activations in backward when checkpointing."""
-        fn = getattr(block, method)
+        """Calls block.<method>(*args), recomputing its activations in backward when checkpointing.
+        "forward" goes through the module call, so that module hooks (FSDP2's parameter gathering) run."""
+        fn = block if method == "forward" else getattr(block, method)
         if self.config.checkpointing and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)

@@ -1,7 +1,11 @@
-"""Trains a tiny LaCT stack for a few steps, sharded with FSDP2 over N CPU processes (gloo) or in one plain
+"""Trains a tiny model for a few steps, sharded with FSDP2 over N CPU processes (gloo) or in one plain
 process, and saves the full final weights. Run by tests/modules/test_scale.py as a subprocess.
 
-    python tests/modules/fsdp_worker.py --devices 2 --out weights.pt
+    python tests/modules/fsdp_worker.py --devices 2 --out weights.pt [--task nvs]
+
+--task lact (default): a LaCT stack with its own configure_model. --task nvs: modules.nvs.NVSModule (its own
+configure_model, AdamW, clipping) with per-block activation checkpointing; it also saves the global loss and
+gradient norm of every step, the full gradients of the first step, and the predict_step outputs after training.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -20,7 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lact.layer import LaCTLayer  # noqa: E402
 from lact.nn import SwiGLUMLP  # noqa: E402
+from modules.nvs import NVSModule  # noqa: E402
 from modules.scale import shard_model  # noqa: E402
+from tests.modules.nvs_helpers import TINY, make_batch  # noqa: E402
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective: every rank must call it), a plain tensor as it is."""
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
 
 
 class Block(nn.Module):
@@ -64,15 +75,45 @@ class Module(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
+class Record(Callback):
+    """The loss (averaged over ranks) and gradient norm of every step, the first step's full gradients."""
+
+    def __init__(self):
+        self.losses, self.grad_norms, self.grads = [], [], {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == 0:  # before clipping
+            self.grads = {n: full(p.grad) for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
+        self.grad_norms.append(float(trainer.callback_metrics["train/grad_norm"]))
+
+
+def nvs_batches(steps: int, rank: int, world: int) -> tuple[list[dict], dict]:
+    """One global batch of 4 scenes per step, rank r taking scenes r, r + world, ...; and a predict batch."""
+
+    def part(batch: dict) -> dict:
+        return {k: v[rank::world] for k, v in batch.items()}
+
+    return [part(make_batch(seed, batch=4)) for seed in range(steps)], make_batch(100, batch=2)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--task", choices=("lact", "nvs"), default="lact")
     args = parser.parse_args()
     seed_everything(0)
     data = TensorDataset(torch.randn(8, 12, 16), torch.randn(8, 12, 16))
-    module = Module()  # same init on every rank (same seed)
+    if args.task == "nvs":  # same init on every rank (same seed)
+        config = {**TINY, "checkpointing": True}
+        module = NVSModule(model=config, lr=1e-3, warmup_steps=1, total_steps=args.steps, turntable_frames=4)
+    else:
+        module = Module()
+    record = Record() if args.task == "nvs" else None
     if args.devices > 1:
         strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
     else:
@@ -87,17 +128,26 @@ def main():
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
+        callbacks=[record] if record else None,
     )
-    # Global batch 4 in a fixed order: one process takes samples 0-3 in step 1, two take 0,2 and 1,3.
-    mine = Subset(data, range(trainer.global_rank, len(data), trainer.world_size))
-    trainer.fit(module, DataLoader(mine, batch_size=4 // args.devices, shuffle=False))
+    if args.task == "nvs":
+        batches, predict_batch = nvs_batches(args.steps, trainer.global_rank, trainer.world_size)
+        trainer.fit(module, DataLoader(batches, batch_size=None))
+    else:
+        # Global batch 4 in a fixed order: one process takes samples 0-3 in step 1, two take 0,2 and 1,3.
+        mine = Subset(data, range(trainer.global_rank, len(data), trainer.world_size))
+        trainer.fit(module, DataLoader(mine, batch_size=4 // args.devices, shuffle=False))
     state = module.net.state_dict()
-    full = {
-        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()
+    result = {
+        "weights": {k: full(v) for k, v in state.items()},
+        "sharded": any(hasattr(v, "full_tensor") for v in state.values()),
     }
+    if record:
+        predicted = module.predict_step(predict_batch, 0)  # reconstruct + render on the sharded network
+        result |= {"losses": record.losses, "grad_norms": record.grad_norms, "grads": record.grads}
+        result["predict"] = {k: v for k, v in predicted.items() if k != "key"}
     if trainer.global_rank == 0:
-        sharded = any(hasattr(v, "full_tensor") for v in state.values())
-        torch.save({"weights": full, "sharded": sharded}, args.out)
+        torch.save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ whose colour is a function of the ray direction, so all its views agree."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -13,37 +11,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lact.geometry import camera_rays, look_at
 from modules.lpips import backbone_path
 from modules.nvs import NVSModule, WarmupCosine, nearest_input_view
 from modules.nvs_outputs import NVSPredictionWriter, to_uint8
-
-TINY = {"patch_size": 4, "dim": 32, "num_layers": 2, "attn_heads": 2, "lact_heads": 1, "mlp_ratio": 2.0}
-
-
-def make_batch(seed: int, batch: int = 2, inputs: int = 2, targets: int = 1, size: int = 16) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    views = inputs + targets
-    azimuth = torch.rand(batch, views, generator=g) * 2 * math.pi
-    elevation = torch.rand(batch, views, generator=g) * 0.8
-    eyes = 2.7 * torch.stack(
-        [elevation.cos() * azimuth.cos(), elevation.cos() * azimuth.sin(), elevation.sin()], dim=-1
-    )
-    w2c = look_at(eyes, torch.zeros_like(eyes), torch.tensor([0.0, 0.0, 1.0]).expand_as(eyes))
-    focal = size / (2 * math.tan(math.radians(25)))
-    intrinsics = torch.tensor([focal, focal, size / 2, size / 2]).expand(batch, views, 4)
-    _, directions = camera_rays(intrinsics, w2c, size, size)  # [B, V, H, W, 3]
-    tint = torch.rand(batch, 1, 1, 1, 3, generator=g)
-    images = (0.5 + 0.5 * directions * tint).movedim(-1, 2)  # [B, V, 3, H, W]
-    return {
-        "input_images": images[:, :inputs],
-        "input_intrinsics": intrinsics[:, :inputs],
-        "input_w2c": w2c[:, :inputs],
-        "target_images": images[:, inputs:],
-        "target_intrinsics": intrinsics[:, inputs:],
-        "target_w2c": w2c[:, inputs:],
-        "key": [f"scene{seed}_{i}" for i in range(batch)],
-    }
+from tests.modules.nvs_helpers import TINY, make_batch
 
 
 def loader(count: int, **kwargs) -> DataLoader:
@@ -236,3 +207,12 @@ def test_cli_fit_tiny_config_on_scene_shards_then_predict(tmp_path):
     for scene in scenes:
         names = {p.name for p in (root / "predict" / scene).iterdir()}
         assert names == {"input_000.png", "input_001.png", "gt_000.png", "view_000.png", "turntable.gif"}
+
+
+def test_bad_fsdp_param_dtype_fails_at_construction():
+    with pytest.raises(ValueError, match="fsdp_param_dtype"):
+        NVSModule(model=TINY, fsdp_param_dtype="bf16")
+    # One process, no ModelParallelStrategy: configure_model leaves the network unsharded.
+    module = NVSModule(model=TINY, fsdp_param_dtype="bfloat16")
+    module.configure_model()
+    assert all(type(p) is torch.nn.Parameter for p in module.net.parameters())

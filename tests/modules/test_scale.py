@@ -6,13 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def train(devices: int, out: Path) -> dict:
+def train(devices: int, out: Path, task: str = "lact") -> dict:
     cmd = [sys.executable, "tests/modules/fsdp_worker.py", "--devices", str(devices), "--out", str(out)]
+    cmd += ["--task", task]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out, weights_only=True)
@@ -26,3 +28,23 @@ def test_fsdp2_on_two_processes_matches_one_process(tmp_path):
     for name, weight in single["weights"].items():
         # Same global batch, gradients averaged across ranks: the same three SGD steps.
         torch.testing.assert_close(sharded["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow  # four Lightning starts on a shared 2-core machine: about a minute
+def test_nvs_module_fsdp2_on_two_processes_matches_one_process(tmp_path):
+    """NVSModule.configure_model (one unit per NVSBlock, then the root), with activation checkpointing, AdamW,
+    its own clipping and predict's reconstruct/render, on 2 gloo processes: the same run as on one."""
+    single = train(1, tmp_path / "single.pt", task="nvs")
+    sharded = train(2, tmp_path / "sharded.pt", task="nvs")
+    assert sharded["sharded"] and not single["sharded"], "the 2-process run must really hold DTensor shards"
+    # Same global batch of 4 scenes, gradients averaged across ranks: the same loss, gradients, norm.
+    torch.testing.assert_close(sharded["losses"], single["losses"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sharded["grad_norms"], single["grad_norms"], rtol=1e-4, atol=1e-6)
+    assert single["grads"].keys() == sharded["grads"].keys() and single["grads"]
+    for name, grad in single["grads"].items():
+        torch.testing.assert_close(sharded["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for name, weight in single["weights"].items():
+        torch.testing.assert_close(sharded["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    for name, images in single["predict"].items():  # uint8 renders: at most one level apart
+        diff = (sharded["predict"][name].int() - images.int()).abs().max()
+        assert diff <= 1, (name, diff)
