@@ -6,10 +6,14 @@ Every sample of a batch (after collation, B scenes) is
     input_views, target_views [B, V*] int64 (indices into the scene's views), key, shard: lists of str
 with OpenCV cameras (lact/geometry.py), resized to `image_size` when the shards hold another size.
 
-Training draws fresh random views for every sample. Validation and prediction are deterministic: the views
-of a scene depend only on its key, so every validation sees the same inputs and targets. `held_out_views`
-reserves view indices of every scene for evaluation only: training never sees them, evaluation renders
-them from inputs drawn among the other views (one object, some of its views held out).
+Training draws fresh views for every visit of a scene from a generator seeded by (`seed`, epoch, rank,
+worker, cycle of the resampled stream, scene key), `datamodules.shards.visit_generator`, never from the
+global RNG. The epoch is the trainer's global step when the pass starts: a run resumed from a checkpoint at
+an epoch boundary draws the same scenes with the same views as the uninterrupted run, one resumed mid-epoch
+draws reproducible fresh ones, and every epoch draws new views. Validation and prediction are deterministic:
+the views of a scene depend only on its key, so every validation sees the same inputs and targets.
+`held_out_views` reserves view indices of every scene for evaluation only: training never sees them,
+evaluation renders them from inputs drawn among the other views (one object, some of its views held out).
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ def prepare_views(
 
 def nvs_sample(
     sample: dict,
+    generator: torch.Generator | None = None,
     *,
     train: bool,
     num_input_views: int,
@@ -95,11 +100,13 @@ def nvs_sample(
     normalize_poses: bool,
 ) -> dict:
     """One decoded scene (images uint8 [V, H, W, 3], intrinsics [V, 4], w2c [V, 4, 4], key, shard) -> one
-    NVS sample (see the module docstring). Module-level, so DataLoader workers can pickle it."""
+    NVS sample (see the module docstring). Module-level, so DataLoader workers can pickle it.
+
+    Training draws the views from `generator` (the reader's per-visit generator; None: the global RNG).
+    Evaluation ignores it and seeds a generator by the scene key, so a scene always gets the same views."""
     key = sample["key"]
-    # Training: the process-wide torch generator (seeded per DataLoader worker). Evaluation: a generator
-    # seeded by the scene key, so the same scene always gets the same views.
-    generator = None if train else torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    if not train:
+        generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
     inputs, targets = select_views(
         len(sample["w2c"]),
         num_input_views,
@@ -141,6 +148,7 @@ class NVSDataModule(ShardDataModule):
             all held_out_views when those are set).
         held_out_views: view indices that training never uses and evaluation renders.
         normalize_poses: express each sample's cameras in the frame of its input views (scene-level data).
+        seed: seeds the training stream and the training views (see the module docstring).
         Other arguments: the shard reading of datamodules.base.ShardDataModule.
     """
 
@@ -194,7 +202,7 @@ class NVSDataModule(ShardDataModule):
         self.normalize_poses = normalize_poses
 
     def dataset(self, shards, train: bool, **reader_kwargs):
-        return scene_dataset(shards, train=train, **reader_kwargs)
+        return scene_dataset(shards, train=train, transform_generator=True, **reader_kwargs)
 
     def sample_transform(self, train: bool):
         if train:

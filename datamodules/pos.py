@@ -29,10 +29,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+
+from datamodules.shards import seeded_generator
 
 PAD, MASK, COP = 0, 1, 2
 N_SPECIAL = 3
@@ -40,12 +41,6 @@ SEQ_LEN = 7
 MASKED_POSITIONS = (4, 5, 6)
 IGNORE = -100
 EVAL_SETS = ("val", "tail", "switch_head", "switch_tail", "holdout")
-
-
-def seeded_generator(*parts: int) -> torch.Generator:
-    """A CPU generator whose seed is a well-mixed function of the non-negative integers ``parts``."""
-    seed = int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(seed)
 
 
 def zipf_probs(n: int, alpha: float) -> torch.Tensor:

@@ -10,14 +10,20 @@ one DataLoader worker) it
    ``decode`` function, skips and counts damaged ones through an :class:`ErrorBudget`.
 
 Randomness comes from one numpy generator seeded by ``(seed, epoch, rank, worker)``: reproducible,
-different on every rank and worker, and different every epoch once ``set_epoch`` is called.
+different on every rank and worker, and different every epoch once ``set_epoch`` is called. A transform
+that draws random numbers itself (e.g. the views of a scene) asks for ``transform_generator=True`` and gets,
+in training, a torch generator per sample seeded by ``(seed, epoch, rank, worker, cycle, key)``
+(:func:`visit_generator`): the same sample in the same epoch draws the same numbers in any run, whatever
+the process's global RNG has done, and a new draw in every epoch and every visit.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import braceexpand
@@ -29,6 +35,20 @@ from datamodules.errors import DamagedSampleError, ErrorBudget, UnsafeEntryError
 from datamodules.formats import PICKLE_EXTENSIONS
 
 TAR_END = bytes(2 * tarfile.BLOCKSIZE)  # a complete tar archive ends with two zero blocks
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU generator whose seed is a well-mixed function of the non-negative integers ``parts``."""
+    seed = int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def visit_generator(seed: int, epoch: int, rank: int, worker: int, cycle: int, key: str) -> torch.Generator:
+    """The generator of one training visit of sample ``key``: the ``cycle``-th pass over all shards of the
+    stream of (``rank``, ``worker``) in the pass seeded by ``epoch`` (the trainer's global step when the
+    pass starts, see readers.TrainLoader). A resampled stream meets a sample once per cycle, so repeated
+    visits within an epoch (few scenes, long epochs) still draw afresh."""
+    return seeded_generator(seed, epoch, rank, worker, cycle, zlib.crc32(key.encode()))
 
 
 def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -194,6 +214,9 @@ class ShardReader(IterableDataset):
         shuffle_buffer: raw samples held for shuffling in training (0 = none).
         transform: optional sample -> sample applied after decoding (tensors); must be picklable when
             DataLoader workers are spawned. Its exceptions propagate: a bug is not bad data.
+        transform_generator: call ``transform(sample, generator)`` instead, with the sample's
+            :func:`visit_generator` in training and None in evaluation, for transforms that draw random
+            numbers (never the global RNG, whose state depends on the process's history).
     """
 
     def __init__(
@@ -207,7 +230,8 @@ class ShardReader(IterableDataset):
         world_size: int | None = None,
         max_bad_samples: int = 16,
         shuffle_buffer: int = 0,
-        transform: Callable[[dict], dict] | None = None,
+        transform: Callable[..., dict] | None = None,
+        transform_generator: bool = False,
         name: str = "shards",
     ):
         super().__init__()
@@ -215,7 +239,7 @@ class ShardReader(IterableDataset):
         self.decode, self.train, self.seed = decode, train, seed
         self.rank, self.world_size = dist_info(rank, world_size)
         self.max_bad_samples, self.shuffle_buffer = max_bad_samples, shuffle_buffer
-        self.transform, self.name = transform, name
+        self.transform, self.transform_generator, self.name = transform, transform_generator, name
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -231,7 +255,8 @@ class ShardReader(IterableDataset):
         """The samples that DataLoader worker ``worker`` of ``num_workers`` yields on this rank."""
         where = f"{self.name} (rank {self.rank}/{self.world_size}, worker {worker}/{num_workers})"
         budget = ErrorBudget(self.max_bad_samples, where)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        epoch = self.epoch
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
         self.epoch += 1  # a reader iterated again in the same process moves on to a fresh stream
         if self.train:
             # Every rank and worker draws from all shards with its own seed: the node and worker split of
@@ -250,7 +275,16 @@ class ShardReader(IterableDataset):
                 budget.report(exn)
                 continue
             decoded = _to_torch(decoded)
-            yield self.transform(decoded) if self.transform is not None else decoded
+            if self.transform is None:
+                yield decoded
+            elif self.transform_generator:
+                generator = None
+                if self.train:
+                    cycle = sample["__cycle__"]
+                    generator = visit_generator(self.seed, epoch, self.rank, worker, cycle, sample["__key__"])
+                yield self.transform(decoded, generator)
+            else:
+                yield self.transform(decoded)
 
     @staticmethod
     def _in_order(shards: list[str], budget: ErrorBudget) -> Iterator[dict]:
@@ -263,9 +297,11 @@ class ShardReader(IterableDataset):
         # reader sees every shard once per cycle (fewer repeats than drawing with replacement). If every
         # shard is broken or empty, each visit is reported to the budget, which raises after
         # max_bad_samples visits: never a silent spin.
-        while True:
+        for cycle in itertools.count():
             for index in rng.permutation(len(shards)):
-                yield from read_tar(shards[index], budget)
+                for sample in read_tar(shards[index], budget):
+                    sample["__cycle__"] = cycle  # which pass over all shards: see visit_generator
+                    yield sample
 
     def _shuffled(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:

@@ -3,6 +3,8 @@ normalisation, and clear errors for impossible view counts."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import pytest
 import torch
 
@@ -53,6 +55,51 @@ def test_training_batches_split_each_scene_into_disjoint_inputs_and_targets(shar
             torch.testing.assert_close(batch[f"{name}_images"][i], expected)
             torch.testing.assert_close(batch[f"{name}_w2c"][i], raw["w2c"][views])
             torch.testing.assert_close(batch[f"{name}_intrinsics"][i], raw["intrinsics"][views])
+
+
+class StepTrainer:
+    """What the data layer reads of a trainer: the global step that seeds a training pass."""
+
+    def __init__(self, global_step: int):
+        self.global_step = global_step
+
+
+def training_views(shards, global_step: int, **kwargs) -> list[tuple[str, list[int], list[int]]]:
+    """(key, input views, target views) of every sample of one training pass of a fresh NVSDataModule
+    attached to a trainer at `global_step` (a resumed run's datamodule is just as fresh)."""
+    options = dict(num_input_views=2, num_target_views=1, batch_size=4, batches_per_epoch=3)
+    dm = NVSDataModule(shards, **{**options, **kwargs})
+    dm.trainer = StepTrainer(global_step)
+    return [
+        (key, inputs.tolist(), targets.tolist())
+        for batch in dm.train_dataloader()
+        for key, inputs, targets in zip(
+            batch["key"], batch["input_views"], batch["target_views"], strict=True
+        )
+    ]
+
+
+def test_training_views_repeat_for_the_same_epoch_and_change_with_the_epoch(shards):
+    first = training_views(shards, 40)
+    torch.manual_seed(123)  # another global RNG state: the views must not depend on it
+    torch.rand(1000)
+    assert training_views(shards, 40) == first  # a run resumed at step 40 draws the same scenes and views
+    assert training_views(shards, 40, seed=1) != first
+    later = training_views(shards, 41)
+    views = {key: (inputs, targets) for key, inputs, targets in first}
+    later_views = {key: (inputs, targets) for key, inputs, targets in later}
+    common = views.keys() & later_views.keys()
+    assert common and any(views[key] != later_views[key] for key in common)
+
+
+def test_repeated_visits_of_a_scene_within_an_epoch_draw_new_views(shards):
+    # 18 samples from 6 scenes in one pass (as with gso_toy's single scene): each scene is met several
+    # times, once per cycle over the shards, and must not get the same views every time.
+    visits = defaultdict(list)
+    for key, inputs, targets in training_views(shards, 0, batch_size=6, shuffle_buffer=0):
+        visits[key].append((inputs, targets))
+    repeated = [splits for splits in visits.values() if len(splits) > 1]
+    assert repeated and all(len(set(map(str, splits))) > 1 for splits in repeated)
 
 
 def test_validation_views_are_deterministic_per_scene(shards):
