@@ -1,4 +1,4 @@
-"""Small building blocks shared by the networks: SwiGLU MLP and rotary position embedding.
+"""Small building blocks shared by the networks: SwiGLU MLP, rotary position embedding, short convolution.
 
 RMSNorm is torch.nn.RMSNorm; these are the pieces torch does not ship.
 """
@@ -43,3 +43,38 @@ class RotaryEmbedding(nn.Module):
         first, second = x.float().chunk(2, dim=-1)
         rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
         return rotated.to(x.dtype)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over the sequence: y[t] = sum_j w[:, j] * x[t - (kernel - 1) + j].
+
+    x [B, L, channels] -> y [B, L, channels]. Initialised to the identity (last tap 1, the others 0), so a
+    network starts as if it had none. In the LM it runs over the qkv projection, as the short convolutions of
+    DeltaNet- and Mamba-style token mixers do: a token's key can then carry the tokens just before it, which
+    is what writing "key -> value" pairs of adjacent tokens into the fast weights needs.
+
+    `forward(x, past)` continues a sequence: past [B, p, channels] are the p <= kernel - 1 inputs right before
+    x (fewer only at the start of the sequence); returns y and the last kernel - 1 inputs to pass next time.
+    """
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        if kernel < 2:
+            raise ValueError(f"ShortConv kernel must be >= 2, got {kernel}")
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.empty(channels, kernel))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, -1] = 1.0
+
+    def forward(self, x: Tensor, past: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        past_len = 0 if past is None else past.shape[1]
+        if past is not None:
+            x = torch.cat([past.to(x.dtype), x], dim=1)
+        # zeros stand for the inputs before the sequence start, exactly as in a full forward
+        padded = F.pad(x.transpose(1, 2), (self.kernel - 1 - past_len, 0))
+        y = F.conv1d(padded, self.weight.to(x.dtype).unsqueeze(1), groups=self.weight.shape[0])
+        return y.transpose(1, 2), x[:, -(self.kernel - 1) :]

@@ -2,7 +2,7 @@
 
 Hybrid block, pre-norm, one qkv projection shared by both token mixers:
 
-    x' = RMSNorm(x);  q, k, v = Linear(D, 3D)(x')
+    x' = RMSNorm(x);  q, k, v = ShortConv(Linear(D, 3D)(x'))      (the short convolution is optional)
     h  = x + o_proj( SWA(rotary(q), rotary(k), v)  +  gate(x') * RMSNorm_head(LaCT_causal(q', k', v')) )
     y  = h + SwiGLU_MLP(RMSNorm(h))
 
@@ -10,7 +10,9 @@ SWA is causal sliding-window attention over `num_heads` heads (token t sees t - 
 branch (lact/layer.py) reads q', k', v' from the same qkv over `lact_heads` fast-weight heads (silu, L2 norm,
 optional rotary), with apply-then-update chunks of `chunk_size` tokens: token t reads fast weights written
 by the chunks before its own, and the window covers the rest. `lact_ratio` < 1 drops the LaCT branch from
-some blocks; 0 gives the sliding-window-only baseline from the same code.
+some blocks; 0 gives the sliding-window-only baseline from the same code. `short_conv` > 0 adds a causal
+depthwise convolution of that many taps over qkv (identity at init; off in the paper configs), which lets
+the LaCT keys of a token carry the tokens just before it (see configs/lm/mqar.yaml).
 
 Incremental decoding with a state cache is in lact/models/lm_cache.py.
 """
@@ -27,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lact.attention import sliding_window_attention
 from lact.layer import LaCTLayer
-from lact.nn import RotaryEmbedding, SwiGLUMLP
+from lact.nn import RotaryEmbedding, ShortConv, SwiGLUMLP
 from lact.ops import MUON_COEFFICIENTS
 
 
@@ -56,6 +58,7 @@ class LMConfig:
     lact_rotary: rotary embedding on the LaCT q', k' too (attention q, k always get it).
     lact_ratio: fraction of blocks with a LaCT branch, spread evenly (1 = all, 0 = SWA-only baseline).
     tie_embeddings: LM head shares the token-embedding matrix.
+    short_conv: taps of the causal depthwise convolution over qkv; 0 = none (the published model).
     init_std: std of every linear and embedding weight at init (fast weights follow DESIGN §2.4).
     """
 
@@ -74,6 +77,7 @@ class LMConfig:
     lact_rotary: bool = True
     lact_ratio: float = 1.0
     tie_embeddings: bool = True
+    short_conv: int = 0
     rope_base: float = 10000.0
     init_std: float = 0.02
     norm_eps: float = 1e-5
@@ -83,6 +87,9 @@ class LMConfig:
             _check_int(name, getattr(self, name))
         if self.mlp_hidden is not None:
             _check_int("mlp_hidden", self.mlp_hidden)
+        _check_int("short_conv", self.short_conv, minimum=0)
+        if self.short_conv == 1:
+            raise ValueError("LMConfig.short_conv must be 0 (no convolution) or >= 2 taps, got 1")
         for name in ("inter_multi", "base_lr", "rope_base", "init_std", "norm_eps"):
             _check_positive(name, getattr(self, name))
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
@@ -124,10 +131,11 @@ def parameter_count(cfg: LMConfig) -> int:
     """Number of parameters of `LaCTLM(cfg)`, in closed form.
 
     With V = vocab_size, D = dim, N = num_layers, F = mlp_width, n = blocks with a LaCT branch,
-    H = lact_heads, d = D / H, h = int(inter_multi * d), m = 1 with momentum else 0, t = 1 if tied else 0:
+    H = lact_heads, d = D / H, h = int(inter_multi * d), m = 1 with momentum else 0, t = 1 if tied else 0,
+    K = short_conv:
 
         P = (2 - t) V D + D                                    embedding, LM head, final norm
-          + N (4 D^2 + 3 D F + 2 D)                            qkv, o_proj, MLP, two norms per block
+          + N (4 D^2 + 3 D F + 2 D + 3 D K)                    qkv, o_proj, MLP, two norms, short conv
           + n (3 H d h + (3 + m) (D + 1) H + D H + d)          fast weights W0, lr (+ momentum) projections
                                                                with bias, output gate, per-head RMSNorm
     """
@@ -138,7 +146,7 @@ def parameter_count(cfg: LMConfig) -> int:
     m = 1 if cfg.momentum else 0
     n = sum(cfg.lact_layers())
     total = (1 if cfg.tie_embeddings else 2) * vocab * dim + dim
-    total += layers * (4 * dim * dim + 3 * dim * mlp + 2 * dim)
+    total += layers * (4 * dim * dim + 3 * dim * mlp + 2 * dim + 3 * dim * cfg.short_conv)
     total += n * (3 * heads * d * h + (3 + m) * (dim + 1) * heads + dim * heads + d)
     return total
 
@@ -152,6 +160,7 @@ class HybridBlock(nn.Module):
         self.num_heads, self.head_dim, self.window = cfg.num_heads, dim // cfg.num_heads, cfg.window
         self.attn_norm = nn.RMSNorm(dim, eps=cfg.norm_eps)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv_conv = ShortConv(3 * dim, cfg.short_conv) if cfg.short_conv else None
         self.rotary = RotaryEmbedding(self.head_dim, cfg.rope_base)
         self.lact = None
         if use_lact:
@@ -174,6 +183,14 @@ class HybridBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(dim, eps=cfg.norm_eps)
         self.mlp = SwiGLUMLP(dim, cfg.mlp_width)
 
+    def project_qkv(self, xn: Tensor, past: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """xn [B, n, D] (normed) -> qkv [B, n, 3D], through the short convolution when there is one; past and
+        the second output are the convolution's carried inputs (ShortConv.forward; None without one)."""
+        qkv = self.qkv(xn)
+        if self.qkv_conv is None:
+            return qkv, None
+        return self.qkv_conv(qkv, past)
+
     def attention_inputs(self, qkv: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """qkv [B, L, 3D], positions [L] -> q, k, v [B, heads, L, head_dim], rotary applied to q and k."""
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
@@ -191,7 +208,7 @@ class HybridBlock(nn.Module):
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """x [B, L, D], positions [L] (absolute token positions) -> [B, L, D]."""
         xn = self.attn_norm(x)
-        qkv = self.qkv(xn)
+        qkv, _ = self.project_qkv(xn)
         q, k, v = self.attention_inputs(qkv, positions)
         mixed = self.merge_heads(sliding_window_attention(q, k, v, self.window))
         if self.lact is not None:
@@ -217,7 +234,8 @@ class LaCTLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Linear and embedding weights N(0, init_std), biases 0, norms 1; fast weights as DESIGN §2.4."""
+        """Linear and embedding weights N(0, init_std), biases 0, norms 1, short convolutions the identity;
+        fast weights as DESIGN §2.4."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.cfg.init_std)
@@ -227,6 +245,8 @@ class LaCTLM(nn.Module):
                 nn.init.ones_(module.weight)
             elif isinstance(module, LaCTLayer):
                 module.reset_fast_weights()
+            elif isinstance(module, ShortConv):
+                module.reset_parameters()
 
     def head(self, x: Tensor) -> Tensor:
         """Final norm and LM head: [B, L, D] -> logits [B, L, vocab_size]."""

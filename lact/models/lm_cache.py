@@ -1,6 +1,7 @@
 """Incremental decoding of the LaCT LM with a state cache: O(window + fast-weight size) work per token.
 
 Per block the cache holds
+  - the last short_conv - 1 inputs of the short convolution over qkv, when the model has one;
   - the attention keys/values (rotary applied) of the last window - 1 tokens: the next token sees itself and
     those, exactly the training-time window;
   - the LaCT state: the fast weights after the last completed chunk, their momentum buffer and the row
@@ -48,11 +49,13 @@ class LaCTCache:
 
 @dataclass
 class BlockCache:
-    """Attention k, v [B, heads, <= window - 1, head_dim] of the latest tokens, and the LaCT cache (or None)."""
+    """Attention k, v [B, heads, <= window - 1, head_dim] of the latest tokens, the LaCT cache (or None), and
+    the short convolution's last short_conv - 1 inputs [B, <= short_conv - 1, 3D] (None without one)."""
 
     k: Tensor | None = None
     v: Tensor | None = None
     lact: LaCTCache | None = None
+    conv_inputs: Tensor | None = None
 
 
 @dataclass
@@ -138,7 +141,7 @@ def cached_lact(layer: LaCTLayer, inputs: FastWeightInputs, cache: LaCTCache) ->
 def block_extend(block: HybridBlock, x: Tensor, positions: Tensor, cache: BlockCache) -> Tensor:
     """HybridBlock.forward for n new tokens x [B, n, D] at `positions` [n], continuing from `cache`."""
     xn = block.attn_norm(x)
-    qkv = block.qkv(xn)
+    qkv, cache.conv_inputs = block.project_qkv(xn, cache.conv_inputs)
     q, k, v = block.attention_inputs(qkv, positions)
     mixed = block.merge_heads(cached_attention(block, q, k, v, cache))
     if block.lact is not None:

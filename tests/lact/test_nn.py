@@ -1,11 +1,11 @@
-"""Rotary embedding and the SwiGLU MLP."""
+"""Rotary embedding, the SwiGLU MLP and the short convolution."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lact.nn import RotaryEmbedding, SwiGLUMLP
+from lact.nn import RotaryEmbedding, ShortConv, SwiGLUMLP
 
 
 def test_rotary_scores_depend_only_on_relative_position():
@@ -35,3 +35,29 @@ def test_swiglu_mlp_matches_its_formula():
     w_gate, w_up = mlp.gate_up.weight.chunk(2, dim=0)
     expected = (torch.nn.functional.silu(x @ w_gate.T) * (x @ w_up.T)) @ mlp.down.weight.T
     torch.testing.assert_close(mlp(x), expected)
+
+
+def test_short_conv_is_causal_identity_at_init_and_streams():
+    torch.manual_seed(0)
+    conv = ShortConv(6, 3)
+    x = torch.randn(2, 9, 6)
+    torch.testing.assert_close(conv(x)[0], x)  # identity at init
+    with torch.no_grad():
+        conv.weight.normal_()
+        full, _ = conv(x)
+        # the formula: y[t] = sum_j w[:, j] x[t - 2 + j], zeros before the sequence
+        padded = torch.cat([torch.zeros(2, 2, 6), x], dim=1)
+        literal = sum(conv.weight[:, j] * padded[:, j : j + 9] for j in range(3))
+        torch.testing.assert_close(full, literal)
+        # in pieces of 1, 3 and 5 tokens, carrying the last inputs, it gives the same outputs
+        pieces, past = [], None
+        for a, b in ((0, 1), (1, 4), (4, 9)):
+            y, past = conv(x[:, a:b], past)
+            pieces.append(y)
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full)
+        assert past.shape == (2, 2, 6)
+
+
+def test_short_conv_rejects_a_single_tap():
+    with pytest.raises(ValueError, match="kernel must be >= 2"):
+        ShortConv(4, 1)

@@ -46,6 +46,8 @@ def small(**overrides) -> LMConfig:
         ({"lact_ratio": 1.5}, "lact_ratio"),
         ({"base_lr": 0.0}, "base_lr"),
         ({"inter_multi": 0.01}, "inter_multi"),
+        ({"short_conv": 1}, "short_conv"),
+        ({"short_conv": -2}, "short_conv"),
     ],
 )
 def test_bad_config_names_the_field(overrides, field):
@@ -60,6 +62,7 @@ def test_bad_config_names_the_field(overrides, field):
         {"tie_embeddings": False, "momentum": False},
         {"lact_ratio": 0.0},
         {"lact_ratio": 0.5, "num_layers": 4, "inter_multi": 2.0, "mlp_hidden": 100},
+        {"short_conv": 3},
     ],
 )
 def test_parameter_count_formula_matches_the_module(overrides):
@@ -115,10 +118,21 @@ def test_tied_head_is_the_token_embedding():
     torch.testing.assert_close(model(x), manual @ model.token_embedding.weight.T)
 
 
+def with_random_convolutions(model: LaCTLM) -> LaCTLM:
+    """The short convolutions start as the identity; random taps make them mix tokens, as trained ones do."""
+    with torch.no_grad():
+        for block in model.blocks:
+            if block.qkv_conv is not None:
+                block.qkv_conv.weight.normal_()
+    return model
+
+
+@pytest.mark.parametrize("short_conv", [0, 4])
 @pytest.mark.parametrize("t", [4, 6, 7, 13, 20])  # window 5, chunk 7: around window and chunk boundaries
-def test_logits_up_to_t_ignore_later_tokens(t):
+def test_logits_up_to_t_ignore_later_tokens(t, short_conv):
     torch.manual_seed(0)
-    model = LaCTLM(small(momentum=True, muon="schedule")).eval()
+    model = with_random_convolutions(LaCTLM(small(momentum=True, muon="schedule", short_conv=short_conv)))
+    model.eval()
     x = torch.randint(0, 40, (2, 30))
     y = x.clone()
     y[:, t + 1 :] = torch.randint(0, 40, (2, 30 - t - 1))
@@ -153,11 +167,13 @@ def test_lact_reaches_past_the_attention_receptive_field():
         ({"momentum": True, "muon": "fixed", "window": 9, "chunk_size": 4}, 1),
         ({"momentum": False, "lact_ratio": 0.5, "num_layers": 3, "tie_embeddings": False}, 11),
         ({"momentum": True, "window": 1, "chunk_size": 1, "lact_rotary": False}, 2),
+        ({"short_conv": 4, "tie_embeddings": False}, 1),  # fewer carried conv inputs than taps at first
+        ({"short_conv": 2, "muon": "schedule"}, 5),
     ],
 )
 def test_incremental_decoding_equals_full_forward(overrides, prefill):
     torch.manual_seed(0)
-    model = LaCTLM(small(**overrides)).eval()
+    model = with_random_convolutions(LaCTLM(small(**overrides))).eval()
     x = torch.randint(0, 40, (2, 37))  # 5+ chunks and 4+ windows
     with torch.no_grad():
         full = model(x)
