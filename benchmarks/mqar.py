@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/mqar.py                      # configs/lm/mqar.yaml, both models, CPU
     .venv/bin/python benchmarks/mqar.py --steps 200 --out outputs/mqar_quick
+    .venv/bin/python benchmarks/mqar.py --only hybrid --set short_conv=0 --out outputs/mqar_no_conv  # ablation
 
 Both models are built from configs/lm/mqar.yaml by the same code; the baseline only sets lact_ratio = 0
 (no LaCT branch), so its attention-only receptive field (num_layers * (window - 1) tokens) ends before the
@@ -56,10 +57,10 @@ class AccuracyCurve(Callback):
         )
 
 
-def run(spec: dict, lact_ratio: float, steps: int | None) -> dict:
+def run(spec: dict, lact_ratio: float, steps: int | None, overrides: dict | None = None) -> dict:
     seed_everything(spec.get("seed_everything", 0))
     model_args = dict(spec["model"]["init_args"])
-    config = LMConfig(**{**model_args.pop("config"), "lact_ratio": lact_ratio})
+    config = LMConfig(**{**model_args.pop("config"), **(overrides or {}), "lact_ratio": lact_ratio})
     trainer_args = dict(spec["trainer"])
     if steps is not None:
         trainer_args["max_steps"] = steps
@@ -130,6 +131,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override an LMConfig field of both models (YAML value), e.g. --set tie_embeddings=true",
+    )
+    parser.add_argument("--only", choices=["hybrid", "swa"], help="train one of the two models")
     parser.add_argument("--plot-only", action="store_true", help="redraw <out>/mqar.png from <out>/mqar.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -139,7 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
         args.config = str(ROOT / saved["config"])
     spec = yaml.safe_load(Path(args.config).read_text())
     task = spec["data"]["init_args"]
-    cfg = spec["model"]["init_args"]["config"]
+    overrides = {}
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set expects FIELD=VALUE, got {item!r}")
+        overrides[field] = yaml.safe_load(value)
+    cfg = {**spec["model"]["init_args"]["config"], **overrides}
     values = task["vocab_size"] - 1 - (task["vocab_size"] - 1) // 2
     reach = cfg["num_layers"] * (cfg["window"] - 1)
     print(
@@ -152,16 +167,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.plot_only:
         plot(saved["results"], 1 / values, out / "mqar.png", title)
         return saved["results"]
+    models = {"hybrid": ("LaCT hybrid", 1.0), "swa": ("SWA only", 0.0)}
     results = {}
-    for name, ratio in (("LaCT hybrid", 1.0), ("SWA only", 0.0)):
-        print(f"{name}:", flush=True)
-        results[name] = run(spec, ratio, args.steps)
+    for key, (name, ratio) in models.items():
+        if args.only in (None, key):
+            print(f"{name}:", flush=True)
+            results[name] = run(spec, ratio, args.steps, overrides)
     out.mkdir(parents=True, exist_ok=True)
     (out / "mqar.json").write_text(
-        json.dumps({"config": os.path.relpath(args.config, ROOT), "task": task, "results": results}, indent=1)
-    )
-    title = (
-        f"MQAR, {task['num_pairs']} pairs {task['gap'] + 1}+ tokens before queries, window {cfg['window']}"
+        json.dumps(
+            {
+                "config": os.path.relpath(args.config, ROOT),
+                "overrides": overrides,
+                "task": task,
+                "results": results,
+            },
+            indent=1,
+        )
     )
     plot(results, 1 / values, out / "mqar.png", title)
     names = list(results)
