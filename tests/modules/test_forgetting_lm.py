@@ -23,9 +23,9 @@ class EmbeddingAfterEachStep(Callback):
 
 
 @pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.usefixtures("one_thread")
 def test_forgetting_resets_the_lact_lm_embedding_at_reset_steps(tied):
     seed_everything(0)
-    torch.set_num_threads(1)
     config = LMConfig(
         vocab_size=64,
         dim=32,

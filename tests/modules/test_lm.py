@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader
 
 import train
+from benchmarks.lm_long_step import measure
 from datamodules.mqar import MQARDataModule
 from lact.models.lm import LMConfig
 from modules.lm import LMModule, bucket_edges, bucket_name, lr_factor
@@ -23,14 +21,7 @@ from modules.lm import LMModule, bucket_edges, bucket_name, lr_factor
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Several torch threads on a shared, busy CPU are many times slower than one (measured: 0.08 s against
-    # 0.3-3 s per tiny training step), so these tests run single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TINY = str(ROOT / "configs" / "lm" / "tiny.yaml")
@@ -232,45 +223,13 @@ def test_bad_config_fails_before_training_naming_the_field(tmp_path, capsys, ove
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "data").exists()
 
 
-STEP_SCRIPT = textwrap.dedent(
-    """
-    import json, resource, sys, time, torch, yaml
-    from lact.models.lm import LMConfig
-    from modules.lm import LMModule
-    torch.set_num_threads(1)
-    length = int(sys.argv[1])
-    spec = yaml.safe_load(open("configs/lm/tiny.yaml"))["model"]["init_args"]
-    module = LMModule(LMConfig(**spec["config"]), total_steps=10)
-    optimizer = module.configure_optimizers()["optimizer"]
-    tokens = torch.randint(0, 256, (1, length + 1))
-    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    losses, scored, _ = module.token_losses(batch)
-    loss = losses.sum() / scored.sum()
-    loss.backward()
-    optimizer.step()
-    seconds = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_kib": after - before, "seconds": seconds, "loss": loss.item()}))
-    """
-)
-
-
-def training_step_peak(length: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", STEP_SCRIPT, str(length)], cwd=ROOT, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
 def test_56k_token_training_step_runs_on_cpu_with_linear_memory():
     # One fwd + bwd + AdamW step of the tiny model on one 56K-token sequence; peak memory above the model and
     # inputs grows linearly: doubling the length (28K -> 56K) at most doubles it (+5%). The 32K / 56K / 64K
-    # table is benchmarks/lm_long_step.py (kept out of the suite: three such steps take minutes).
-    step = training_step_peak(56 * 1024)
-    assert math.isfinite(step["loss"]) and step["peak_kib"] > 1_000_000, step  # > 1 GB: the step was measured
-    ratio = step["peak_kib"] / training_step_peak(28 * 1024)["peak_kib"]
+    # table is benchmarks/lm_long_step.py (kept out of the suite: three such steps take minutes), whose
+    # subprocess step this test runs.
+    step = measure(56 * 1024)
+    assert math.isfinite(step["loss"]) and step["peak_mib"] > 1000, step  # > 1 GB: the step was measured
+    ratio = step["peak_mib"] / measure(28 * 1024)["peak_mib"]
     assert ratio <= 2.1, f"peak 56K / 28K = {ratio:.2f}; 56K step {step}"

@@ -16,14 +16,7 @@ from lact.models.lm_cache import extend, generate, init_cache
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Several torch threads on a shared, busy CPU are many times slower than one (measured: 0.08 s against
-    # 0.3-3 s per tiny training step), so these tests run single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small(**overrides) -> LMConfig:
