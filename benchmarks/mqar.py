@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="FIELD=VALUE",
         help="override an LMConfig field of both models (YAML value), e.g. --set tie_embeddings=true",
     )
+    parser.add_argument("--seed", type=int, default=None, help="initialisation and data seed")
     parser.add_argument("--only", choices=["hybrid", "swa"], help="train one of the two models")
     parser.add_argument("--plot-only", action="store_true", help="redraw <out>/mqar.png from <out>/mqar.json")
     args = parser.parse_args(argv)
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
         saved = json.loads((out / "mqar.json").read_text())
         args.config = str(ROOT / saved["config"])
     spec = yaml.safe_load(Path(args.config).read_text())
+    if args.seed is not None:
+        spec["seed_everything"] = args.seed
+        spec["data"]["init_args"]["seed"] = args.seed
     task = spec["data"]["init_args"]
     overrides = {}
     for item in args.set:
