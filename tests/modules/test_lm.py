@@ -229,7 +229,14 @@ def test_56k_token_training_step_runs_on_cpu_with_linear_memory():
     # inputs grows linearly: doubling the length (28K -> 56K) at most doubles it (+5%). The 32K / 56K / 64K
     # table is benchmarks/lm_long_step.py (kept out of the suite: three such steps take minutes), whose
     # subprocess step this test runs.
-    step = measure(56 * 1024)
-    assert math.isfinite(step["loss"]) and step["peak_mib"] > 1000, step  # > 1 GB: the step was measured
-    ratio = step["peak_mib"] / measure(28 * 1024)["peak_mib"]
-    assert ratio <= 2.1, f"peak 56K / 28K = {ratio:.2f}; 56K step {step}"
+    # The peak resident set of a process varies by a few percent on a busy machine (measured ratios 1.98-2.01
+    # in quiet runs), so an over-limit ratio is measured once more before failing; quadratic memory gives ~4.
+    ratios = []
+    for _ in range(2):
+        step = measure(56 * 1024)
+        assert math.isfinite(step["loss"]) and step["peak_mib"] > 1000, step  # > 1 GB: the step was measured
+        half = measure(28 * 1024)
+        ratios.append(step["peak_mib"] / half["peak_mib"])
+        if ratios[-1] <= 2.1:
+            break
+    assert ratios[-1] <= 2.1, f"peak 56K / 28K = {ratios}; last 56K step {step}, 28K step {half}"
