@@ -16,7 +16,9 @@ import train
 from benchmarks.lm_long_step import measure
 from datamodules.mqar import MQARDataModule
 from lact.models.lm import LMConfig
-from modules.lm import LMModule, bucket_edges, bucket_name, lr_factor
+from modules.lm import LMModule, bucket_edges, bucket_name
+from modules.task import OptimConfig
+from tests.modules.schedule_helpers import lr_factor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,9 +29,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 TINY = str(ROOT / "configs" / "lm" / "tiny.yaml")
 
 
+OPTIM_FIELDS = {f for f in OptimConfig.__dataclass_fields__}
+
+
 def tiny_module(**kwargs) -> LMModule:
     config = LMConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, lact_heads=2, window=8, chunk_size=16)
-    return LMModule(config, **kwargs)
+    optim = OptimConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in OPTIM_FIELDS})
+    return LMModule(config, optim=optim, **kwargs)
 
 
 def quiet_trainer(**kwargs) -> Trainer:
@@ -141,7 +147,7 @@ def test_checkpoint_hyperparameters_load_weights_only(tmp_path):
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["hyper_parameters"]["config"]["window"] == 8
+    assert ckpt["hyper_parameters"]["net"]["window"] == 8
     restored = LMModule.load_from_checkpoint(path, weights_only=True)
     assert restored.config == module.config
 
@@ -174,7 +180,7 @@ def tiny_args(root: Path, steps: int) -> list[str]:
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         "--trainer.limit_val_batches=0",
-        "--model.init_args.warmup_steps=5",
+        "--model.init_args.optim.warmup_steps=5",
         f"--data.init_args.text=[{ROOT / 'README.md'}, {ROOT / 'lact'}]",
         f"--data.init_args.data_dir={root / 'data'}",
         "--data.init_args.seq_len=64",
@@ -217,7 +223,7 @@ def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(tmp_pat
 @pytest.mark.parametrize(("override", "field"), [("window=0", "window"), ("num_heads=3", "num_heads")])
 def test_bad_config_fails_before_training_naming_the_field(tmp_path, capsys, override, field):
     with pytest.raises((SystemExit, ValueError)) as failure:
-        train.main(["fit", *tiny_args(tmp_path, 5), f"--model.init_args.config.{override}"])
+        train.main(["fit", *tiny_args(tmp_path, 5), f"--model.init_args.net.{override}"])
     message = str(failure.value) + capsys.readouterr().err
     assert f"LMConfig.{field}" in message, message[-2000:]
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "data").exists()
