@@ -246,3 +246,44 @@ def test_56k_token_training_step_runs_on_cpu_with_linear_memory():
         if ratios[-1] <= 2.1:
             break
     assert ratios[-1] <= 2.1, f"peak 56K / 28K = {ratios}; last 56K step {step}, 28K step {half}"
+
+
+def test_resume_continues_the_same_tensorboard_run_directory_and_logs_the_lr(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def args(steps: int) -> list[str]:  # the default logger: TensorBoard in the run directory itself
+        return [a for a in tiny_args(tmp_path, steps) if a != "--trainer.logger=false"] + [
+            "--trainer.log_every_n_steps=1"
+        ]
+
+    train.main(["fit", *args(2)])
+    train.main(["fit", *args(4), "--ckpt_path=last"])
+    assert not list(tmp_path.rglob("version_*")), "a resume must not open a new logger version"
+    events = sorted(tmp_path.glob("events.out.tfevents.*"))
+    assert len(events) == 2 and (tmp_path / "checkpoints" / "last.ckpt").exists()
+    run = EventAccumulator(str(tmp_path))
+    run.Reload()
+    scalars = run.Tags()["scalars"]
+    assert [e.step for e in run.Scalars("train/loss")] == [0, 1, 2, 3]  # one curve across the resume
+    lrs = [e.value for e in run.Scalars("lr-AdamW/matrices")]
+    assert len(lrs) == 4 and lrs[0] == pytest.approx(0.003 / 5)  # warmup_steps=5: step 0 at lr / 5
+    assert "train/tokens_per_s" in scalars and "train/grad_norm" in scalars
+
+
+def test_train_py_test_reports_loss_and_perplexity_by_position_bucket(tmp_path, capsys):
+    train.main(["fit", *tiny_args(tmp_path, 2)])
+    args = [a for a in tiny_args(tmp_path, 2) if "limit_val_batches" not in a]
+    test = ["test", *args, "--ckpt_path=last", "--trainer.limit_test_batches=2"]
+    metrics = {
+        k: float(v)
+        for k, v in train.main([*test, "--model.init_args.bucket_size=32"]).trainer.callback_metrics.items()
+    }
+    buckets = {f"test/{m}_pos_{b}" for m in ("loss", "ppl") for b in ("0-32", "32-64")}
+    assert {"test/loss", "test/ppl", "test/accuracy"} | buckets == set(metrics)
+    assert metrics["test/ppl"] == pytest.approx(math.exp(metrics["test/loss"]), rel=1e-4)
+    # two buckets of 32 scored tokens each in every 64-token sequence: they average to the loss
+    mean = (metrics["test/loss_pos_0-32"] + metrics["test/loss_pos_32-64"]) / 2
+    assert mean == pytest.approx(metrics["test/loss"], rel=1e-5)
+    assert metrics["test/ppl_pos_0-32"] == pytest.approx(math.exp(metrics["test/loss_pos_0-32"]), rel=1e-4)
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in buckets | {"test/loss"})

@@ -4,6 +4,8 @@ whose colour is a function of the ray direction, so all its views agree."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -221,3 +223,27 @@ def test_bad_fsdp_param_dtype_fails_at_construction():
     module = NVSModule(net=TINY, fsdp_param_dtype="bfloat16")
     module.configure_model()
     assert all(type(p) is torch.nn.Parameter for p in module.net.parameters())
+
+
+def test_train_py_test_scores_held_out_views_against_the_nearest_input_view(tmp_path, monkeypatch, capsys):
+    import train
+    from datamodules.prepare import main as prepare
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no LPIPS weights: no LPIPS score
+    shards, root = tmp_path / "scenes", tmp_path / "run"
+    prepare(["scenes", "--out", str(shards), "--num-scenes", "3", "--views", "4", "--height", "16", "--width", "16"])  # fmt: skip
+    common = [
+        "--config=configs/nvs/tiny.yaml",
+        f"--trainer.default_root_dir={root}",
+        f"--data.init_args.train_shards={shards}",
+        f"--data.init_args.test_shards={shards}",
+    ]
+    train.main(["fit", *common, "--trainer.max_steps=2"])
+    cli = train.main(["test", *common, "--ckpt_path=last"])
+    metrics = cli.trainer.callback_metrics
+    names = {f"test/{m}{s}" for m in ("psnr", "ssim") for s in ("", "_nearest_view")}
+    assert names | {"test/loss"} <= set(metrics) and not any("lpips" in k for k in metrics)
+    assert all(math.isfinite(float(metrics[k])) for k in names)
+    assert 0 < float(metrics["test/ssim_nearest_view"]) <= 1
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in names)
