@@ -25,10 +25,13 @@ STEP = textwrap.dedent(
     import json, resource, sys, time, torch, yaml
     from lact.models.lm import LMConfig
     from modules.lm import LMModule
+    from modules.task import OptimConfig
     torch.set_num_threads(1)
     length, checkpointing = int(sys.argv[1]), sys.argv[2] == "1"
     spec = yaml.safe_load(open("configs/lm/tiny.yaml"))["model"]["init_args"]
-    module = LMModule(LMConfig(**spec["config"]), total_steps=10, activation_checkpointing=checkpointing)
+    module = LMModule(
+        LMConfig(**spec["net"]), optim=OptimConfig(total_steps=10), activation_checkpointing=checkpointing
+    )
     optimizer = module.configure_optimizers()["optimizer"]
     tokens = torch.randint(0, 256, (1, length + 1))
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import TokenShardDataModule
 from datamodules.formats import token_dtype
+from datamodules.readers import val_loader
 from datamodules.text import iter_documents, list_text_files, load_tokenizer, pack_tokens
 from datamodules.writers import TokenWriter
 
@@ -119,6 +120,7 @@ class LMDataModule(TokenShardDataModule):
     Args:
         train_shards, val_shards: token shards (brace pattern, glob, folder or list); ignored when `text`
             is given.
+        test_shards: token shards `train.py test` scores (default: the validation sequences).
         text: files or folders of text to train on (byte-level unless `tokenizer` names a tokenizer.json).
         data_dir: where shards prepared from `text` are written.
         tokenizer: "bytes" or the path of a local tokenizer.json; also used to encode prompts and decode
@@ -135,6 +137,7 @@ class LMDataModule(TokenShardDataModule):
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
         text: list[str] | None = None,
+        test_shards: str | list[str] | None = None,
         data_dir: str = "outputs/data/lm",
         tokenizer: str = "bytes",
         val_every: int = 20,
@@ -165,6 +168,7 @@ class LMDataModule(TokenShardDataModule):
             seq_len=seq_len,
         )
         self.text, self.data_dir, self.val_every = text, data_dir, val_every
+        self.test_shards = test_shards
         self.tokenizer_spec, self.prompts = tokenizer, list(prompts or [])
         self._tokenizer = None
         if text is not None:
@@ -196,6 +200,17 @@ class LMDataModule(TokenShardDataModule):
 
     def sample_transform(self, train: bool):
         return to_lm_sample
+
+    def test_dataloader(self):
+        """The held-out split scored by `train.py test`: `test_shards`, else the validation sequences."""
+        shards = self.test_shards if self.test_shards is not None else self.val_shards
+        if shards is None:
+            raise ValueError(f"{type(self).__name__}: set test_shards (or val_shards, or text) to test")
+        return val_loader(
+            self.dataset(shards, False, **self._reader_kwargs(False)),
+            batch_size=self.val_batch_size,
+            num_workers=self.num_workers,
+        )
 
     def predict_dataloader(self) -> DataLoader:
         if not self.prompts:

@@ -142,6 +142,7 @@ class NVSDataModule(ShardDataModule):
     Args:
         train_shards, val_shards, predict_shards: shard specs (a folder, brace pattern, glob or a list);
             predict_shards defaults to val_shards.
+        test_shards: the held-out scenes `train.py test` scores (default val_shards).
         image_size: (H, W) or one int for square images the model sees; None keeps the stored size.
         num_input_views, num_target_views: views per scene in training (and evaluation, unless overridden).
         eval_target_views: target views per scene in validation and prediction (None: num_target_views, or
@@ -157,6 +158,7 @@ class NVSDataModule(ShardDataModule):
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
         predict_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
         image_size: int | tuple[int, int] | None = None,
         num_input_views: int = 2,
         num_target_views: int = 1,
@@ -194,7 +196,7 @@ class NVSDataModule(ShardDataModule):
         )
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
-        self.predict_shards = predict_shards
+        self.predict_shards, self.test_shards = predict_shards, test_shards
         self.image_size = None if image_size is None else tuple(int(s) for s in image_size)
         self.num_input_views, self.num_target_views = num_input_views, num_target_views
         self.eval_target_views = eval_target_views
@@ -219,6 +221,18 @@ class NVSDataModule(ShardDataModule):
             image_size=self.image_size,
             held_out_views=tuple(self.held_out_views),
             normalize_poses=self.normalize_poses,
+        )
+
+    def test_dataloader(self):
+        """The held-out split scored by `train.py test`: `test_shards`, else val_shards, as in validation."""
+        shards = self.test_shards if self.test_shards is not None else self.val_shards
+        if shards is None:
+            raise ValueError(f"{type(self).__name__}: set test_shards (or val_shards) to test")
+        return val_loader(
+            self.dataset(shards, False, **self._reader_kwargs(False)),
+            batch_size=self.val_batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
         )
 
     def predict_dataloader(self):

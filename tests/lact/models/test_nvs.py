@@ -124,7 +124,11 @@ def expected_parameters(c: NVSConfig) -> tuple[int, int]:
     [("paper_24l.yaml", 397.3, (0.38, 0.45)), ("paper_14l.yaml", 182.5, (0.24, 0.30))],
 )
 def test_published_configs_parameter_counts_on_meta(config, millions, state_fraction):
-    spec = yaml.safe_load((ROOT / "configs" / "nvs" / config).read_text())["model"]["init_args"]["model"]
+    # configs/nvs/paper.yaml is the base, the size files are overlays of its network fields
+    base, overlay = (
+        yaml.safe_load((ROOT / "configs" / "nvs" / name).read_text()) for name in ("paper.yaml", config)
+    )
+    spec = {**base["model"]["init_args"]["net"], **overlay["model"]["init_args"]["net"]}
     c = NVSConfig(**spec)
     assert (c.patch_size, c.dim) == (8, 768)
     with torch.device("meta"):  # no memory: 400M parameters would take 1.6 GB
@@ -138,7 +142,7 @@ def test_published_configs_parameter_counts_on_meta(config, millions, state_frac
 
 @pytest.mark.parametrize("config", ["tiny.yaml", "demo.yaml"])
 def test_small_configs_build(config):
-    spec = yaml.safe_load((ROOT / "configs" / "nvs" / config).read_text())["model"]["init_args"]["model"]
+    spec = yaml.safe_load((ROOT / "configs" / "nvs" / config).read_text())["model"]["init_args"]["net"]
     with torch.device("meta"):
         net = NVSNet(NVSConfig(**spec))
     assert sum(p.numel() for p in net.parameters()) == expected_parameters(net.config)[0]
