@@ -11,6 +11,7 @@ y       = o_proj( RMSNorm_head(o) * silu(Linear(D, heads)(x)) )
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, fields
 from typing import Literal, NamedTuple
 
 import torch
@@ -18,9 +19,116 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lact.nn import RotaryEmbedding
-from lact.ops import FastWeights, bidirectional_lact, causal_lact, interleaved_lact, swiglu_apply
+from lact.ops import (
+    MUON_COEFFICIENTS,
+    FastWeights,
+    bidirectional_lact,
+    causal_lact,
+    interleaved_lact,
+    swiglu_apply,
+)
 
 Schedule = Literal["causal", "bidirectional", "interleaved"]
+
+# The inner learning rates never go below this (see LaCTLayer): softplus underflows to exactly 0 in fp32 for
+# pre-activations below about -104, and the operator needs every rate > 0.
+LR_FLOOR = 1e-6
+
+
+@dataclass
+class LaCTConfig:
+    """The LaCT settings of a network, the same fields in every task (each network config holds one as `lact`).
+
+    heads: fast-weight heads; head dim d = dim / heads.
+    inter_multi: hidden width of the fast-weight SwiGLU MLP, h = int(inter_multi * d).
+    chunk_size: tokens per fast-weight update; None = one update on all input tokens (bidirectional only).
+    base_lr: the inner learning rate at initialisation (softplus offset of the lr projection).
+    momentum: learned per-chunk momentum on the updates (causal and interleaved schedules).
+    muon: None, "fixed" or "schedule": Newton-Schulz orthogonalised updates.
+    rotary: rotary position embedding on the fast-weight q and k.
+    output_gate: "silu" (per-head silu gate), "zero" (the same, zero-initialised: the branch starts switched
+        off) or None (no gate).
+
+    Every error names the field (`LaCTConfig.<field>`; a network config re-labels it `<Net>.lact.<field>`).
+    """
+
+    heads: int = 1
+    inter_multi: float = 1.0
+    chunk_size: int | None = 2048
+    base_lr: float = 1e-3
+    momentum: bool = False
+    muon: str | None = None
+    rotary: bool = False
+    output_gate: str | None = "silu"
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "chunk_size"):
+            value = getattr(self, name)
+            if name == "chunk_size" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LaCTConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("inter_multi", "base_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"LaCTConfig.{name} must be a positive number, got {value!r}")
+        if not self.base_lr > LR_FLOOR:
+            raise ValueError(
+                f"LaCTConfig.base_lr must exceed the inner lr floor {LR_FLOOR:g}, got {self.base_lr!r}"
+            )
+        for name in ("momentum", "rotary"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LaCTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.muon is not None and self.muon not in MUON_COEFFICIENTS:
+            raise ValueError(f"LaCTConfig.muon must be None, 'fixed' or 'schedule', got {self.muon!r}")
+        if self.output_gate not in ("silu", "zero", None):
+            raise ValueError(
+                f"LaCTConfig.output_gate must be 'silu', 'zero' or None, got {self.output_gate!r}"
+            )
+
+    def check_dim(self, dim: int) -> None:
+        """Checks that apply once the model width is known: heads divide dim, an even head dim for rotary,
+        at least one hidden unit."""
+        if dim % self.heads:
+            raise ValueError(f"LaCTConfig.heads={self.heads} must divide dim={dim}")
+        head_dim = dim // self.heads
+        if self.rotary and head_dim % 2:
+            raise ValueError(
+                f"LaCTConfig.heads={self.heads} gives an odd head dim {head_dim}, which rotary (rotary=True) "
+                "cannot rotate"
+            )
+        if int(self.inter_multi * head_dim) < 1:
+            raise ValueError(
+                f"LaCTConfig.inter_multi={self.inter_multi} leaves the fast-weight MLP no hidden unit"
+            )
+
+
+def lact_config(value: LaCTConfig | dict, default: LaCTConfig, owner: str, dim: int) -> LaCTConfig:
+    """A network config's `lact` field as a checked LaCTConfig.
+
+    value: a LaCTConfig, or a dict of some of its fields (checkpoints and YAML store plain dicts), which
+    overrides the network's `default`. owner: the network config's name; errors say `<owner>.lact.<field>`.
+    dim: the network width the heads divide.
+    """
+    prefix = f"{owner}.lact"
+    try:
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in fields(LaCTConfig)})
+            if unknown:
+                raise ValueError(
+                    f"LaCTConfig has no field {unknown[0]!r}; fields: {[f.name for f in fields(LaCTConfig)]}"
+                )
+            value = LaCTConfig(**{**asdict(default), **value})
+        elif isinstance(value, LaCTConfig):
+            value = LaCTConfig(**asdict(value))  # a checked copy: a caller may have edited the fields
+        else:
+            raise ValueError(
+                f"LaCTConfig must be given as a LaCTConfig or a dict, got {type(value).__name__}"
+            )
+        value.check_dim(dim)
+    except ValueError as error:
+        raise ValueError(str(error).replace("LaCTConfig", prefix, 1)) from None
+    return value
 
 
 def inverse_softplus(y: float) -> float:
@@ -109,6 +217,24 @@ class LaCTLayer(nn.Module):
         self.reset_fast_weights()
         if self.zero_gate:
             nn.init.zeros_(self.gate_proj.weight)
+
+    @classmethod
+    def from_config(cls, dim: int, config: LaCTConfig, *, schedule: Schedule, **options) -> LaCTLayer:
+        """The layer a network builds from its `lact: LaCTConfig`; `options` are the remaining keyword
+        arguments of __init__ (qk_silu, rope_base, own_qkv, out_proj)."""
+        return cls(
+            dim,
+            config.heads,
+            schedule=schedule,
+            chunk_size=config.chunk_size,
+            inter_multi=config.inter_multi,
+            base_lr=config.base_lr,
+            momentum=config.momentum,
+            muon=config.muon,
+            output_gate=config.output_gate,
+            rotary=config.rotary,
+            **options,
+        )
 
     def reset_fast_weights(self) -> None:
         """W_gate, W_up ~ N(0, 1/d), W_down ~ N(0, 1/h) (DESIGN §2.4); the lr bias starts at zero."""

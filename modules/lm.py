@@ -90,6 +90,9 @@ class LMModule(LightningModule):
         super().__init__()
         if isinstance(config, dict):
             config = LMConfig(**config)
+        # the older module argument; the network config's activation_checkpointing is the field now
+        if activation_checkpointing:
+            config = dataclasses.replace(config, activation_checkpointing=True)
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if warmup_steps < 0 or bucket_size < 1:
@@ -104,7 +107,6 @@ class LMModule(LightningModule):
         self.hparams["config"] = dataclasses.asdict(config)
         self.config = config
         self.model = LaCTLM(config)
-        self.model.checkpoint_blocks = activation_checkpointing
         self._last_step_end: float | None = None
         self._val_sums: dict[tuple[int, int], Tensor] = {}
 

@@ -28,7 +28,7 @@ class MaskedLMModule(LightningModule):
     """Args:
     vocab_size: V, must equal the datamodule's ``vocab_size``.
     pad_id: padding id (embedding row kept at zero).
-    dim, depth, heads, max_len, init_std, embed_std: the encoder (``lact.models.mlm.MaskedLMEncoder``).
+    dim, depth, num_heads, max_len, init_std, embed_std: the encoder (``lact.models.mlm.MaskedLMEncoder``).
     lr: peak AdamW learning rate; linear warmup over ``warmup_steps`` optimizer steps, then constant.
     weight_decay: AdamW decay of the matrices (not biases, norms, positions or the embedding).
     embedding_weight_decay: AdamW decay of the token embedding (its own parameter group).
@@ -42,7 +42,7 @@ class MaskedLMModule(LightningModule):
         pad_id: int = 0,
         dim: int = 64,
         depth: int = 4,
-        heads: int = 4,
+        num_heads: int = 4,
         max_len: int = 16,
         init_std: float = 0.02,
         embed_std: float = 1.0,
@@ -55,7 +55,7 @@ class MaskedLMModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = MaskedLMEncoder(vocab_size, dim, depth, heads, max_len, pad_id, init_std, embed_std)
+        self.net = MaskedLMEncoder(vocab_size, dim, depth, num_heads, max_len, pad_id, init_std, embed_std)
         self._saved_rows: torch.Tensor | None = None
 
     # ---- forgetting protocol -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from lact.ops import FastWeightState, chunk_beta, swiglu_apply, update_step
 
 @dataclass
 class LaCTCache:
-    """One block's fast-weight state and pending chunk (operator layout: B * lact_heads first).
+    """One block's fast-weight state and pending chunk (operator layout: B * lact.heads first).
 
     state: weights after the last completed chunk (+ momentum buffer, row norms of the initial weights);
     None until the first token, when the slow weights are copied in the compute dtype, as in training.

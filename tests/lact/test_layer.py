@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lact.layer import LaCTLayer, inverse_softplus
+from lact.layer import LaCTConfig, LaCTLayer, inverse_softplus
 
 
 def test_inverse_softplus_round_trips():
@@ -82,3 +82,24 @@ def test_layer_backward_reaches_every_parameter():
 def test_bad_configs_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LaCTLayer(**kwargs)
+
+
+def test_lact_config_from_dict_overrides_the_network_defaults_and_names_bad_fields():
+    from dataclasses import asdict
+
+    from lact.models.lm import LMConfig
+    from lact.models.nvs import NVSConfig
+
+    cfg = LMConfig(dim=32, lact={"heads": 4})
+    assert isinstance(cfg.lact, LaCTConfig)
+    assert (cfg.lact.heads, cfg.lact.momentum, cfg.lact.rotary, cfg.lact.chunk_size) == (4, True, True, 128)
+    assert LMConfig(**asdict(cfg)) == cfg  # the checkpoint round trip: plain dicts back to the dataclass
+    assert NVSConfig(dim=32, num_heads=2, lact={"heads": 2}).lact.chunk_size is None
+    with pytest.raises(ValueError, match=r"LMConfig\.lact has no field 'lact_heads'"):
+        LMConfig(dim=32, lact={"lact_heads": 4})
+    with pytest.raises(ValueError, match=r"NVSConfig\.lact\.muon must be None"):
+        NVSConfig(dim=32, num_heads=2, lact={"muon": "adam"})
+    with pytest.raises(ValueError, match=r"NVSConfig\.lact\.momentum must be false"):
+        NVSConfig(dim=32, num_heads=2, lact=LaCTConfig(momentum=True, chunk_size=None))
+    with pytest.raises(ValueError, match=r"LaCTConfig\.output_gate"):
+        LaCTConfig(output_gate="relu")

@@ -109,7 +109,7 @@ def main():
     seed_everything(0)
     data = TensorDataset(torch.randn(8, 12, 16), torch.randn(8, 12, 16))
     if args.task == "nvs":  # same init on every rank (same seed)
-        config = {**TINY, "checkpointing": True}
+        config = {**TINY, "activation_checkpointing": True}
         module = NVSModule(model=config, lr=1e-3, warmup_steps=1, total_steps=args.steps, turntable_frames=4)
     else:
         module = Module()

@@ -28,7 +28,9 @@ TINY = str(ROOT / "configs" / "lm" / "tiny.yaml")
 
 
 def tiny_module(**kwargs) -> LMModule:
-    config = LMConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, lact_heads=2, window=8, chunk_size=16)
+    config = LMConfig(
+        vocab_size=64, dim=32, num_layers=2, num_heads=4, lact={"heads": 2, "chunk_size": 16}, window=8
+    )
     return LMModule(config, **kwargs)
 
 
