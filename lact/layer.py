@@ -131,6 +131,13 @@ def lact_config(value: LaCTConfig | dict, default: LaCTConfig, owner: str, dim: 
     return value
 
 
+def finish_lact_init(network: nn.Module) -> None:
+    """Call last in a network's init: every LaCTLayer inside re-applies its own init (`reset_owned`)."""
+    for module in network.modules():
+        if isinstance(module, LaCTLayer):
+            module.reset_owned()
+
+
 def inverse_softplus(y: float) -> float:
     """softplus^-1(y) = y + log(-expm1(-y)), so softplus(0 + inverse_softplus(base_lr)) = base_lr."""
     return y + math.log(-math.expm1(-y))
@@ -215,8 +222,7 @@ class LaCTLayer(nn.Module):
         self.zero_gate = output_gate == "zero"
         self.o_proj = nn.Linear(dim, dim, bias=False) if out_proj else None
         self.reset_fast_weights()
-        if self.zero_gate:
-            nn.init.zeros_(self.gate_proj.weight)
+        self.reset_owned()
 
     @classmethod
     def from_config(cls, dim: int, config: LaCTConfig, *, schedule: Schedule, **options) -> LaCTLayer:
@@ -242,6 +248,15 @@ class LaCTLayer(nn.Module):
         nn.init.normal_(self.w_up, std=self.head_dim**-0.5)
         nn.init.normal_(self.w_down, std=self.hidden**-0.5)
         nn.init.zeros_(self.lr_proj.bias)
+
+    def reset_owned(self) -> None:
+        """Re-apply the parts of the initialisation that belong to the layer and that a network's blanket
+        init (every nn.Linear drawn by one rule) would otherwise overwrite: the lr bias at zero (the inner lr
+        starts at base_lr) and, with output_gate="zero", the zero gate (the branch starts switched off).
+        Draws no random numbers, so calling it after a network's init changes nothing else."""
+        nn.init.zeros_(self.lr_proj.bias)
+        if self.zero_gate:
+            nn.init.zeros_(self.gate_proj.weight)
 
     @property
     def state_size(self) -> int:

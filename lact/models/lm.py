@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lact.attention import sliding_window_attention
-from lact.layer import LaCTConfig, LaCTLayer, lact_config
+from lact.layer import LaCTConfig, LaCTLayer, finish_lact_init, lact_config
 from lact.nn import RotaryEmbedding, ShortConv, SwiGLUMLP
 
 
@@ -216,7 +216,7 @@ class LaCTLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """Linear and embedding weights N(0, init_std), biases 0, norms 1, short convolutions the identity;
-        fast weights as DESIGN §2.4."""
+        fast weights as DESIGN §2.4; then each LaCT layer's own init (lr bias, zero gate) is re-applied."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.cfg.init_std)
@@ -228,6 +228,7 @@ class LaCTLM(nn.Module):
                 module.reset_fast_weights()
             elif isinstance(module, ShortConv):
                 module.reset_parameters()
+        finish_lact_init(self)  # last: the layer's own choices (zero gate) survive the blanket init
 
     def head(self, x: Tensor) -> Tensor:
         """Final norm and LM head: [B, L, D] -> logits [B, L, vocab_size]."""

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lact.geometry import patchify, plucker_rays, unpatchify
-from lact.layer import LaCTConfig, LaCTLayer, lact_config
+from lact.layer import LaCTConfig, LaCTLayer, finish_lact_init, lact_config
 from lact.nn import SwiGLUMLP
 from lact.ops import FastWeights
 
@@ -173,6 +173,7 @@ class NVSNet(nn.Module):
         self.out = nn.Linear(dim, RGB_CHANNELS * p * p)
         self.apply(init_linear)
         nn.init.constant_(self.out.bias, config.output_bias)
+        finish_lact_init(self)  # last: the layers' own choices (zero gate) survive init_linear
 
     # ---------------------------------------------------------------------------------------- tokens
 

@@ -21,7 +21,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def small(**overrides) -> LMConfig:
     lact = {"heads": 2, "chunk_size": 7}
-    for name in ("heads", "chunk_size", "base_lr", "inter_multi", "momentum", "muon", "rotary"):
+    for name in (
+        "heads",
+        "chunk_size",
+        "base_lr",
+        "inter_multi",
+        "momentum",
+        "muon",
+        "rotary",
+        "output_gate",
+    ):
         if name in overrides:  # LaCT settings live in the nested `lact` config
             lact[name] = overrides.pop(name)
     base = dict(vocab_size=40, dim=32, num_layers=2, num_heads=4, window=5, lact=lact)
@@ -209,3 +218,16 @@ def test_block_checkpointing_gives_the_same_gradients():
     model(x).square().mean().backward()
     for a, p in zip(plain, model.parameters()):
         torch.testing.assert_close(p.grad, a)
+
+
+def test_zero_output_gate_survives_the_model_init():
+    torch.manual_seed(0)
+    model = LaCTLM(small(output_gate="zero"))
+    for block in model.blocks:
+        assert torch.equal(block.lact.gate_proj.weight, torch.zeros_like(block.lact.gate_proj.weight))
+        xn = block.attn_norm(torch.randn(2, 9, 32))
+        with torch.no_grad():
+            y = block.lact(xn, qkv=block.qkv(xn), positions=torch.arange(9))
+        assert torch.equal(y, torch.zeros_like(y))  # the branch starts switched off
+    default = LaCTLM(small()).blocks[0].lact.gate_proj.weight
+    assert default.std().item() == pytest.approx(0.02, rel=0.2)  # the silu gate keeps the network's init

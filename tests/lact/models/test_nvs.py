@@ -142,3 +142,19 @@ def test_small_configs_build(config):
     with torch.device("meta"):
         net = NVSNet(NVSConfig(**spec))
     assert sum(p.numel() for p in net.parameters()) == expected_parameters(net.config)[0]
+
+
+def test_zero_output_gate_survives_the_network_init():
+    torch.manual_seed(0)
+    net = NVSNet(NVSConfig(**{**TINY, "lact": {**TINY["lact"], "output_gate": "zero"}}))
+    x = torch.randn(2, 12, 32)
+    for block in net.blocks:
+        gate = block.lact.gate_proj.weight
+        assert torch.equal(gate, torch.zeros_like(gate))
+        with torch.no_grad():
+            y = block.lact(x, update_len=8)
+        assert torch.equal(y, torch.zeros_like(y))  # the LaCT branch starts switched off
+    default = NVSNet(NVSConfig(**TINY)).blocks[0].lact.gate_proj.weight
+    assert default.std().item() == pytest.approx(
+        (3 * 32) ** -0.5, rel=0.2
+    )  # init_linear's N(0, 1/(3 fan_in))
