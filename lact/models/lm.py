@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lact.attention import sliding_window_attention
 from lact.layer import LaCTConfig, LaCTLayer, finish_lact_init, lact_config
-from lact.nn import RotaryEmbedding, ShortConv, SwiGLUMLP
+from lact.nn import RotaryEmbedding, ShortConv, SwiGLUMLP, run_block
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:
@@ -245,8 +244,5 @@ class LaCTLM(nn.Module):
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.token_embedding(tokens)
         for block in self.blocks:
-            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, positions, use_reentrant=False)
-            else:
-                x = block(x, positions)
+            x = run_block(block, x, positions, checkpointing=self.cfg.activation_checkpointing)
         return self.head(x)

@@ -25,11 +25,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lact.geometry import patchify, plucker_rays, unpatchify
 from lact.layer import LaCTConfig, LaCTLayer, finish_lact_init, lact_config
-from lact.nn import SwiGLUMLP
+from lact.nn import SwiGLUMLP, run_block
 from lact.ops import FastWeights
 
 RAY_CHANNELS = 9
@@ -200,14 +199,6 @@ class NVSNet(nn.Module):
         """Target tokens [B, V, N, D] -> images [B, V, 3, H, W] in (0, 1)."""
         return unpatchify(torch.sigmoid(self.out(self.out_norm(x))), self.config.patch_size, height, width)
 
-    def run_block(self, block: NVSBlock, method: str, *args):
-        """Calls block.<method>(*args), recomputing its activations in backward under activation checkpointing.
-        "forward" goes through the module call, so that module hooks (FSDP2's parameter gathering) run."""
-        fn = block if method == "forward" else getattr(block, method)
-        if self.config.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
     # ---------------------------------------------------------------------------------------- passes
 
     def forward(
@@ -227,7 +218,7 @@ class NVSNet(nn.Module):
         num_inputs = inputs.shape[1]
         x = torch.cat([inputs, targets], dim=1)
         for block in self.blocks:
-            x = self.run_block(block, "forward", x, num_inputs)
+            x = run_block(block, x, num_inputs, checkpointing=self.config.activation_checkpointing)
         return self.decode(x[:, num_inputs:], height, width)
 
     def reconstruct(self, images: Tensor, intrinsics: Tensor, w2c: Tensor) -> NVSState:
@@ -238,7 +229,9 @@ class NVSNet(nn.Module):
             raise ValueError("reconstruct needs at least one input view, got 0")
         weights = []
         for block in self.blocks:
-            x, layer_weights = self.run_block(block, "reconstruct", x)
+            x, layer_weights = run_block(
+                block.reconstruct, x, checkpointing=self.config.activation_checkpointing
+            )
             weights.append(layer_weights)
         return NVSState(weights, int(height), int(width))
 
@@ -256,7 +249,7 @@ class NVSNet(nn.Module):
         height, width = height or state.height, width or state.width
         x = self.tokenize(intrinsics, w2c, None, height, width)
         for block, weights in zip(self.blocks, state.weights, strict=True):
-            x = self.run_block(block, "render", x, weights)
+            x = run_block(block.render, x, weights, checkpointing=self.config.activation_checkpointing)
         return self.decode(x, height, width)
 
 
