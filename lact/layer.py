@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +21,11 @@ from torch import Tensor, nn
 from lact.nn import RotaryEmbedding
 from lact.ops import (
     MUON_COEFFICIENTS,
+    FastWeightInputs,
     FastWeights,
-    bidirectional_lact,
-    causal_lact,
-    interleaved_lact,
+    run_bidirectional,
+    run_causal,
+    run_interleaved,
     swiglu_apply,
 )
 
@@ -141,18 +142,6 @@ def finish_lact_init(network: nn.Module) -> None:
 def inverse_softplus(y: float) -> float:
     """softplus^-1(y) = y + log(-expm1(-y)), so softplus(0 + inverse_softplus(base_lr)) = base_lr."""
     return y + math.log(-math.expm1(-y))
-
-
-class FastWeightInputs(NamedTuple):
-    """The operator's inputs for one layer call, in operator layout (B * heads first)."""
-
-    q: Tensor  # [B*H, L, d]
-    k: Tensor  # [B*H, L, d]
-    v: Tensor  # [B*H, L, d]
-    lr_gate: Tensor  # [B*H, L, 1] fp32
-    lr_up: Tensor
-    lr_down: Tensor
-    momentum: Tensor | None  # [B*H, L, 1] fp32 in (0, 1), or None
 
 
 class LaCTLayer(nn.Module):
@@ -319,28 +308,19 @@ class LaCTLayer(nn.Module):
         """x [B, L, D] -> [B, L, D]. `update_len` (bidirectional only): the first update_len tokens write the
         memory, all L tokens read it."""
         inputs = self.fast_weight_inputs(x, qkv, positions)
-        weights = self.initial_weights(x.shape[0])
-        weights = tuple(w.to(inputs.q.dtype) for w in weights)
-        lrs = (inputs.lr_gate, inputs.lr_up, inputs.lr_down)
+        weights = tuple(w.to(inputs.q.dtype) for w in self.initial_weights(x.shape[0]))
         if self.schedule == "causal":
-            o = causal_lact(
-                *weights, inputs.q, inputs.k, inputs.v, *lrs,
-                chunk_size=self.chunk_size, momentum=inputs.momentum, muon=self.muon,
-            )  # fmt: skip
+            o = run_causal(weights, inputs, chunk_size=self.chunk_size, muon=self.muon)
         elif self.schedule == "bidirectional":
             if update_len is None:
                 raise ValueError(
                     "the bidirectional schedule needs update_len (the number of input-view tokens)"
                 )
-            o, _ = bidirectional_lact(
-                *weights, inputs.q, inputs.k, inputs.v, *lrs,
-                update_len=update_len, chunk_size=self.chunk_size, muon=self.muon,
-            )  # fmt: skip
+            o, _ = run_bidirectional(
+                weights, inputs, update_len=update_len, chunk_size=self.chunk_size, muon=self.muon
+            )
         else:
-            o, _ = interleaved_lact(
-                *weights, inputs.q, inputs.k, inputs.v, *lrs,
-                chunk_size=self.chunk_size, momentum=inputs.momentum, muon=self.muon,
-            )  # fmt: skip
+            o, _ = run_interleaved(weights, inputs, chunk_size=self.chunk_size, muon=self.muon)
         return self.read_out(o, x)
 
     def reconstruct(self, x: Tensor) -> tuple[Tensor, FastWeights]:
@@ -348,10 +328,9 @@ class LaCTLayer(nn.Module):
         updated fast weights), which `render` applies to any other tokens."""
         inputs = self.fast_weight_inputs(x)
         weights = tuple(w.to(inputs.q.dtype) for w in self.initial_weights(x.shape[0]))
-        o, weights = bidirectional_lact(
-            *weights, inputs.q, inputs.k, inputs.v, inputs.lr_gate, inputs.lr_up, inputs.lr_down,
-            update_len=x.shape[1], chunk_size=self.chunk_size, muon=self.muon,
-        )  # fmt: skip
+        o, weights = run_bidirectional(
+            weights, inputs, update_len=x.shape[1], chunk_size=self.chunk_size, muon=self.muon
+        )
         return self.read_out(o, x), weights
 
     def render(self, x: Tensor, weights: FastWeights) -> Tensor:
