@@ -13,6 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+# Label of a position that takes no token loss (torch's cross_entropy default ignore_index); every task's
+# labels and losses use this one constant.
+IGNORE_INDEX = -100
+
 
 def run_block(fn: Callable, *args, checkpointing: bool):
     """fn(*args) for one block of a network's block loop; with `checkpointing` (and grad enabled) the block's

@@ -2,7 +2,7 @@
 loss by position bucket, generation in `predict_step`. The network is lact/models/lm.py.
 
 Batches are dicts with ``input_ids`` [B, L] (int64) and ``labels`` [B, L] (int64, the token that should follow
-each position; -100 where no loss is taken, e.g. everything but the answers in MQAR).
+each position; IGNORE_INDEX (-100, lact/nn.py) where no loss is taken, e.g. everything but the answers in MQAR).
 Predict batches carry ``input_ids`` [1, P] (a prompt) and optionally ``prompt`` (its text).
 """
 
@@ -22,9 +22,8 @@ from torch import Tensor, nn
 
 from lact.models.lm import LaCTLM, LMConfig
 from lact.models.lm_cache import generate
+from lact.nn import IGNORE_INDEX
 from modules.scale import parse_param_dtype, shard_model
-
-IGNORE = -100
 
 
 def bucket_edges(length: int, first: int) -> list[int]:
@@ -151,9 +150,9 @@ class LMModule(LightningModule):
         logits = self.model(batch["input_ids"])
         labels = batch["labels"]
         losses = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none"
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(labels)
-        scored = labels != IGNORE
+        scored = labels != IGNORE_INDEX
         correct = (logits.argmax(-1) == labels) & scored
         return losses, scored, correct
 

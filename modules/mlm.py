@@ -21,6 +21,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from lact.models.mlm import MaskedLMEncoder
+from lact.nn import IGNORE_INDEX
 from modules.forgetting import seeded_generator
 
 
@@ -93,8 +94,8 @@ class MaskedLMModule(LightningModule):
         """
         ids, labels = batch["input_ids"], batch["labels"]
         logits = self(ids)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        masked = labels != -100
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        masked = labels != IGNORE_INDEX
 
         def acc(lg: torch.Tensor) -> torch.Tensor:
             return ((lg.argmax(-1) == labels) | ~masked).all(1).float()
