@@ -3,7 +3,7 @@
 q, k, v = Linear(D, 3D)(x)                    (or given, when shared with attention)
 q, k    = l2norm(silu(.)) per head            (silu optional: off for the video layer)
 v       = silu(v)
-lr      = softplus(Linear(D, 3 heads)(x) + softplus^-1(base_lr)), in fp32
+lr      = floor + softplus(Linear(D, 3 heads)(x) + softplus^-1(base_lr - floor)), in fp32 (floor = LR_FLOOR)
 o       = schedule(W0, q, k, v, lr)            causal | bidirectional | interleaved
 y       = o_proj( RMSNorm_head(o) * silu(Linear(D, heads)(x)) )
 """
@@ -152,7 +152,8 @@ class LaCTLayer(nn.Module):
         schedule: "causal" (LM), "bidirectional" (NVS; pass `update_len` to forward) or "interleaved" (video).
         chunk_size: tokens per update (causal, interleaved); for bidirectional, None updates on all input
             tokens at once.
-        base_lr: the inner learning rate at initialisation (1e-3 LM / video, 1e-2 NVS).
+        base_lr: the inner learning rate at initialisation (1e-3 LM / video, 1e-2 NVS). The rates are
+            LR_FLOOR + softplus(...), so they never reach 0 whatever the lr projection learns.
         qk_silu: silu before the L2 normalisation of q and k.
         momentum: learn a per-token momentum coefficient (causal and interleaved only).
         muon: None, "fixed" or "schedule" (Newton-Schulz on every update).
@@ -194,6 +195,8 @@ class LaCTLayer(nn.Module):
             raise ValueError("momentum is defined for the causal and interleaved schedules only")
         if output_gate not in ("silu", "zero", None):
             raise ValueError(f"output_gate must be 'silu', 'zero' or None, got {output_gate!r}")
+        if not base_lr > LR_FLOOR:
+            raise ValueError(f"base_lr must exceed the inner lr floor LR_FLOOR={LR_FLOOR:g}, got {base_lr!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.hidden = int(inter_multi * self.head_dim)
         self.schedule, self.chunk_size, self.muon = schedule, chunk_size, muon
@@ -276,7 +279,8 @@ class LaCTLayer(nn.Module):
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         v = F.silu(v)
-        lr = F.softplus(self.lr_proj(x).float() + inverse_softplus(self.base_lr))  # [B, L, 3H]
+        # the floor keeps every rate > 0 (the operator's requirement) even where softplus underflows to 0
+        lr = LR_FLOOR + F.softplus(self.lr_proj(x).float() + inverse_softplus(self.base_lr - LR_FLOOR))
         lr_gate, lr_up, lr_down = (self.to_heads(t) for t in lr.chunk(3, dim=-1))
         momentum = None
         if self.momentum_proj is not None:
