@@ -29,9 +29,8 @@ STEP = textwrap.dedent(
     torch.set_num_threads(1)
     length, checkpointing = int(sys.argv[1]), sys.argv[2] == "1"
     spec = yaml.safe_load(open("configs/lm/tiny.yaml"))["model"]["init_args"]
-    module = LMModule(
-        LMConfig(**spec["net"]), optim=OptimConfig(total_steps=10), activation_checkpointing=checkpointing
-    )
+    config = LMConfig(**{**spec["net"], "activation_checkpointing": checkpointing})
+    module = LMModule(config, optim=OptimConfig(total_steps=10))
     optimizer = module.configure_optimizers()["optimizer"]
     tokens = torch.randint(0, 256, (1, length + 1))
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}

@@ -3,7 +3,7 @@ bucket (validation and test), generation in `predict_step`. The network is lact/
 is the shared layer of modules/task.py.
 
 Batches are dicts with ``input_ids`` [B, L] (int64) and ``labels`` [B, L] (int64, the token that should follow
-each position; -100 where no loss is taken, e.g. everything but the answers in MQAR).
+each position; IGNORE_INDEX (-100) where no loss is taken, e.g. everything but the answers in MQAR).
 Predict batches carry ``input_ids`` [1, P] (a prompt) and optionally ``prompt`` (its text).
 """
 
@@ -20,9 +20,8 @@ from torch import Tensor, nn
 
 from lact.models.lm import LaCTLM, LMConfig
 from lact.models.lm_cache import generate
+from lact.nn import IGNORE_INDEX
 from modules.task import OptimConfig, TaskModule, as_config
-
-IGNORE = -100
 
 
 def bucket_edges(length: int, first: int) -> list[int]:
@@ -57,7 +56,6 @@ class LMModule(TaskModule):
         optim: OptimConfig (lr, betas, weight decay, warmup + cosine, grad_clip, skip_grad_norm, ...).
         bucket_size: the first position bucket [0, bucket_size) of validation and test; then doubling:
             [b, 2b), [2b, 4b)...
-        activation_checkpointing: recompute each block's activations in backward (memory for compute).
         fsdp_param_dtype: under FSDP2, the dtype parameters are gathered and computed in ("bfloat16"), None
             for their own dtype.
         max_new_tokens, temperature, top_k, seed: generation in `predict_step` (temperature 0 = greedy).
@@ -70,7 +68,6 @@ class LMModule(TaskModule):
         net: LMConfig,
         optim: OptimConfig | None = None,
         bucket_size: int = 1024,
-        activation_checkpointing: bool = False,
         fsdp_param_dtype: str | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.8,
@@ -82,7 +79,6 @@ class LMModule(TaskModule):
         super().__init__(optim, fsdp_param_dtype)
         self.config = as_config(LMConfig, net)
         self.net = LaCTLM(self.config)
-        self.net.checkpoint_blocks = activation_checkpointing
         self._sums: dict[tuple, Tensor] = {}
 
     # ---- forgetting-callback protocol (modules/forgetting.py) ------------------------------------------
@@ -121,9 +117,9 @@ class LMModule(TaskModule):
         logits = self.net(batch["input_ids"])
         labels = batch["labels"]
         losses = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none"
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(labels)
-        scored = labels != IGNORE
+        scored = labels != IGNORE_INDEX
         correct = (logits.argmax(-1) == labels) & scored
         return losses, scored, correct
 

@@ -16,35 +16,20 @@ The forgetting protocol (see ``modules/forgetting.py``) is implemented here: ``t
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from datamodules.shards import seeded_generator
-from lact.models.mlm import MaskedLMEncoder
+from lact.models.mlm import MaskedLMConfig, MaskedLMEncoder
+from lact.nn import IGNORE_INDEX
 from modules.task import OptimConfig, TaskModule, as_config
-
-
-@dataclass
-class MaskedLMNetConfig:
-    """The arguments of ``lact.models.mlm.MaskedLMEncoder`` as a config, so that YAML overlays merge field by
-    field (see that class for their meaning). vocab_size must equal the datamodule's ``vocab_size``."""
-
-    vocab_size: int
-    dim: int = 64
-    depth: int = 4
-    heads: int = 4
-    max_len: int = 16
-    pad_id: int = 0
-    init_std: float = 0.02
-    embed_std: float = 1.0
 
 
 class MaskedLMModule(TaskModule):
     """Args:
-    net: the encoder (MaskedLMNetConfig, or a dict of its fields).
+    net: the encoder (MaskedLMConfig, or a dict of its fields).
     optim: OptimConfig (lr, betas, weight decay, warmup + cosine, grad_clip, ...). The token embedding is
         never decayed (modules.task.parameter_groups); list the learned positions in ``optim.no_decay``
         (``["net.pos"]``) to keep them undecayed too.
@@ -53,11 +38,9 @@ class MaskedLMModule(TaskModule):
 
     throughput_unit = "tokens"
 
-    def __init__(
-        self, net: MaskedLMNetConfig, optim: OptimConfig | None = None, eval_seed: int = 1234
-    ) -> None:
+    def __init__(self, net: MaskedLMConfig, optim: OptimConfig | None = None, eval_seed: int = 1234) -> None:
         super().__init__(optim)
-        self.net = MaskedLMEncoder(**dataclasses.asdict(as_config(MaskedLMNetConfig, net)))
+        self.net = MaskedLMEncoder(**dataclasses.asdict(as_config(MaskedLMConfig, net)))
         self._saved_rows: torch.Tensor | None = None
 
     @property
@@ -102,8 +85,8 @@ class MaskedLMModule(TaskModule):
         """
         ids, labels = batch["input_ids"], batch["labels"]
         logits = self(ids)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        masked = labels != -100
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        masked = labels != IGNORE_INDEX
 
         def acc(lg: torch.Tensor) -> torch.Tensor:
             return ((lg.argmax(-1) == labels) | ~masked).all(1).float()

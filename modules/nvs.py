@@ -12,7 +12,7 @@ for the nearest-input-view baseline, as test/<metric> and test/<metric>_nearest_
 
 Scale (DESIGN §6): under Lightning's `ModelParallelStrategy(tensor_parallel_size=1)`, `configure_model` shards
 the network with FSDP2 (modules/scale.py), one unit per NVSBlock and then the root (tokenizer and decoder);
-`net.checkpointing` recomputes each block in backward, `fsdp_param_dtype: bfloat16` gathers and computes
+`net.activation_checkpointing` recomputes each block in backward, `fsdp_param_dtype: bfloat16` gathers and computes
 in bf16 from fp32 weights (the cameras' rays are still computed in fp32). Without that strategy (one
 device, DDP) nothing is sharded.
 """

@@ -110,7 +110,7 @@ def main():
     seed_everything(0)
     data = TensorDataset(torch.randn(8, 12, 16), torch.randn(8, 12, 16))
     if args.task == "nvs":  # same init on every rank (same seed)
-        config = {**TINY, "checkpointing": True}
+        config = {**TINY, "activation_checkpointing": True}
         module = NVSModule(
             net=config,
             optim=OptimConfig(

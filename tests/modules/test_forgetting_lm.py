@@ -32,9 +32,8 @@ def test_forgetting_resets_the_lact_lm_embedding_at_reset_steps(tied):
         dim=32,
         num_layers=1,
         num_heads=4,
-        lact_heads=2,
+        lact={"heads": 2, "chunk_size": 16},
         window=8,
-        chunk_size=16,
         tie_embeddings=tied,
     )
     module = LMModule(config, optim=OptimConfig(lr=1e-2, warmup_steps=0))

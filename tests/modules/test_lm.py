@@ -33,7 +33,9 @@ OPTIM_FIELDS = {f for f in OptimConfig.__dataclass_fields__}
 
 
 def tiny_module(**kwargs) -> LMModule:
-    config = LMConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, lact_heads=2, window=8, chunk_size=16)
+    config = LMConfig(
+        vocab_size=64, dim=32, num_layers=2, num_heads=4, lact={"heads": 2, "chunk_size": 16}, window=8
+    )
     optim = OptimConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in OPTIM_FIELDS})
     return LMModule(config, optim=optim, **kwargs)
 

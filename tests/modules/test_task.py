@@ -25,12 +25,14 @@ TASKS = ("lm", "nvs", "mlm")
 
 def build(task: str, optim: OptimConfig) -> torch.nn.Module:
     if task == "lm":
-        net = LMConfig(vocab_size=32, dim=32, num_layers=1, num_heads=4, lact_heads=2, window=8, chunk_size=8)
+        net = LMConfig(
+            vocab_size=32, dim=32, num_layers=1, num_heads=4, lact={"heads": 2, "chunk_size": 8}, window=8
+        )
         return LMModule(net, optim=optim)
     if task == "nvs":
         return NVSModule(net=TINY, optim=optim)
     return MaskedLMModule(
-        net={"vocab_size": 32, "dim": 16, "depth": 1, "heads": 2, "max_len": 8}, optim=optim
+        net={"vocab_size": 32, "dim": 16, "depth": 1, "num_heads": 2, "max_len": 8}, optim=optim
     )
 
 
