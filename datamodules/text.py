@@ -23,6 +23,12 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
 
 
+def bytes_decode(ids: Sequence[int]) -> str:
+    """Byte-level detokenisation: ids in [0, 256) are UTF-8 bytes; anything else (end-of-document, special
+    tokens) is dropped, and invalid UTF-8 becomes U+FFFD."""
+    return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255 and 256 as the end-of-document id (vocab_size 257)."""
 
@@ -34,7 +40,7 @@ class ByteTokenizer:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) for i in ids if i < 256).decode("utf-8", errors="replace")
+        return bytes_decode(ids)
 
 
 class JsonTokenizer:

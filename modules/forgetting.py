@@ -28,21 +28,16 @@ import fnmatch
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from datamodules.shards import seeded_generator
+
 INIT_MODES = ("model", "normal", "match")
 OPTIMIZER_STATE_MODES = ("none", "targets", "all")
 _RESET_STREAM, _PROB_STREAM = 0, 1
-
-
-def seeded_generator(*parts: int) -> torch.Generator:
-    """A CPU generator seeded by a well-mixed function of the non-negative integers ``parts``."""
-    seed = int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(seed)
 
 
 def full_value(p: torch.Tensor) -> torch.Tensor:
