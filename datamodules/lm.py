@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.base import TokenShardDataModule
+from datamodules.base import TokenShardDataModule, check_sizes
 from datamodules.text import load_tokenizer, write_text_shards
 
 LM_TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
@@ -79,6 +79,8 @@ class LMDataModule(TokenShardDataModule):
         prompts: texts that `predict` continues.
         batch_size, val_batch_size, num_workers, batches_per_epoch, shuffle_buffer, seed, max_bad_samples:
             as in datamodules.base.ShardDataModule.
+        vocab_limit: token ids must be below it (default: the trained model's vocabulary, see
+            datamodules.base.TokenShardDataModule).
     """
 
     def __init__(
@@ -98,9 +100,10 @@ class LMDataModule(TokenShardDataModule):
         shuffle_buffer: int = 64,
         seed: int = 0,
         max_bad_samples: int = 16,
+        vocab_limit: int | None = None,
     ):
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        check_sizes(type(self).__name__, seq_len=seq_len)
+        check_sizes(type(self).__name__, 2, val_every=val_every)
         if text is None and train_shards is None:
             raise ValueError("give train_shards (token shards) or text (files or folders to train on)")
         super().__init__(
@@ -114,6 +117,7 @@ class LMDataModule(TokenShardDataModule):
             seed=seed,
             max_bad_samples=max_bad_samples,
             seq_len=seq_len,
+            vocab_limit=vocab_limit,
         )
         self.text, self.data_dir, self.val_every = text, data_dir, val_every
         self.tokenizer_spec, self.prompts = tokenizer, list(prompts or [])

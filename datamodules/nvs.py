@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.base import ShardDataModule
+from datamodules.base import ShardDataModule, check_sizes
 from datamodules.readers import scene_dataset, val_loader
 from lact.geometry import normalize_cameras, scale_intrinsics
 
@@ -172,14 +172,14 @@ class NVSDataModule(ShardDataModule):
         max_bad_samples: int = 16,
         pin_memory: bool = False,
     ):
-        if num_input_views < 1:
-            raise ValueError(
-                f"num_input_views must be >= 1 (views to reconstruct from), got {num_input_views}"
-            )
-        if num_target_views < 1:
-            raise ValueError(f"num_target_views must be >= 1 (views to render), got {num_target_views}")
-        if eval_target_views is not None and eval_target_views < 1:
-            raise ValueError(f"eval_target_views must be >= 1 or None, got {eval_target_views}")
+        check_sizes(
+            type(self).__name__,
+            image_size=image_size,
+            num_input_views=num_input_views,
+            num_target_views=num_target_views,
+            eval_target_views=eval_target_views,
+        )
+        check_sizes(type(self).__name__, 0, held_out_views=held_out_views)
         super().__init__(
             train_shards,
             val_shards,

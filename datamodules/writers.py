@@ -111,6 +111,12 @@ class _ShardSink:
         self._keys: set[str] = set()
         self._writer: wds.ShardWriter | None = None  # opened on the first sample: no empty shard
 
+    def _encode(self, key: str, encode, *args, **kwargs) -> dict[str, bytes]:
+        try:
+            return encode(*args, **kwargs)
+        except ValueError as exn:  # name the sample: the writer is often fed from a loop over many
+            raise ValueError(f"{self.pattern % len(self.shards)}: sample {key!r}: {exn}") from exn
+
     def _write(self, key: str, fields: dict[str, bytes]) -> None:
         check_key(key)
         if key in self._keys:
@@ -147,16 +153,16 @@ class SceneWriter(_ShardSink):
     def write(self, key: str, images, intrinsics, w2c) -> None:
         """One scene: images uint8 ``[V, H, W, 3]``, intrinsics ``[V, 4]`` (fx, fy, cx, cy, pixels),
         w2c ``[V, 4, 4]`` (OpenCV world-to-camera). numpy arrays or tensors."""
-        self._write(key, encode_scene(images, intrinsics, w2c))
+        self._write(key, self._encode(key, encode_scene, images, intrinsics, w2c))
 
 
 class TokenWriter(_ShardSink):
     def write(self, key: str, tokens, meta: dict) -> None:
         """One token sequence: 1-D uint16 or uint32 ids, and a JSON-able ``meta`` (tokenizer, vocab_size, ...)."""
-        self._write(key, encode_tokens(tokens, meta))
+        self._write(key, self._encode(key, encode_tokens, tokens, meta))
 
 
 class VideoWriter(_ShardSink):
     def write(self, key: str, frames=None, latents=None, caption: str | None = None) -> None:
         """One video: ``frames`` uint8 ``[T, H, W, 3]`` or ``latents`` float16 ``[C, T, h, w]``; optional caption."""
-        self._write(key, encode_video(frames, latents, caption))
+        self._write(key, self._encode(key, encode_video, frames, latents, caption))
