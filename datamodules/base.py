@@ -50,7 +50,7 @@ class ShardDataModule(LightningDataModule):
         batches_per_epoch: training batches per epoch, identical on every rank.
         shuffle_buffer: raw samples held for shuffling in training.
         seed: base seed of the training stream.
-        max_bad_samples: damaged samples/shards skipped per reading process before the run stops.
+        max_bad_samples: distinct damaged samples/shards skipped on this rank before the run stops.
         pin_memory: passed to the DataLoader.
     """
 

@@ -12,9 +12,9 @@ Two sources:
   ``val_every``-th sequence to ``data_dir/val``, the rest to ``data_dir/train``). The shards are rewritten
   only when the inputs or the arguments change.
 
-Resume: the training stream of every epoch is seeded by the global step at which the epoch starts (see
-datamodules/base.py); a run resumed mid-epoch draws a fresh reproducible stream instead of replaying the rest
-of the interrupted epoch.
+Resume: the training stream of every epoch is seeded by the global step at which the epoch starts, and the
+training loader's position is in every checkpoint (see datamodules/base.py): a run resumed anywhere, also
+mid-epoch, sees exactly the batches of the uninterrupted run.
 """
 
 from __future__ import annotations

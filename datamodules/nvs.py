@@ -8,9 +8,9 @@ with OpenCV cameras (lact/geometry.py), resized to `image_size` when the shards 
 
 Training draws fresh views for every visit of a scene from a generator seeded by (`seed`, epoch, rank,
 worker, cycle of the resampled stream, scene key), `datamodules.shards.visit_generator`, never from the
-global RNG. The epoch is the trainer's global step when the pass starts: a run resumed from a checkpoint at
-an epoch boundary draws the same scenes with the same views as the uninterrupted run, one resumed mid-epoch
-draws reproducible fresh ones, and every epoch draws new views. Validation and prediction are deterministic:
+global RNG. The epoch is the trainer's global step when the pass starts, and the loader's position within
+the pass is checkpointed: a resumed run (also mid-epoch) draws the same scenes with the same views as the
+uninterrupted run, and every epoch draws new views. Validation and prediction are deterministic:
 the views of a scene depend only on its key, so every validation sees the same inputs and targets.
 `held_out_views` reserves view indices of every scene for evaluation only: training never sees them,
 evaluation renders them from inputs drawn among the other views (one object, some of its views held out).
