@@ -8,9 +8,9 @@ with OpenCV cameras (lact/geometry.py), resized to `image_size` when the shards 
 
 Training draws fresh views for every visit of a scene from a generator seeded by (`seed`, epoch, rank,
 worker, cycle of the resampled stream, scene key), `datamodules.shards.visit_generator`, never from the
-global RNG. The epoch is the trainer's global step when the pass starts: a run resumed from a checkpoint at
-an epoch boundary draws the same scenes with the same views as the uninterrupted run, one resumed mid-epoch
-draws reproducible fresh ones, and every epoch draws new views. Validation and prediction are deterministic:
+global RNG. The epoch is the trainer's global step when the pass starts, and the loader's position within
+the pass is checkpointed: a resumed run (also mid-epoch) draws the same scenes with the same views as the
+uninterrupted run, and every epoch draws new views. Validation and prediction are deterministic:
 the views of a scene depend only on its key, so every validation sees the same inputs and targets.
 `held_out_views` reserves view indices of every scene for evaluation only: training never sees them,
 evaluation renders them from inputs drawn among the other views (one object, some of its views held out).
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.base import ShardDataModule
+from datamodules.base import ShardDataModule, check_sizes
 from datamodules.readers import scene_dataset, val_loader
 from lact.geometry import normalize_cameras, scale_intrinsics
 
@@ -174,14 +174,14 @@ class NVSDataModule(ShardDataModule):
         max_bad_samples: int = 16,
         pin_memory: bool = False,
     ):
-        if num_input_views < 1:
-            raise ValueError(
-                f"num_input_views must be >= 1 (views to reconstruct from), got {num_input_views}"
-            )
-        if num_target_views < 1:
-            raise ValueError(f"num_target_views must be >= 1 (views to render), got {num_target_views}")
-        if eval_target_views is not None and eval_target_views < 1:
-            raise ValueError(f"eval_target_views must be >= 1 or None, got {eval_target_views}")
+        check_sizes(
+            type(self).__name__,
+            image_size=image_size,
+            num_input_views=num_input_views,
+            num_target_views=num_target_views,
+            eval_target_views=eval_target_views,
+        )
+        check_sizes(type(self).__name__, 0, held_out_views=held_out_views)
         super().__init__(
             train_shards,
             val_shards,
@@ -221,18 +221,6 @@ class NVSDataModule(ShardDataModule):
             image_size=self.image_size,
             held_out_views=tuple(self.held_out_views),
             normalize_poses=self.normalize_poses,
-        )
-
-    def test_dataloader(self):
-        """The held-out split scored by `train.py test`: `test_shards`, else val_shards, as in validation."""
-        shards = self.test_shards if self.test_shards is not None else self.val_shards
-        if shards is None:
-            raise ValueError(f"{type(self).__name__}: set test_shards (or val_shards) to test")
-        return val_loader(
-            self.dataset(shards, False, **self._reader_kwargs(False)),
-            batch_size=self.val_batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
         )
 
     def predict_dataloader(self):

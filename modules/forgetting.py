@@ -35,9 +35,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from datamodules.shards import seeded_generator  # one copy, shared with the data layer
-
-__all__ = ["ForgettingSchedule", "seeded_generator"]
+from datamodules.shards import seeded_generator
 
 INIT_MODES = ("model", "normal", "match")
 OPTIMIZER_STATE_MODES = ("none", "targets", "all")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 
+from datamodules.text import bytes_decode
 from lact.models.lm import LaCTLM, LMConfig
 from lact.models.lm_cache import generate
 from lact.nn import IGNORE_INDEX
@@ -40,11 +41,6 @@ def bucket_name(lo: int, hi: int) -> str:
         return f"{n // 1024}K" if n and n % 1024 == 0 else str(n)
 
     return f"{short(lo)}-{short(hi)}"
-
-
-def bytes_decode(ids: list[int]) -> str:
-    """Byte-level detokenisation: ids < 256 are bytes; anything else (special tokens) is dropped."""
-    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
 class LMModule(TaskModule):
