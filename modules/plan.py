@@ -398,17 +398,20 @@ class Plan:
             lines["gathered units (root + 2 blocks, block grads)"] = (
                 a * self.root_parameters + 2 * a * self.block_parameters + (a + FP32) * self.block_parameters
             )
-        # Backward frees a tensor's saved inputs as soon as its gradient is computed, so beyond what is kept it
-        # holds little: the loss's transient, then per block the gradient workspace (block_workspace). With
-        # checkpointing a block's saved tensors are rebuilt (recomputed) one block at a time, on top.
+        # Backward frees a tensor's saved inputs as soon as its gradient is computed. The loss goes first: the
+        # head's saved tensors and the loss gradients (head_saved + head_transient) on top of what the blocks
+        # keep; they are gone before the first block's backward, which adds its gradient workspace and, with
+        # checkpointing, its recomputed saved tensors (one block at a time).
         if self.setup.activation_checkpointing:
             kept = self.num_blocks * self.block_input
-            transient = max(self.head_transient, self.block_activations + self.block_workspace)
+            block_peak = self.block_activations + self.block_workspace
         else:
             kept = self.num_blocks * self.block_activations
-            transient = max(self.head_transient, self.block_workspace)
-        lines["activations kept for backward"] = kept + self.head_saved
-        lines["transient (loss or one block's backward)"] = transient
+            block_peak = self.block_workspace
+        lines["activations kept by the blocks"] = kept
+        lines["peak on top (loss, or one block's backward)"] = max(
+            self.head_saved + self.head_transient, block_peak
+        )
         self.lines = lines
         return self
 
@@ -478,6 +481,10 @@ def largest_batch(net: nn.Module, plan: Plan, limit: int = 1 << 16) -> int:
 def what_fits(net: nn.Module, plan: Plan) -> str:
     """One sentence: it fits as configured, or the first setting (in order of cost) that makes it fit."""
     if plan.fits:
+        if plan.setup.activation_checkpointing:
+            off = make_plan(net, plan.work, replace(plan.setup, activation_checkpointing=False))
+            if not off.fits:
+                return f"fits as configured, because of activation checkpointing (off: {fmt_bytes(off.total)} per GPU)"
         return "fits as configured"
     tries = []
     if not plan.setup.activation_checkpointing:

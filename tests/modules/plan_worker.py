@@ -59,11 +59,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    build = ["--config", args.config]
-    module, _ = planner.build_from_config(build, device="cpu")
-    meta_module, _ = planner.build_from_config(build, device="meta")
+    module, _ = planner.build_from_config(["--config", args.config], device="cpu")
     net = planner.network(module)
     set_checkpointing(net, args.checkpointing == "on")
+    # Planned from the full network, before sharding (the planner reads shapes only).
+    work = planner.Workload(args.batch, args.seq_len)
+    setup = planner.Setup(gpus=world, compute_bytes=4, activation_checkpointing=args.checkpointing == "on")
+    estimate = planner.make_plan(net, work, setup)
+    vocab = net.token_embedding.num_embeddings
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -72,7 +75,6 @@ def main() -> None:
         shard_model(net, net.blocks, mesh)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(int(os.environ.get("RANK", "0")))
-    vocab = planner.network(meta_module).token_embedding.num_embeddings
     tokens = torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=generator)
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
@@ -87,9 +89,6 @@ def main() -> None:
     live = sum(local_bytes(p) for p in module.parameters())
     live += sum(local_bytes(t) for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
     peak = live + 1024 * peak_rss_increase_kib(step)
-    work = planner.Workload(args.batch, args.seq_len)
-    setup = planner.Setup(gpus=world, compute_bytes=4, activation_checkpointing=args.checkpointing == "on")
-    estimate = planner.make_plan(planner.network(meta_module), work, setup)
     result = {"measured": peak, "planned": estimate.total, "lines": estimate.lines, "world": world}
     if world > 1:
         torch.distributed.destroy_process_group()
