@@ -50,9 +50,8 @@ FP32 = 4  # bytes of the tensors the code keeps in fp32 whatever the compute dty
 
 
 def network(module: nn.Module) -> nn.Module:
-    """A LightningModule's network: `module.net` (every task), or `module.model` (older LM modules)."""
-    net = getattr(module, "net", None)
-    return net if isinstance(net, nn.Module) else module.model
+    """A task module's network (every task names it `net`)."""
+    return module.net
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -559,16 +558,9 @@ def build_from_config(args: Sequence[str], device: str = "meta"):
 
 
 def configured_checkpointing(net: nn.Module) -> bool:
-    """Whether the network recomputes its blocks in backward, as configured (old and new field names)."""
+    """Whether the network recomputes its blocks in backward, as its config says."""
     config = getattr(net, "config", None) or getattr(net, "cfg", None)
-    for owner, name in (
-        (config, "activation_checkpointing"),
-        (config, "checkpointing"),
-        (net, "checkpoint_blocks"),
-    ):
-        if isinstance(getattr(owner, name, None), bool):
-            return getattr(owner, name)
-    return False
+    return bool(getattr(config, "activation_checkpointing", False))
 
 
 def configured_workload(

@@ -35,13 +35,9 @@ from tests.peak_memory import peak_rss_increase_kib  # noqa: E402
 
 
 def set_checkpointing(net: torch.nn.Module, on: bool) -> None:
-    """Switch per-block recomputation on the built network (LM: checkpoint_blocks; config fields otherwise)."""
-    if hasattr(net, "checkpoint_blocks"):
-        net.checkpoint_blocks = on
+    """Switch per-block recomputation on the built network (its config's activation_checkpointing)."""
     config = getattr(net, "config", None) or getattr(net, "cfg", None)
-    for name in ("activation_checkpointing", "checkpointing"):
-        if hasattr(config, name):
-            setattr(config, name, on)
+    config.activation_checkpointing = on
 
 
 def local_bytes(tensor: torch.Tensor) -> int:

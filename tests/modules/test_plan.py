@@ -43,25 +43,24 @@ def saved_bytes(fn, params) -> int:
         (512, {}),
         (1000, {}),
         (60, {}),
-        (512, {"muon": "schedule"}),
-        (512, {"momentum": False, "lact_heads": 4}),
+        (512, {"lact": {"heads": 2, "chunk_size": 64, "muon": "schedule"}}),
+        (512, {"lact": {"heads": 4, "chunk_size": 64, "momentum": False}}),
     ],
 )
 def test_lm_block_formula_counts_what_autograd_saves(one_thread, length, overrides):
-    fields = {"vocab_size": 100, "dim": 64, "num_layers": 1, "num_heads": 4, "lact_heads": 2, "window": 64}
-    block = HybridBlock(LMConfig(**{**fields, "chunk_size": 64, **overrides}), use_lact=True)
+    fields = {"vocab_size": 100, "dim": 64, "num_layers": 1, "num_heads": 4, "window": 64}
+    lact = {"heads": 2, "chunk_size": 64, "momentum": True}
+    block = HybridBlock(LMConfig(**{**fields, "lact": lact, **overrides}), use_lact=True)
     x = torch.randn(2, length, 64, requires_grad=True)
     saved = saved_bytes(lambda: block(x, torch.arange(length)), block.parameters())
     formula = planner.block_bytes(block, planner.Workload(2, length), 4)
     assert formula == pytest.approx(saved, rel=0.06)
 
 
-@pytest.mark.parametrize(
-    "overrides", [{}, {"lact_chunk_size": 16}, {"lact_heads": 2}, {"lact_muon": "fixed"}]
-)
-def test_nvs_block_formula_counts_what_autograd_saves(one_thread, overrides):
-    fields = {"patch_size": 4, "dim": 32, "num_layers": 1, "attn_heads": 2, "lact_inter_multi": 2.0}
-    block = NVSBlock(NVSConfig(**{**fields, "mlp_ratio": 2.0, **overrides}))
+@pytest.mark.parametrize("lact", [{}, {"chunk_size": 16}, {"heads": 2}, {"muon": "fixed"}])
+def test_nvs_block_formula_counts_what_autograd_saves(one_thread, lact):
+    fields = {"patch_size": 4, "dim": 32, "num_layers": 1, "num_heads": 2, "mlp_ratio": 2.0}
+    block = NVSBlock(NVSConfig(**fields, lact={"inter_multi": 2.0, **lact}))
     batch, inputs, targets, view_tokens = 2, 3, 2, 64
     x = torch.randn(batch, inputs + targets, view_tokens, 32, requires_grad=True)
     saved = saved_bytes(lambda: block(x, inputs), block.parameters())
