@@ -141,6 +141,11 @@ class RunCheckpoint(ModelCheckpoint):
                 rank_zero_warn(
                     f"removed {os.path.join(self.dirpath, name)}, left by a save that was interrupted"
                 )
+        if stage == "fit":
+            # Before Lightning registers its handlers (right after setup): with ours on SIGUSR1, Lightning's
+            # SLURM auto-requeue handler (an hpc_ckpt save and a requeue from inside the handler) is not set.
+            self._signal = None
+            self._install_handlers(trainer)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         partial = partial_path(filepath)
@@ -180,21 +185,25 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._start_step = trainer.global_step
-        self._signal = None
-        # Installed after Lightning's own handlers (registered when fit starts), replacing them for the
-        # training loop: theirs broadcast from inside the handler and end fit with status 0 and no checkpoint.
-        if threading.current_thread() is threading.main_thread():
+        # Again, replacing the SIGTERM handler Lightning chained in front of ours when fit started: it
+        # broadcasts from inside the handler and ends fit with status 0 and no checkpoint.
+        self._install_handlers(trainer)
+
+    def _install_handlers(self, trainer) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python only lets the main thread set handlers
+        if self._previous_handlers is None:
             self._previous_handlers = {s: signal.getsignal(s) for s in HANDLED_SIGNALS}
 
-            def record(signum, frame):
-                if self._signal is None:
-                    launcher = trainer.strategy.launcher  # processes this one started get the signal too
-                    if launcher is not None:
-                        launcher.kill(signum)
-                    self._signal = signum
+        def record(signum, frame):
+            if self._signal is None:
+                launcher = trainer.strategy.launcher  # processes this one started get the signal too
+                if launcher is not None:
+                    launcher.kill(signum)
+                self._signal = signum
 
-            for s in HANDLED_SIGNALS:
-                signal.signal(s, record)
+        for s in HANDLED_SIGNALS:
+            signal.signal(s, record)
 
     def _agreed_signal(self, trainer) -> int:
         """The largest signal number any rank received (0 if none); a collective in multi-process runs."""
