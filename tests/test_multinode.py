@@ -9,9 +9,11 @@ of processes, so the losses of all runs must agree step by step."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,32 @@ def test_a_two_process_checkpoint_resumes_on_one_and_on_two_processes(two_nodes)
             tmp / f"resume{world}" / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True
         )
         assert saved["global_step"] == STEPS
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_a_sharded_checkpoint_and_exits_nonzero(tmp_path):
+    """torchrun forwards SIGTERM to both workers; they agree at the end of a step, save their shards
+    collectively and exit (with 143), and torchrun fails instead of reporting success."""
+    marker, log = tmp_path / "training", tmp_path / "torchrun.log"
+    args = fit_args("lm", tmp_path / "run", tmp_path / "steps.jsonl", world=2)
+    args += ["--trainer.max_steps=100000", "--checkpoint.every_n_train_steps=100000"]
+    args += [
+        "--trainer.callbacks+=tests.resilience_helpers.MarkAndPace",
+        f"--trainer.callbacks.marker={marker}",
+    ]
+    proc = torchrun(args, log, nnodes=1, nproc=2, port=free_port())
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    text = log.read_text()
+    assert "received SIGTERM; saved step" in text, text[-4000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    saved = torch.load(last / "meta.pt", weights_only=True)["global_step"]
+    assert saved >= 3
+    _, losses = read_steps(tmp_path / "steps.jsonl")
+    assert max(losses) == saved, "the checkpoint holds the last step that was trained"
