@@ -28,12 +28,13 @@ groups and schedule.
 from __future__ import annotations
 
 import os
+import sys
 
 import jsonargparse
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from modules.resilience import CheckpointError, RunCheckpoint, prepare_ckpt_path
 from modules.task import LRMonitor, Throughput
 
 DEFAULT_ROOT = "outputs/run"
@@ -53,12 +54,35 @@ def checkpoint_dir(default_root_dir: str | None) -> str:
 
 class LaCTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{step:08d}"})
+        # --- resilience (modules/resilience.py): atomic saves, save on signals/exceptions, step checkpoints ---
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": "link",  # a sharded checkpoint is written once; `last` links to it
+                "checkpoint.save_on_exception": True,
+                "checkpoint.filename": "{step:08d}",
+                "checkpoint.enable_version_counter": False,  # one run per directory: a resumed run rewrites
+            }
+        )
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+        # --- end resilience ---
         parser.add_lightning_class_args(LRMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(Throughput, "throughput")
+
+    def _parse_ckpt_path(self) -> None:
+        # --- resilience: `--ckpt_path last` with no checkpoint fails (`last_or_fresh` starts fresh), and a
+        # corrupt or foreign checkpoint fails with a message naming the file and the config fields that differ.
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        try:
+            resolved = prepare_ckpt_path(self.config[subcommand])
+        except CheckpointError as error:
+            sys.exit(f"error: {error}")
+        super()._parse_ckpt_path()  # Lightning: an explicit file's hyperparameters replace the model's args
+        self.config[subcommand]["ckpt_path"] = resolved
+        # --- end resilience ---
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LaCTCLI:

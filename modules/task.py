@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
 
+from modules.resilience import DivergenceError
 from modules.scale import parse_param_dtype, shard_model
 
 T = typing.TypeVar("T")
@@ -59,7 +60,7 @@ class OptimConfig:
     grad_clip: clip the global gradient L2 norm to this; None or 0 = no clipping.
     skip_grad_norm: skip the optimizer step when the unclipped norm is above this (None: only when
         non-finite). A step with a non-finite loss or gradient norm is always skipped.
-    max_consecutive_skips: stop the run (raising `TooManySkippedSteps`) after this many skipped steps in a
+    max_consecutive_skips: stop the run (raising `modules.resilience.DivergenceError`, which saves the last good state) after this many skipped steps in a
         row; None = never.
     """
 
@@ -100,10 +101,6 @@ class OptimConfig:
             raise bad("skip_grad_norm", "None or a positive norm")
         if self.max_consecutive_skips is not None and self.max_consecutive_skips < 1:
             raise bad("max_consecutive_skips", "None or >= 1")
-
-
-class TooManySkippedSteps(RuntimeError):
-    """Raised when `OptimConfig.max_consecutive_skips` optimizer steps in a row were skipped."""
 
 
 def as_config(cls: type[T], value: T | dict | None) -> T:
@@ -287,7 +284,7 @@ class TaskModule(LightningModule):
             self.consecutive_skips = 0
         self.log("train/skipped_steps", float(self.skipped_steps))
         if o.max_consecutive_skips is not None and self.consecutive_skips >= o.max_consecutive_skips:
-            raise TooManySkippedSteps(
+            raise DivergenceError(
                 f"{self.consecutive_skips} optimizer steps in a row were skipped (non-finite loss or gradient "
                 f"norm, or norm above optim.skip_grad_norm={o.skip_grad_norm}) at step {self.global_step}: "
                 "training has diverged or the data is broken. Resume from the last good checkpoint with a "
