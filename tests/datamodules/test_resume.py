@@ -29,12 +29,20 @@ QUIET = [
 ]
 
 
-def fit(config: str, args: list[str], root: Path, log: Path, kill_after: int | None = None, resume=False):
+def fit(
+    config: str | list[str],
+    args: list[str],
+    root: Path,
+    log: Path,
+    kill_after: int | None = None,
+    resume=False,
+):
     callback = {"class_path": "tests.datamodules.resume_helpers.LossLog", "init_args": {"path": str(log)}}
     if kill_after is not None:
         callback["init_args"]["kill_after_step"] = kill_after
     cmd = [
-        sys.executable, "train.py", "fit", "--config", config, *QUIET, *args,
+        sys.executable, "train.py", "fit", *(f"--config={c}" for c in ([config] if isinstance(config, str) else config)),
+        *QUIET, *args,
         f"--trainer.default_root_dir={root}", f"--trainer.callbacks+={json.dumps(callback)}",
     ]  # fmt: skip
     if resume:
@@ -47,7 +55,7 @@ def losses(log: Path) -> dict[int, str]:
     return {r["step"]: r["loss"] for r in map(json.loads, log.read_text().splitlines())}
 
 
-def check_exact_resume(tmp_path: Path, config: str, args: list[str]) -> None:
+def check_exact_resume(tmp_path: Path, config: str | list[str], args: list[str]) -> None:
     full = fit(config, args, tmp_path / "full", tmp_path / "full.jsonl")
     assert full.returncode == 0, full.stderr[-3000:]
     killed = fit(config, args, tmp_path / "cut", tmp_path / "cut.jsonl", kill_after=K)
@@ -90,4 +98,4 @@ def test_nvs_tiny_resumes_exactly_with_workers(tmp_path):
 
 @pytest.mark.slow
 def test_icl_tiny_resumes_exactly(tmp_path):
-    check_exact_resume(tmp_path, "configs/icl/tiny.yaml", [])
+    check_exact_resume(tmp_path, ["configs/icl/base.yaml", "configs/icl/tiny.yaml"], [])
