@@ -23,6 +23,8 @@ from torch import nn
 from lact.models.mlm import MaskedLMEncoder
 from modules.forgetting import seeded_generator
 
+HOLDOUT_INITS = ("model", "match", "keep")
+
 
 class MaskedLMModule(LightningModule):
     """Args:
@@ -34,6 +36,10 @@ class MaskedLMModule(LightningModule):
     embedding_weight_decay: AdamW decay of the token embedding (its own parameter group).
     betas: AdamW betas.
     eval_seed: seeds the per-evaluation re-draw of the held-out rows (mixed with the global step).
+    holdout_init: what the never-trained (held-out) rows are at evaluation: ``"model"`` a fresh draw of the
+        token-embedding initialiser, ``"match"`` a fresh normal draw with the current mean and std of the
+        trained rows (pad and held-out rows excluded), ``"keep"`` the rows as the model holds them (never
+        trained as inputs; with a tied output they drift in the softmax, and forgetting resets redraw them).
     """
 
     def __init__(
@@ -52,8 +58,11 @@ class MaskedLMModule(LightningModule):
         embedding_weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.98),
         eval_seed: int = 1234,
+        holdout_init: str = "model",
     ) -> None:
         super().__init__()
+        if holdout_init not in HOLDOUT_INITS:
+            raise ValueError(f"holdout_init={holdout_init!r}: expected one of {HOLDOUT_INITS}")
         self.save_hyperparameters()
         self.net = MaskedLMEncoder(vocab_size, dim, depth, heads, max_len, pad_id, init_std, embed_std)
         self._saved_rows: torch.Tensor | None = None
@@ -113,14 +122,22 @@ class MaskedLMModule(LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         # Held-out rows were never trained, yet in a tied model they drift (they sit in the output softmax
-        # and decay); evaluate them as truly unseen tokens: a fresh draw of the init distribution.
+        # and decay); by default evaluate them as truly unseen tokens: a fresh draw (holdout_init).
         ids = self._holdout_ids()
-        if ids is None:
+        if ids is None or self.hparams.holdout_init == "keep":
             return
         w = self.net.embed.weight
         self._saved_rows = w.detach()[ids].clone()
         fresh = torch.empty(len(ids), w.shape[1], dtype=torch.float32)
-        self.net.init_embedding_(fresh, seeded_generator(self.hparams.eval_seed, self.global_step))
+        g = seeded_generator(self.hparams.eval_seed, self.global_step)
+        if self.hparams.holdout_init == "model":
+            self.net.init_embedding_(fresh, g)
+        else:
+            trained = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+            trained[ids] = False
+            trained[self.net.embed.padding_idx] = False
+            rows = w.detach()[trained].float()
+            fresh.normal_(rows.mean().item(), rows.std().item(), generator=g)
         with torch.no_grad():
             w[ids] = fresh.to(w.device, w.dtype)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
@@ -89,3 +90,32 @@ def test_train_py_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     ckpt = torch.load(Path(root) / "checkpoints" / "last.ckpt", weights_only=True)
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("ForgettingSchedule")]
     assert state == {"seed": 0, "resets": 2, "last_reset_step": 6}
+
+
+def test_holdout_rows_match_the_trained_rows_statistics_or_are_kept():
+    dm = POSDataModule(class_size=20, holdout_size=10, batch_size=8, eval_size=16)
+    ids = dm.holdout_token_ids
+    for rule in ("match", "keep"):
+        model = MaskedLMModule(
+            vocab_size=dm.vocab_size, dim=16, depth=1, heads=2, max_len=7, holdout_init=rule
+        )
+        with torch.no_grad():
+            w = model.net.embed.weight
+            w.normal_(3.0, 2.0)  # "trained" rows: far from the N(0, 1) initialiser
+            w[ids] = -7.0  # drifted held-out rows
+            w[0] = 0.0
+        before = w.detach().clone()
+        seen = SeenHoldoutRows(ids)
+        trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[seen])
+        trainer.validate(model, datamodule=dm, verbose=False)
+        rows = seen.rows[0]
+        if rule == "keep":
+            assert (rows == -7.0).all()
+        else:  # the trained rows' statistics, not the initialiser's nor the drifted rows'
+            assert abs(rows.mean().item() - 3.0) < 0.3 and abs(rows.std().item() - 2.0) < 0.3
+        assert torch.equal(model.net.embed.weight, before)
+
+
+def test_unknown_holdout_init_is_named():
+    with pytest.raises(ValueError, match="holdout_init='fresh'"):
+        MaskedLMModule(vocab_size=5, holdout_init="fresh")
