@@ -36,6 +36,7 @@ class MaskedLMModule(LightningModule):
     embedding_weight_decay: AdamW decay of the token embedding (its own parameter group).
     betas: AdamW betas.
     eval_seed: seeds the per-evaluation re-draw of the held-out rows (mixed with the global step).
+    tie_embeddings: the output projection is the token embedding (default); False unties it.
     holdout_init: what the never-trained (held-out) rows are at evaluation: ``"model"`` a fresh draw of the
         token-embedding initialiser, ``"match"`` a fresh normal draw with the current mean and std of the
         trained rows (pad and held-out rows excluded), ``"keep"`` the rows as the model holds them (never
@@ -59,12 +60,15 @@ class MaskedLMModule(LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         eval_seed: int = 1234,
         holdout_init: str = "model",
+        tie_embeddings: bool = True,
     ) -> None:
         super().__init__()
         if holdout_init not in HOLDOUT_INITS:
             raise ValueError(f"holdout_init={holdout_init!r}: expected one of {HOLDOUT_INITS}")
         self.save_hyperparameters()
-        self.net = MaskedLMEncoder(vocab_size, dim, depth, heads, max_len, pad_id, init_std, embed_std)
+        self.net = MaskedLMEncoder(
+            vocab_size, dim, depth, heads, max_len, pad_id, init_std, embed_std, tie_embeddings
+        )
         self._saved_rows: torch.Tensor | None = None
 
     # ---- forgetting protocol -------------------------------------------------------------------------
@@ -72,10 +76,17 @@ class MaskedLMModule(LightningModule):
         """The input token embedding (its weight is also the tied output projection)."""
         return self.net.embed
 
+    def output_embedding(self) -> nn.Parameter:
+        """The output projection's weight [V, D] (the token embedding's own when tied)."""
+        return self.net.head.weight
+
     def init_parameter_(self, name: str, out: torch.Tensor, generator: torch.Generator) -> None:
         """Fill ``out`` (full shape of parameter ``name``) with a fresh draw of its initialiser."""
-        if name != "net.embed.weight":
-            raise ValueError(f"init_parameter_: no model initialiser for {name!r}; only 'net.embed.weight'")
+        if name not in ("net.embed.weight", "net.head.weight"):
+            raise ValueError(
+                f"init_parameter_: no model initialiser for {name!r}; only 'net.embed.weight' and "
+                "'net.head.weight'"
+            )
         self.net.init_embedding_(out, generator)
 
     # ---- training ------------------------------------------------------------------------------------
@@ -166,15 +177,16 @@ class MaskedLMModule(LightningModule):
 
     def configure_optimizers(self):
         emb = self.net.embed.weight
+        embs = [emb] if self.net.head.weight is emb else [emb, self.net.head.weight]  # untied: same group
         decay, no_decay = [], []
         for n, p in self.named_parameters():
-            if p is emb:
+            if any(p is e for e in embs):
                 continue
             (decay if p.ndim == 2 and n.endswith("weight") else no_decay).append(p)
         hp = self.hparams
         opt = torch.optim.AdamW(
             [
-                {"params": [emb], "weight_decay": hp.embedding_weight_decay, "name": "embedding"},
+                {"params": embs, "weight_decay": hp.embedding_weight_decay, "name": "embedding"},
                 {"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
                 {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
             ],

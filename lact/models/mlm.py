@@ -55,6 +55,8 @@ class MaskedLMEncoder(nn.Module):
         init_std: standard deviation of every Linear weight and the positions; biases start at zero.
         embed_std: standard deviation of the token-embedding initialiser N(0, embed_std²) (default 1.0,
             torch's own); its scale decides how long freshly drawn rows look like trained ones.
+        tie_embeddings: the output projection is the token embedding (default); False gives it its own
+            ``[V, D]`` weight, drawn like the token embedding.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class MaskedLMEncoder(nn.Module):
         pad_id: int = 0,
         init_std: float = 0.02,
         embed_std: float = 1.0,
+        tie_embeddings: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= pad_id < vocab_size:
@@ -77,12 +80,14 @@ class MaskedLMEncoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
-        self.head.weight = self.embed.weight  # tied: one Parameter, two uses
+        if tie_embeddings:
+            self.head.weight = self.embed.weight  # tied: one Parameter, two uses
+        self.tie_embeddings = tie_embeddings
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m is not self.head:
                 nn.init.normal_(m.weight, 0.0, self.init_std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -90,6 +95,8 @@ class MaskedLMEncoder(nn.Module):
         with torch.no_grad():
             self.init_embedding_(self.embed.weight)
             self.embed.weight[self.embed.padding_idx].zero_()
+            if not self.tie_embeddings:
+                self.init_embedding_(self.head.weight)
 
     def init_embedding_(self, out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Fill ``out`` in place with a fresh draw of the token-embedding initialiser N(0, embed_std²).

@@ -15,3 +15,11 @@ def test_encoder_shapes_tying_and_pad_row():
     assert torch.count_nonzero(net.embed.weight[0]) == 0
     fresh = net.init_embedding_(torch.empty(20000), torch.Generator().manual_seed(0))
     assert abs(fresh.std().item() - net.embed_std) < 0.02 * net.embed_std
+
+
+def test_untied_head_has_its_own_weight_drawn_like_the_embedding():
+    net = MaskedLMEncoder(vocab_size=300, dim=16, depth=1, heads=2, tie_embeddings=False, embed_std=0.5)
+    assert net.head.weight is not net.embed.weight and net.head.weight.shape == net.embed.weight.shape
+    assert abs(net.head.weight.std().item() - 0.5) < 0.05
+    net(torch.randint(0, 300, (2, 7))).sum().backward()
+    assert net.head.weight.grad is not None and net.embed.weight.grad is not None

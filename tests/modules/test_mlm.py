@@ -119,3 +119,16 @@ def test_holdout_rows_match_the_trained_rows_statistics_or_are_kept():
 def test_unknown_holdout_init_is_named():
     with pytest.raises(ValueError, match="holdout_init='fresh'"):
         MaskedLMModule(vocab_size=5, holdout_init="fresh")
+
+
+def test_untied_output_embedding_is_a_forgetting_target_and_in_the_embedding_group():
+    m = MaskedLMModule(vocab_size=40, dim=8, depth=1, heads=2, max_len=7, tie_embeddings=False)
+    assert (
+        m.output_embedding() is m.net.head.weight and m.output_embedding() is not m.token_embedding().weight
+    )
+    out = torch.empty(40, 8)
+    m.init_parameter_("net.head.weight", out, torch.Generator().manual_seed(0))
+    assert abs(out.std().item() - m.net.embed_std) < 0.2 * m.net.embed_std
+    groups = {g["name"]: g["params"] for g in m.configure_optimizers()["optimizer"].param_groups}
+    assert any(p is m.net.head.weight for p in groups["embedding"])
+    assert not any(p is m.net.head.weight for p in groups["decay"])
