@@ -37,6 +37,7 @@ class MaskedLMModule(LightningModule):
     betas: AdamW betas.
     eval_seed: seeds the per-evaluation re-draw of the held-out rows (mixed with the global step).
     tie_embeddings: the output projection is the token embedding (default); False unties it.
+    dropout: training-time dropout in every encoder block (attention weights and branch outputs).
     holdout_init: what the never-trained (held-out) rows are at evaluation: ``"model"`` a fresh draw of the
         token-embedding initialiser, ``"match"`` a fresh normal draw with the current mean and std of the
         trained rows (pad and held-out rows excluded), ``"keep"`` the rows as the model holds them (never
@@ -61,13 +62,14 @@ class MaskedLMModule(LightningModule):
         eval_seed: int = 1234,
         holdout_init: str = "model",
         tie_embeddings: bool = True,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if holdout_init not in HOLDOUT_INITS:
             raise ValueError(f"holdout_init={holdout_init!r}: expected one of {HOLDOUT_INITS}")
         self.save_hyperparameters()
         self.net = MaskedLMEncoder(
-            vocab_size, dim, depth, heads, max_len, pad_id, init_std, embed_std, tie_embeddings
+            vocab_size, dim, depth, heads, max_len, pad_id, init_std, embed_std, tie_embeddings, dropout
         )
         self._saved_rows: torch.Tensor | None = None
 

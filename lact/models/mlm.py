@@ -20,13 +20,14 @@ class EncoderBlock(nn.Module):
         dim: model width D.
         heads: attention heads (D must be divisible by it).
         mlp_ratio: hidden width of the MLP as a multiple of D.
+        dropout: probability of dropping attention weights and each branch's output in training (BERT's).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
-        self.heads = heads
+        self.heads, self.dropout = heads, dropout
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -37,9 +38,10 @@ class EncoderBlock(nn.Module):
         """x: [B, L, D] -> [B, L, D]."""
         b, l, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, D/heads], no mask: encoder
-        x = x + self.proj(a.transpose(1, 2).reshape(b, l, d))
-        return x + self.mlp(self.norm2(x))
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # [B, heads, L, D/heads], no mask: encoder
+        x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(b, l, d)), p, self.training)
+        return x + F.dropout(self.mlp(self.norm2(x)), p, self.training)
 
 
 class MaskedLMEncoder(nn.Module):
@@ -55,6 +57,7 @@ class MaskedLMEncoder(nn.Module):
         init_std: standard deviation of every Linear weight and the positions; biases start at zero.
         embed_std: standard deviation of the token-embedding initialiser N(0, embed_std²) (default 1.0,
             torch's own); its scale decides how long freshly drawn rows look like trained ones.
+        dropout: training-time dropout of every block (attention weights and branch outputs); 0 = none.
         tie_embeddings: the output projection is the token embedding (default); False gives it its own
             ``[V, D]`` weight, drawn like the token embedding.
     """
@@ -70,6 +73,7 @@ class MaskedLMEncoder(nn.Module):
         init_std: float = 0.02,
         embed_std: float = 1.0,
         tie_embeddings: bool = True,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0 <= pad_id < vocab_size:
@@ -77,7 +81,7 @@ class MaskedLMEncoder(nn.Module):
         self.init_std, self.embed_std = init_std, embed_std
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
         self.pos = nn.Parameter(torch.zeros(max_len, dim))
-        self.blocks = nn.ModuleList(EncoderBlock(dim, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(EncoderBlock(dim, heads, dropout=dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:

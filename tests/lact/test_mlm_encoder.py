@@ -23,3 +23,13 @@ def test_untied_head_has_its_own_weight_drawn_like_the_embedding():
     assert abs(net.head.weight.std().item() - 0.5) < 0.05
     net(torch.randint(0, 300, (2, 7))).sum().backward()
     assert net.head.weight.grad is not None and net.embed.weight.grad is not None
+
+
+def test_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    net = MaskedLMEncoder(vocab_size=30, dim=16, depth=1, heads=2, dropout=0.5)
+    ids = torch.randint(1, 30, (2, 7))
+    net.eval()
+    assert torch.equal(net(ids), net(ids))
+    net.train()
+    assert not torch.equal(net(ids), net(ids))
