@@ -26,6 +26,8 @@ from lact.models.mlm import MaskedLMConfig, MaskedLMEncoder
 from lact.nn import IGNORE_INDEX
 from modules.task import OptimConfig, TaskModule, as_config
 
+HOLDOUT_INITS = ("model", "match", "keep")
+
 
 class MaskedLMModule(TaskModule):
     """Args:
@@ -34,11 +36,23 @@ class MaskedLMModule(TaskModule):
         never decayed (modules.task.parameter_groups); list the learned positions in ``optim.no_decay``
         (``["net.pos"]``) to keep them undecayed too.
     eval_seed: seeds the per-evaluation re-draw of the held-out rows (mixed with the global step).
+    holdout_init: what the never-trained (held-out) rows are at evaluation: ``"model"`` a fresh draw of the
+        token-embedding initialiser, ``"match"`` a fresh normal draw with the current mean and std of the
+        trained rows (pad and held-out rows excluded), ``"keep"`` the rows as the model holds them (never
+        trained as inputs; with a tied output they drift in the softmax, and forgetting resets redraw them).
     """
 
     throughput_unit = "tokens"
 
-    def __init__(self, net: MaskedLMConfig, optim: OptimConfig | None = None, eval_seed: int = 1234) -> None:
+    def __init__(
+        self,
+        net: MaskedLMConfig,
+        optim: OptimConfig | None = None,
+        eval_seed: int = 1234,
+        holdout_init: str = "model",
+    ) -> None:
+        if holdout_init not in HOLDOUT_INITS:
+            raise ValueError(f"holdout_init={holdout_init!r}: expected one of {HOLDOUT_INITS}")
         super().__init__(optim)
         self.net = MaskedLMEncoder(**dataclasses.asdict(as_config(MaskedLMConfig, net)))
         self._saved_rows: torch.Tensor | None = None
@@ -55,10 +69,16 @@ class MaskedLMModule(TaskModule):
         """The input token embedding (its weight is also the tied output projection)."""
         return self.net.embed
 
+    def output_embedding(self) -> nn.Parameter:
+        """The output projection's weight [V, D] (the token embedding's own when tied)."""
+        return self.net.head.weight
+
     def init_parameter_(self, param: torch.Tensor, out: torch.Tensor, generator: torch.Generator) -> None:
         """Fill ``out`` (full shape of ``param``) with a fresh draw of its initialiser."""
-        if param is not self.net.embed.weight:
-            raise ValueError("init_parameter_: MaskedLMModule re-draws only the token embedding")
+        if param is not self.net.embed.weight and param is not self.net.head.weight:
+            raise ValueError(
+                "init_parameter_: MaskedLMModule re-draws only the token embedding and the output projection"
+            )
         self.net.init_embedding_(out, generator)
 
     # ---- training ------------------------------------------------------------------------------------
@@ -105,14 +125,22 @@ class MaskedLMModule(TaskModule):
 
     def on_validation_epoch_start(self) -> None:
         # Held-out rows were never trained, yet in a tied model they drift (they sit in the output softmax
-        # and decay); evaluate them as truly unseen tokens: a fresh draw of the init distribution.
+        # and decay); by default evaluate them as truly unseen tokens: a fresh draw (holdout_init).
         ids = self._holdout_ids()
-        if ids is None:
+        if ids is None or self.hparams.holdout_init == "keep":
             return
         w = self.net.embed.weight
         self._saved_rows = w.detach()[ids].clone()
         fresh = torch.empty(len(ids), w.shape[1], dtype=torch.float32)
-        self.net.init_embedding_(fresh, seeded_generator(self.hparams.eval_seed, self.global_step))
+        g = seeded_generator(self.hparams.eval_seed, self.global_step)
+        if self.hparams.holdout_init == "model":
+            self.net.init_embedding_(fresh, g)
+        else:
+            trained = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+            trained[ids] = False
+            trained[self.net.embed.padding_idx] = False
+            rows = w.detach()[trained].float()
+            fresh.normal_(rows.mean().item(), rows.std().item(), generator=g)
         with torch.no_grad():
             w[ids] = fresh.to(w.device, w.dtype)
 
