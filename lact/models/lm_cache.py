@@ -132,6 +132,7 @@ def cached_lact(layer: LaCTLayer, inputs: FastWeightInputs, cache: LaCTCache) ->
                 p["lr_down"],
                 beta=chunk_beta(p.get("momentum"), 0, chunk),
                 muon=layer.muon,
+                prenorm=layer.prenorm,
             )
             cache.pending = {}
         start = end
