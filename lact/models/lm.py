@@ -60,6 +60,15 @@ class LMConfig:
     tie_embeddings: LM head shares the token-embedding matrix.
     short_conv: taps of the causal depthwise convolution over qkv; 0 = none (the published model).
     init_std: std of every linear and embedding weight at init (fast weights follow DESIGN §2.4).
+
+    Options of the published LM (all off by default; configs/lm/760m.yaml and 3b.yaml turn them on):
+    lact_low_rank: rank r of the initial W_gate and W_up (left @ right + 0.5 I); None = full matrices.
+    lact_low_rank_gain: init gain of those factors.
+    lact_qk_affine: per-channel learnable scale and offset on the LaCT q', k' before the silu.
+    lact_gate_bias: the LaCT output gate silu(Linear(x)) has a bias.
+    lact_rotary_dim: rotate the LaCT q', k' in groups of this many channels (the attention head dim D /
+        num_heads reproduces the published model); None = the LaCT head dim.
+    lact_prenorm: the pre-norm fast-weight update (lact.ops.update_step).
     """
 
     vocab_size: int = 256
@@ -81,6 +90,12 @@ class LMConfig:
     rope_base: float = 10000.0
     init_std: float = 0.02
     norm_eps: float = 1e-5
+    lact_low_rank: int | None = None
+    lact_low_rank_gain: float = 0.5
+    lact_qk_affine: bool = False
+    lact_gate_bias: bool = False
+    lact_rotary_dim: int | None = None
+    lact_prenorm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "lact_heads", "window", "chunk_size"):
@@ -109,7 +124,20 @@ class LMConfig:
                 f"LMConfig.inter_multi={self.inter_multi} leaves the fast-weight MLP no hidden unit"
             )
         if self.muon is not None and self.muon not in MUON_COEFFICIENTS:
-            raise ValueError(f"LMConfig.muon must be None, 'fixed' or 'schedule', got {self.muon!r}")
+            raise ValueError(
+                f"LMConfig.muon must be None or one of {sorted(MUON_COEFFICIENTS)}, got {self.muon!r}"
+            )
+        if self.lact_low_rank is not None:
+            _check_int("lact_low_rank", self.lact_low_rank)
+        _check_positive("lact_low_rank_gain", self.lact_low_rank_gain)
+        if self.lact_rotary_dim is not None:
+            _check_int("lact_rotary_dim", self.lact_rotary_dim, minimum=2)
+            if self.lact_rotary_dim % 2 or (self.dim // self.lact_heads) % self.lact_rotary_dim:
+                raise ValueError(
+                    f"LMConfig.lact_rotary_dim={self.lact_rotary_dim} must be even and divide the LaCT head dim "
+                    f"{self.dim // self.lact_heads} (the attention head dim {self.dim // self.num_heads} does "
+                    "when num_heads is a multiple of lact_heads)"
+                )
         if isinstance(self.lact_ratio, bool) or not 0 <= self.lact_ratio <= 1:
             raise ValueError(f"LMConfig.lact_ratio must be a number in [0, 1], got {self.lact_ratio!r}")
 
@@ -132,12 +160,14 @@ def parameter_count(cfg: LMConfig) -> int:
 
     With V = vocab_size, D = dim, N = num_layers, F = mlp_width, n = blocks with a LaCT branch,
     H = lact_heads, d = D / H, h = int(inter_multi * d), m = 1 with momentum else 0, t = 1 if tied else 0,
-    K = short_conv:
+    K = short_conv, r = lact_low_rank, a = 1 with lact_qk_affine else 0, g = 1 with lact_gate_bias else 0:
 
         P = (2 - t) V D + D                                    embedding, LM head, final norm
           + N (4 D^2 + 3 D F + 2 D + 3 D K)                    qkv, o_proj, MLP, two norms, short conv
           + n (3 H d h + (3 + m) (D + 1) H + D H + d)          fast weights W0, lr (+ momentum) projections
                                                                with bias, output gate, per-head RMSNorm
+          + n (4 a D + g H)                                    q/k scale and offset, output gate bias
+          - n 2 H (h d - r (h + d))                            with low-rank W0_gate, W0_up (r given)
     """
     vocab, dim, layers, mlp = cfg.vocab_size, cfg.dim, cfg.num_layers, cfg.mlp_width
     heads = cfg.lact_heads
@@ -148,6 +178,9 @@ def parameter_count(cfg: LMConfig) -> int:
     total = (1 if cfg.tie_embeddings else 2) * vocab * dim + dim
     total += layers * (4 * dim * dim + 3 * dim * mlp + 2 * dim + 3 * dim * cfg.short_conv)
     total += n * (3 * heads * d * h + (3 + m) * (dim + 1) * heads + dim * heads + d)
+    total += n * (4 * dim * cfg.lact_qk_affine + heads * cfg.lact_gate_bias)
+    if cfg.lact_low_rank is not None:
+        total -= n * 2 * heads * (h * d - cfg.lact_low_rank * (h + d))
     return total
 
 
@@ -178,6 +211,12 @@ class HybridBlock(nn.Module):
                 rope_base=cfg.rope_base,
                 own_qkv=False,
                 out_proj=False,
+                low_rank=cfg.lact_low_rank,
+                low_rank_gain=cfg.lact_low_rank_gain,
+                qk_affine=cfg.lact_qk_affine,
+                output_gate_bias=cfg.lact_gate_bias,
+                rotary_dim=cfg.lact_rotary_dim,
+                prenorm=cfg.lact_prenorm,
             )
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.mlp_norm = nn.RMSNorm(dim, eps=cfg.norm_eps)
