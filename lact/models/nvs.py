@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lact.geometry import patchify, plucker_rays, unpatchify
 from lact.layer import LaCTLayer
-from lact.nn import SwiGLUMLP
+from lact.nn import GeluMLP, SwiGLUMLP
 from lact.ops import FastWeights
 
 RAY_CHANNELS = 9
@@ -53,6 +53,14 @@ class NVSConfig:
         0; 2.0 gives 0.88, near the white background of object renders, which saves the first few hundred
         steps of a short run).
     checkpointing: recompute each block's activations in the backward pass (saves memory, costs ~1/3 time).
+
+    Options of the published NVS model (configs/nvs/paper_*.yaml set them; docs/fidelity.md maps them):
+    lact_output_gate: "silu" (per-head gate on the LaCT output) or None (the published layer has none).
+    lact_init_gain: initial fast weights ~ N(0, gain^2 / fan_in); published sqrt(2).
+    mlp: "swiglu" (hidden round(2/3 mlp_ratio dim)) or "gelu" (two matrices, hidden mlp_ratio * dim, exact
+        GELU: the published MLP; the same parameter count).
+    norm_bias: LayerNorms with a bias (the published ones have none).
+    output_bias: None gives the output Linear no bias at all (published).
     """
 
     patch_size: int = 8
@@ -65,8 +73,12 @@ class NVSConfig:
     lact_base_lr: float = 1e-2
     lact_muon: str | None = None
     mlp_ratio: float = 4.0
-    output_bias: float = 0.0
+    output_bias: float | None = 0.0
     checkpointing: bool = False
+    lact_output_gate: str | None = "silu"
+    lact_init_gain: float = 1.0
+    mlp: str = "swiglu"
+    norm_bias: bool = True
 
     def __post_init__(self):
         for name in ("patch_size", "dim", "num_layers", "attn_heads", "lact_heads"):
@@ -75,9 +87,17 @@ class NVSConfig:
         for name in ("attn_heads", "lact_heads"):
             if self.dim % getattr(self, name):
                 raise ValueError(f"NVSConfig.{name}={getattr(self, name)} must divide dim={self.dim}")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"NVSConfig.mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.lact_output_gate not in ("silu", None):
+            raise ValueError(
+                f"NVSConfig.lact_output_gate must be 'silu' or null, got {self.lact_output_gate!r}"
+            )
 
     @property
     def mlp_hidden(self) -> int:
+        if self.mlp == "gelu":
+            return int(self.mlp_ratio * self.dim)
         return round(2 / 3 * self.mlp_ratio * self.dim)
 
 
@@ -118,10 +138,10 @@ class NVSBlock(nn.Module):
 
     def __init__(self, config: NVSConfig):
         super().__init__()
-        dim = config.dim
-        self.attn_norm = nn.LayerNorm(dim)
+        dim, bias = config.dim, config.norm_bias
+        self.attn_norm = nn.LayerNorm(dim, bias=bias)
         self.attn = ViewAttention(dim, config.attn_heads)
-        self.lact_norm = nn.LayerNorm(dim)
+        self.lact_norm = nn.LayerNorm(dim, bias=bias)
         self.lact = LaCTLayer(
             dim,
             config.lact_heads,
@@ -130,9 +150,12 @@ class NVSBlock(nn.Module):
             inter_multi=config.lact_inter_multi,
             base_lr=config.lact_base_lr,
             muon=config.lact_muon,
+            output_gate=config.lact_output_gate,
+            init_gain=config.lact_init_gain,
         )
-        self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = SwiGLUMLP(dim, config.mlp_hidden)
+        self.mlp_norm = nn.LayerNorm(dim, bias=bias)
+        mlp = GeluMLP if config.mlp == "gelu" else SwiGLUMLP
+        self.mlp = mlp(dim, config.mlp_hidden)
 
     def forward(self, x: Tensor, num_inputs: int) -> Tensor:
         """x [B, V, N, D] with the `num_inputs` input views first -> [B, V, N, D]."""
@@ -163,12 +186,13 @@ class NVSNet(nn.Module):
         self.config = config = config or NVSConfig()
         p, dim = config.patch_size, config.dim
         self.embed = nn.Linear((RAY_CHANNELS + RGB_CHANNELS) * p * p, dim, bias=False)
-        self.embed_norm = nn.LayerNorm(dim)
+        self.embed_norm = nn.LayerNorm(dim, bias=config.norm_bias)
         self.blocks = nn.ModuleList(NVSBlock(config) for _ in range(config.num_layers))
-        self.out_norm = nn.LayerNorm(dim)
-        self.out = nn.Linear(dim, RGB_CHANNELS * p * p)
+        self.out_norm = nn.LayerNorm(dim, bias=config.norm_bias)
+        self.out = nn.Linear(dim, RGB_CHANNELS * p * p, bias=config.output_bias is not None)
         self.apply(init_linear)
-        nn.init.constant_(self.out.bias, config.output_bias)
+        if config.output_bias is not None:
+            nn.init.constant_(self.out.bias, config.output_bias)
 
     # ---------------------------------------------------------------------------------------- tokens
 

@@ -12,6 +12,7 @@ import yaml
 
 from lact.geometry import look_at
 from lact.models.nvs import NVSConfig, NVSNet
+from lact.nn import GeluMLP
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = dict(
@@ -110,12 +111,13 @@ def expected_parameters(c: NVSConfig) -> tuple[int, int]:
     d, p = c.dim, c.patch_size
     state = int(3 * c.lact_inter_multi * d * d / c.lact_heads)
     attn = 4 * d * d + 2 * (d // c.attn_heads)  # qkv, proj, q/k RMSNorm
-    lact = (
-        4 * d * d + (d * 3 * c.lact_heads + 3 * c.lact_heads) + state + d // c.lact_heads + d * c.lact_heads
-    )
-    mlp = 3 * d * c.mlp_hidden
-    block = 3 * 2 * d + attn + lact + mlp  # three LayerNorms
-    total = 12 * p * p * d + 2 * d + c.num_layers * block + 2 * d + (d * 3 * p * p + 3 * p * p)
+    gate = d * c.lact_heads if c.lact_output_gate else 0
+    lact = 4 * d * d + (d * 3 * c.lact_heads + 3 * c.lact_heads) + state + d // c.lact_heads + gate
+    mlp = (2 if c.mlp == "gelu" else 3) * d * c.mlp_hidden
+    norm = (2 if c.norm_bias else 1) * d  # LayerNorm weight (and bias)
+    block = 3 * norm + attn + lact + mlp  # three LayerNorms
+    out_bias = 0 if c.output_bias is None else 3 * p * p
+    total = 12 * p * p * d + norm + c.num_layers * block + norm + (d * 3 * p * p + out_bias)
     return total, c.num_layers * state
 
 
@@ -134,6 +136,45 @@ def test_published_configs_parameter_counts_on_meta(config, millions, state_frac
     assert (total, state) == expected_parameters(c)
     assert total / 1e6 == pytest.approx(millions, abs=0.1)
     assert state_fraction[0] < state / total < state_fraction[1]
+
+
+# The published models' parameter counts, derived by hand from the published code in docs/fidelity.md.
+PUBLISHED_NVS_PARAMETERS = {
+    "paper_14l.yaml": 182_481_706,
+    "paper_24l_2x.yaml": 312_298_056,
+    "paper_24l.yaml": 397_232_712,
+}
+
+
+@pytest.mark.parametrize("config", sorted(PUBLISHED_NVS_PARAMETERS))
+def test_paper_configs_have_the_published_parameter_count(config):
+    spec = yaml.safe_load((ROOT / "configs" / "nvs" / config).read_text())["model"]["init_args"]["model"]
+    c = NVSConfig(**spec)
+    assert (c.lact_muon, c.lact_output_gate, c.mlp, c.norm_bias, c.output_bias) == (
+        "fixed",
+        None,
+        "gelu",
+        False,
+        None,
+    )
+    assert c.lact_init_gain == pytest.approx(2**0.5) and c.lact_base_lr == 0.01 and c.lact_heads == 1
+    with torch.device("meta"):
+        net = NVSNet(c)
+    assert sum(p.numel() for p in net.parameters()) == PUBLISHED_NVS_PARAMETERS[config]
+    assert isinstance(net.blocks[0].mlp, GeluMLP) and net.blocks[0].lact.gate_proj is None
+    assert net.out.bias is None and net.embed_norm.bias is None
+
+
+def test_published_nvs_options_forward_and_count():
+    c = NVSConfig(**{**TINY, "lact_output_gate": None, "mlp": "gelu", "norm_bias": False, "output_bias": None,
+                     "lact_init_gain": 2**0.5, "lact_muon": "normalize"})  # fmt: skip
+    net = NVSNet(c)
+    assert sum(p.numel() for p in net.parameters()) == expected_parameters(c)[0]
+    images, k_in, w_in, k_out, w_out = scene()
+    out = net(images, k_in, w_in, k_out, w_out)
+    assert out.shape == (images.shape[0], k_out.shape[1], *images.shape[2:]) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="NVSConfig.mlp"):
+        NVSConfig(**{**TINY, "mlp": "relu"})
 
 
 @pytest.mark.parametrize("config", ["tiny.yaml", "demo.yaml"])
