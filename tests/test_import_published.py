@@ -1,0 +1,213 @@
+"""scripts/import_published.py and lact/published.py on synthetic state dicts with the published names and
+shapes (written below from the published model code: lact_nvs/model.py + lact_ttt.py, lact_llm
+modeling_lact.py + layer_lact_swiglu.py), round trip included."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lact.published import to_ours, to_published
+from modules.lm import LMModule
+from modules.nvs import NVSModule
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("import_published", ROOT / "scripts" / "import_published.py")
+importer = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(importer)
+
+NVS_NET = dict(
+    patch_size=2, dim=32, num_layers=2, attn_heads=2, lact_heads=1, lact_inter_multi=2.0, lact_base_lr=0.01,
+    lact_muon="fixed", lact_output_gate=None, lact_init_gain=math.sqrt(2), mlp="gelu", norm_bias=False,
+    output_bias=None, mlp_ratio=4.0,
+)  # fmt: skip
+LM_NET = dict(
+    vocab_size=50, dim=32, num_layers=2, num_heads=4, lact_heads=2, window=8, chunk_size=8, base_lr=1e-3,
+    momentum=True, tie_embeddings=False, rope_base=1e6, norm_eps=1e-6, lact_rotary_dim=8, lact_low_rank=4, mlp_hidden=96,
+    lact_qk_affine=True, lact_gate_bias=True,
+)  # fmt: skip
+
+
+def randn(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def published_nvs_state(layers=2, dim=32, p=2, inter=2, head_dim=16, seed=0) -> dict:
+    """LaCTLVSM(patch_size=p, dim, layers, block_config=[SelfAttention(head_dim), FastWeightGluMLPMultihead(
+    head_dim=dim, inter_multi), MLP(4)]) with bias=False: its parameter names and shapes."""
+    g, dh = torch.Generator().manual_seed(seed), dim * inter
+    sd = {"input_linear.weight": randn(g, dim, 12 * p * p), "input_layernorm.weight": randn(g, dim)}
+    for i in range(layers):
+        b = f"blocks.{i}.module_list."
+        sd |= {
+            b + "0.ln.weight": randn(g, dim),
+            b + "0.f.to_qkv.weight": randn(g, 3 * dim, dim),
+            b + "0.f.c_proj.weight": randn(g, dim, dim),
+            b + "0.f.q_norm.weight": randn(g, head_dim),
+            b + "0.f.k_norm.weight": randn(g, head_dim),
+            b + "1.ln.weight": randn(g, dim),
+            b + "1.f.w0": randn(g, 1, dim, dh),
+            b + "1.f.w1": randn(g, 1, dh, dim),
+            b + "1.f.w2": randn(g, 1, dim, dh),
+            b + "1.f.to_qkv.weight": randn(g, 3 * dim, dim),
+            b + "1.f.c_proj.weight": randn(g, dim, dim),
+            b + "1.f.lr_fc.weight": randn(g, 3, dim),
+            b + "1.f.lr_fc.bias": randn(g, 3),
+            b + "1.f.o_norm.weight": randn(g, dim),
+            b + "2.ln.weight": randn(g, dim),
+            b + "2.f.c_fc.weight": randn(g, 4 * dim, dim),
+            b + "2.f.c_proj.weight": randn(g, dim, 4 * dim),
+        }
+    sd |= {
+        "image_token_decoder.0.weight": randn(g, dim),
+        "image_token_decoder.1.weight": randn(g, 3 * p * p, dim),
+    }
+    return sd
+
+
+def published_lm_state(layers=2, dim=32, heads=2, rank=4, vocab=50, mlp=96, seed=0) -> dict:
+    """LaCTForCausalLM with attn_qk_norm false, w0_w2_low_rank=rank, learnable_ttt_scale, use_momentum, untied."""
+    g, d = torch.Generator().manual_seed(seed), dim // heads
+    sd = {"model.embeddings.weight": randn(g, vocab, dim)}
+    for i in range(layers):
+        b = f"model.layers.{i}."
+        sd |= {
+            b + "attn_norm.weight": randn(g, dim),
+            b + "attn.qkv.weight": randn(g, 3 * dim, dim),
+            b + "attn.o_proj.weight": randn(g, dim, dim),
+            b + "attn.w0.w_left": randn(g, heads, d, rank),
+            b + "attn.w0.w_right": randn(g, heads, rank, d),
+            b + "attn.w2.w_left": randn(g, heads, d, rank),
+            b + "attn.w2.w_right": randn(g, heads, rank, d),
+            b + "attn.w1": randn(g, heads, d, d),
+            b + "attn.lr_proj.weight": randn(g, 3 * heads, dim),
+            b + "attn.lr_proj.bias": randn(g, 3 * heads),
+            b + "attn.qk_scale": randn(g, dim, 2),
+            b + "attn.qk_offset": randn(g, dim, 2),
+            b + "attn.ttt_scale_proj.weight": randn(g, heads, dim),
+            b + "attn.ttt_scale_proj.bias": randn(g, heads),
+            b + "attn.ttt_norm.weight": randn(g, d),
+            b + "attn.momentum_proj.0.weight": randn(g, heads, dim),
+            b + "attn.momentum_proj.0.bias": randn(g, heads),
+            b + "mlp_norm.weight": randn(g, dim),
+            b + "mlp.gate_proj.weight": randn(g, mlp, dim),
+            b + "mlp.up_proj.weight": randn(g, mlp, dim),
+            b + "mlp.down_proj.weight": randn(g, dim, mlp),
+        }
+    sd |= {"model.norm.weight": randn(g, dim), "lm_head.weight": randn(g, vocab, dim)}
+    return sd
+
+
+def write_config(tmp_path: Path, kind: str) -> Path:
+    net = {"nvs": NVS_NET, "lm": LM_NET}[kind]
+    cls = {"nvs": "modules.nvs.NVSModule", "lm": "modules.lm.LMModule"}[kind]
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"model": {"class_path": cls, "init_args": {importer.NET_CONFIG_ARG[kind]: net, "lr": 1e-3}}}
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize("kind", ["nvs", "lm"])
+def test_round_trip_is_exact(kind):
+    state = {"nvs": published_nvs_state, "lm": published_lm_state}[kind]()
+    ours, leftover = to_ours(kind, state)
+    assert leftover == []
+    back, rest = to_published(kind, ours)
+    assert rest == [] and set(back) == set(state)
+    for key in state:
+        assert torch.equal(back[key], state[key]), key
+
+
+def test_layouts_follow_the_published_code():
+    nvs = published_nvs_state()
+    ours, _ = to_ours("nvs", nvs)
+    w0 = nvs["blocks.0.module_list.1.f.w0"]
+    assert torch.equal(ours["blocks.0.lact.w_gate"], w0.mT)  # [H, d, h] -> [H, h, d]
+    lr = nvs["blocks.1.module_list.1.f.lr_fc.weight"]  # published rows: gate, down, up
+    assert torch.equal(ours["blocks.1.lact.lr_proj.weight"], lr[[0, 2, 1]])  # ours: gate, up, down
+    # a patch feature (p_row, p_col, channel) of the published input Linear is our (channel, p_row, p_col)
+    w_in, p = nvs["input_linear.weight"], 2
+    assert torch.equal(ours["embed.weight"][:, 7 * p * p + 1 * p + 0], w_in[:, (1 * p + 0) * 12 + 7])
+    w_out = nvs["image_token_decoder.1.weight"]
+    assert torch.equal(ours["out.weight"][2 * p * p + 0 * p + 1], w_out[(0 * p + 1) * 3 + 2])
+    lm = published_lm_state(heads=2)
+    ours, _ = to_ours("lm", lm)
+    lr = lm["model.layers.0.attn.lr_proj.weight"]  # head-major: row = head * 3 + (gate, down, up)
+    mine = ours["blocks.0.lact.lr_proj.weight"]  # matrix-major: row = (gate, up, down) * heads + head
+    for head in range(2):
+        assert torch.equal(mine[0 * 2 + head], lr[head * 3 + 0])
+        assert torch.equal(mine[1 * 2 + head], lr[head * 3 + 2])
+        assert torch.equal(mine[2 * 2 + head], lr[head * 3 + 1])
+    assert torch.equal(ours["blocks.0.lact.qk_scale"], lm["model.layers.0.attn.qk_scale"].T)
+    gate_up = ours["blocks.1.mlp.gate_up.weight"]
+    assert torch.equal(
+        gate_up,
+        torch.cat([lm["model.layers.1.mlp.gate_proj.weight"], lm["model.layers.1.mlp.up_proj.weight"]]),
+    )
+
+
+@pytest.mark.parametrize("kind", ["nvs", "lm"])
+def test_import_writes_a_loadable_lightning_checkpoint(tmp_path, kind):
+    state = {"nvs": published_nvs_state, "lm": published_lm_state}[kind]()
+    torch.save({"model": state, "optimizer": {}} if kind == "nvs" else state, tmp_path / "released.pt")
+    out = importer.main(
+        [
+            kind,
+            str(tmp_path / "released.pt"),
+            "--out",
+            str(tmp_path / "out"),
+            "--config",
+            str(write_config(tmp_path, kind)),
+        ]
+    )
+    ckpt = torch.load(out, weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["_class_path"] == {"nvs": "modules.nvs.NVSModule", "lm": "modules.lm.LMModule"}[kind]
+    module = (NVSModule if kind == "nvs" else LMModule)(
+        **{k: v for k, v in hp.items() if not k.startswith("_")}
+    )
+    module.load_state_dict(ckpt["state_dict"], strict=True)  # what Trainer does with --ckpt_path
+    net = getattr(module, importer.NET_PREFIX[kind].rstrip("."))
+    ours, _ = to_ours(kind, state)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, ours[key]), key
+    # back to the published names, equal to the file we started from
+    back, rest = to_published(
+        kind, {k.removeprefix(importer.NET_PREFIX[kind]): v for k, v in ckpt["state_dict"].items()}
+    )
+    assert rest == [] and all(torch.equal(back[k], state[k]) for k in state)
+    assert ckpt["optimizer_states"] == [] and ckpt["global_step"] == 0
+
+
+def test_import_refuses_naming_missing_and_unexpected_keys(tmp_path):
+    state = published_nvs_state()
+    del state["blocks.1.module_list.1.f.lr_fc.bias"]
+    state["blocks.0.module_list.1.f.gate_proj.weight"] = torch.zeros(1, 32)
+    torch.save(state, tmp_path / "bad.pt")
+    config = str(write_config(tmp_path, "nvs"))
+    with pytest.raises(
+        SystemExit,
+        match=r"missing keys: blocks\.1\.lact\.lr_proj\.bias.*unexpected keys: blocks\.0\.module_list\.1\.f\.gate_proj\.weight",
+    ):
+        importer.main(["nvs", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "o"), "--config", config])
+    state = published_nvs_state(inter=4)  # a 4x checkpoint against a 2x config
+    torch.save(state, tmp_path / "wide.pt")
+    with pytest.raises(SystemExit, match=r"wrong shape keys: blocks\.0\.lact\.w_down"):
+        importer.main(["nvs", str(tmp_path / "wide.pt"), "--out", str(tmp_path / "o"), "--config", config])
+    with pytest.raises(SystemExit, match="no paper config .* pass --config"):
+        importer.main(["nvs", str(tmp_path / "wide.pt"), "--out", str(tmp_path / "o")])
+
+
+def test_default_config_is_chosen_from_the_shapes():
+    assert importer.default_config("nvs", published_nvs_state(layers=14, inter=2)).name == "paper_14l.yaml"
+    assert importer.default_config("nvs", published_nvs_state(layers=24, inter=4)).name == "paper_24l.yaml"
+    lm = {"model.embeddings.weight": torch.zeros(32000, 1536)}
+    assert importer.default_config("lm", lm).name == "760m.yaml"
