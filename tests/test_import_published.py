@@ -21,15 +21,20 @@ spec = importlib.util.spec_from_file_location("import_published", ROOT / "script
 importer = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(importer)
 
+NVS_LACT = dict(
+    heads=1, inter_multi=2.0, base_lr=0.01, muon="fixed", output_gate=None, init_gain=math.sqrt(2)
+)
 NVS_NET = dict(
-    patch_size=2, dim=32, num_layers=2, attn_heads=2, lact_heads=1, lact_inter_multi=2.0, lact_base_lr=0.01,
-    lact_muon="fixed", lact_output_gate=None, lact_init_gain=math.sqrt(2), mlp="gelu", norm_bias=False,
+    patch_size=2, dim=32, num_layers=2, num_heads=2, lact=NVS_LACT, mlp="gelu", norm_bias=False,
     output_bias=None, mlp_ratio=4.0,
 )  # fmt: skip
+LM_LACT = dict(
+    heads=2, chunk_size=8, base_lr=1e-3, momentum=True, rotary=True, rotary_dim=8, low_rank=4, qk_affine=True,
+    output_gate_bias=True,
+)  # fmt: skip
 LM_NET = dict(
-    vocab_size=50, dim=32, num_layers=2, num_heads=4, lact_heads=2, window=8, chunk_size=8, base_lr=1e-3,
-    momentum=True, tie_embeddings=False, rope_base=1e6, norm_eps=1e-6, lact_rotary_dim=8, lact_low_rank=4, mlp_hidden=96,
-    lact_qk_affine=True, lact_gate_bias=True,
+    vocab_size=50, dim=32, num_layers=2, num_heads=4, lact=LM_LACT, window=8, tie_embeddings=False,
+    rope_base=1e6, norm_eps=1e-6, mlp_hidden=96,
 )  # fmt: skip
 
 
@@ -108,9 +113,7 @@ def write_config(tmp_path: Path, kind: str) -> Path:
     cls = {"nvs": "modules.nvs.NVSModule", "lm": "modules.lm.LMModule"}[kind]
     path = tmp_path / f"{kind}.yaml"
     path.write_text(
-        yaml.safe_dump(
-            {"model": {"class_path": cls, "init_args": {importer.NET_CONFIG_ARG[kind]: net, "lr": 1e-3}}}
-        )
+        yaml.safe_dump({"model": {"class_path": cls, "init_args": {"net": net, "optim": {"lr": 1e-3}}}})
     )
     return path
 
@@ -175,13 +178,13 @@ def test_import_writes_a_loadable_lightning_checkpoint(tmp_path, kind):
         **{k: v for k, v in hp.items() if not k.startswith("_")}
     )
     module.load_state_dict(ckpt["state_dict"], strict=True)  # what Trainer does with --ckpt_path
-    net = getattr(module, importer.NET_PREFIX[kind].rstrip("."))
+    net = module.net
     ours, _ = to_ours(kind, state)
     for key, value in net.state_dict().items():
         assert torch.equal(value, ours[key]), key
     # back to the published names, equal to the file we started from
     back, rest = to_published(
-        kind, {k.removeprefix(importer.NET_PREFIX[kind]): v for k, v in ckpt["state_dict"].items()}
+        kind, {k.removeprefix(importer.NET_PREFIX): v for k, v in ckpt["state_dict"].items()}
     )
     assert rest == [] and all(torch.equal(back[k], state[k]) for k in state)
     assert ckpt["optimizer_states"] == [] and ckpt["global_step"] == 0
@@ -207,7 +210,11 @@ def test_import_refuses_naming_missing_and_unexpected_keys(tmp_path):
 
 
 def test_default_config_is_chosen_from_the_shapes():
-    assert importer.default_config("nvs", published_nvs_state(layers=14, inter=2)).name == "paper_14l.yaml"
-    assert importer.default_config("nvs", published_nvs_state(layers=24, inter=4)).name == "paper_24l.yaml"
+    names = [p.name for p in importer.default_config("nvs", published_nvs_state(layers=14, inter=2))]
+    assert names == ["paper.yaml", "paper_14l.yaml"]
+    names = [p.name for p in importer.default_config("nvs", published_nvs_state(layers=24, inter=4))]
+    assert names == ["paper.yaml", "paper_24l.yaml"]
+    names = [p.name for p in importer.default_config("nvs", published_nvs_state(layers=24, inter=2))]
+    assert names == ["paper.yaml", "paper_24l_2x.yaml"]
     lm = {"model.embeddings.weight": torch.zeros(32000, 1536)}
-    assert importer.default_config("lm", lm).name == "760m.yaml"
+    assert [p.name for p in importer.default_config("lm", lm)] == ["760m.yaml"]

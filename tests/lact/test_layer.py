@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
-from lact.layer import LaCTLayer, inverse_softplus
+from lact.layer import LR_FLOOR, LaCTConfig, LaCTLayer, inverse_softplus
 
 
 def test_inverse_softplus_round_trips():
@@ -84,6 +86,55 @@ def test_bad_configs_name_the_field(kwargs, match):
         LaCTLayer(**kwargs)
 
 
+def test_lact_config_from_dict_overrides_the_network_defaults_and_names_bad_fields():
+    from dataclasses import asdict
+
+    from lact.models.lm import LMConfig
+    from lact.models.nvs import NVSConfig
+
+    cfg = LMConfig(dim=32, lact={"heads": 4})
+    assert isinstance(cfg.lact, LaCTConfig)
+    assert (cfg.lact.heads, cfg.lact.momentum, cfg.lact.rotary, cfg.lact.chunk_size) == (4, True, True, 128)
+    assert LMConfig(**asdict(cfg)) == cfg  # the checkpoint round trip: plain dicts back to the dataclass
+    assert NVSConfig(dim=32, num_heads=2, lact={"heads": 2}).lact.chunk_size is None
+    with pytest.raises(ValueError, match=r"LMConfig\.lact has no field 'lact_heads'"):
+        LMConfig(dim=32, lact={"lact_heads": 4})
+    with pytest.raises(ValueError, match=r"NVSConfig\.lact\.muon must be None"):
+        NVSConfig(dim=32, num_heads=2, lact={"muon": "adam"})
+    with pytest.raises(ValueError, match=r"NVSConfig\.lact\.momentum must be false"):
+        NVSConfig(dim=32, num_heads=2, lact=LaCTConfig(momentum=True, chunk_size=None))
+    with pytest.raises(ValueError, match=r"LaCTConfig\.output_gate"):
+        LaCTConfig(output_gate="relu")
+
+
+def test_inner_lr_has_a_floor_so_a_huge_negative_lr_bias_still_runs():
+    torch.manual_seed(0)
+    layer = LaCTLayer(32, 2, schedule="causal", chunk_size=4, momentum=True)
+    with torch.no_grad():
+        layer.lr_proj.bias.fill_(-1e4)  # softplus(-1e4) is exactly 0 in fp32
+    x = torch.randn(2, 12, 32)
+    inputs = layer.fast_weight_inputs(x)
+    for lr in (inputs.lr_gate, inputs.lr_up, inputs.lr_down):
+        assert torch.all(lr == LR_FLOOR)
+    y = layer(x)  # the operator's positivity check passes
+    assert torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="base_lr"):
+        LaCTLayer(32, 2, base_lr=LR_FLOOR / 2)
+
+
+def test_lr_positivity_check_reads_no_values_off_the_cpu():
+    # On an accelerator reading lr values would sync the host on every call; meta tensors have no values at
+    # all, so any read would raise here.
+    from lact.ops import causal_lact
+
+    b, length, d = 2, 8, 4
+    w = [torch.empty(b, d, d, device="meta") for _ in range(3)]
+    qkv = [torch.empty(b, length, d, device="meta") for _ in range(3)]
+    lrs = [torch.empty(b, length, 1, device="meta") for _ in range(3)]
+    out = causal_lact(*w, *qkv, *lrs, chunk_size=4)
+    assert out.shape == (b, length, d) and out.device.type == "meta"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Options of the published models, each against a literal reference written out here.
 
@@ -119,7 +170,8 @@ def test_published_nvs_layer_literal_reference():
     x = torch.randn(2, 11, dim, dtype=torch.float64)
     q, k, v = torch.nn.functional.silu(layer.qkv(x)).chunk(3, dim=-1)
     q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
-    lr = torch.nn.functional.softplus(layer.lr_proj(x) + inverse_softplus(1e-2))  # [B, L, 3]: gate, up, down
+    # [B, L, 3]: gate, up, down
+    lr = LR_FLOOR + torch.nn.functional.softplus(layer.lr_proj(x) + inverse_softplus(1e-2 - LR_FLOOR))
     outs = []
     for b in range(2):
         wg, wu, wd = layer.w_gate[0], layer.w_up[0], layer.w_down[0]  # [h, d], [h, d], [d, h]
@@ -254,3 +306,55 @@ def test_prenorm_layer_runs_the_prenorm_operator():
 def test_bad_published_options_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LaCTLayer(32, 2, **kwargs)
+
+
+def test_published_options_are_lact_config_fields_and_build_the_layer():
+    from dataclasses import fields
+
+    from lact.models.lm import LMConfig
+
+    options = dict(
+        init_gain=2.0, low_rank=3, low_rank_gain=0.25, qk_affine=True, output_gate_bias=True, rotary_dim=4,
+        prenorm=True,
+    )  # fmt: skip
+    config = LaCTConfig(heads=2, chunk_size=4, rotary=True, **options)
+    layer = LaCTLayer.from_config(32, config, schedule="causal")
+    assert (layer.init_gain, layer.prenorm, layer.rotary.dim, layer.w_gate.rank) == (2.0, True, 4, 3)
+    assert layer.w_up.gain == 0.25 and layer.qk_scale is not None and layer.gate_proj.bias is not None
+    # every LaCTConfig field is a keyword of LaCTLayer (heads is num_heads), so from_config forgets none
+    keywords = set(inspect.signature(LaCTLayer).parameters)
+    assert {f.name for f in fields(LaCTConfig)} - {"heads"} <= keywords
+    lm = LMConfig(dim=32, num_heads=8, lact={"heads": 2, "rotary_dim": 4, "low_rank": 3})
+    assert (lm.lact.rotary_dim, lm.lact.low_rank) == (4, 3)
+
+
+@pytest.mark.parametrize(
+    ("lact", "match"),
+    [
+        ({"low_rank": 0}, r"LMConfig\.lact\.low_rank must be an int >= 1"),
+        ({"low_rank_gain": -1.0}, r"LMConfig\.lact\.low_rank_gain must be a positive number"),
+        ({"init_gain": 0}, r"LMConfig\.lact\.init_gain must be a positive number"),
+        ({"qk_affine": 1}, r"LMConfig\.lact\.qk_affine must be true or false"),
+        ({"prenorm": "yes"}, r"LMConfig\.lact\.prenorm must be true or false"),
+        ({"output_gate": None, "output_gate_bias": True}, r"LMConfig\.lact\.output_gate_bias needs"),
+        ({"rotary": False, "rotary_dim": 4}, r"LMConfig\.lact\.rotary_dim=4 needs rotary"),
+        ({"rotary_dim": 3}, r"LMConfig\.lact\.rotary_dim=3 must be even"),
+        (
+            {"rotary_dim": 32},
+            r"LMConfig\.lact\.rotary_dim=32 must be even and divide the fast-weight head dim 16",
+        ),
+        ({"muon": "adam"}, r"LMConfig\.lact\.muon must be None or one of"),
+    ],
+)
+def test_bad_published_options_in_lact_config_name_the_field(lact, match):
+    from lact.models.lm import LMConfig
+
+    with pytest.raises(ValueError, match=match):
+        LMConfig(dim=32, num_heads=4, lact={"heads": 2, **lact})
+
+
+def test_prenorm_is_refused_by_the_bidirectional_network_config():
+    from lact.models.nvs import NVSConfig
+
+    with pytest.raises(ValueError, match=r"NVSConfig\.lact\.prenorm must be false"):
+        NVSConfig(dim=32, num_heads=2, lact={"prenorm": True})

@@ -8,7 +8,7 @@ from lact.models.mlm import MaskedLMEncoder
 
 
 def test_encoder_shapes_tying_and_pad_row():
-    net = MaskedLMEncoder(vocab_size=30, dim=16, depth=2, heads=2, max_len=7, pad_id=0)
+    net = MaskedLMEncoder(vocab_size=30, dim=16, depth=2, num_heads=2, max_len=7, pad_id=0)
     logits = net(torch.randint(0, 30, (3, 7)))
     assert logits.shape == (3, 7, 30)
     assert net.head.weight is net.embed.weight

@@ -11,11 +11,11 @@ import train
 from datamodules.pos import POSDataModule
 from modules.mlm import MaskedLMModule
 
-TINY = ["fit", "--config=configs/icl/tiny.yaml", "--trainer.logger=false"]
+TINY = ["fit", "--config=configs/icl/base.yaml", "--config=configs/icl/tiny.yaml", "--trainer.logger=false"]
 
 
 def test_accuracy_counts_a_sequence_only_when_all_masked_tokens_are_right():
-    m = MaskedLMModule(vocab_size=5, dim=8, depth=1, heads=2, max_len=3)
+    m = MaskedLMModule(net=dict(vocab_size=5, dim=8, depth=1, num_heads=2, max_len=3))
     labels = torch.tensor([[-100, 2, 3], [-100, 2, 3]])
     m.net = Echo()  # predicts its input
     _, acc = m._loss_and_acc({"input_ids": torch.tensor([[1, 2, 3], [1, 2, 4]]), "labels": labels})
@@ -32,7 +32,7 @@ class FavoursZero(torch.nn.Module):
 
 
 def test_context_accuracy_restricts_the_argmax_to_visible_ids():
-    m = MaskedLMModule(vocab_size=5, dim=8, depth=1, heads=2, max_len=3)
+    m = MaskedLMModule(net=dict(vocab_size=5, dim=8, depth=1, num_heads=2, max_len=3))
     m.net = FavoursZero()
     batch = {"input_ids": torch.tensor([[1, 2, 3], [1, 4, 3]]), "labels": torch.tensor([[-100, 2, -100]] * 2)}
     _, acc, ctx = m._loss_and_acc(batch, context_acc=True)
@@ -55,7 +55,7 @@ class SeenHoldoutRows(Callback):
 
 def test_holdout_rows_are_redrawn_for_evaluation_and_restored():
     dm = POSDataModule(class_size=20, holdout_size=10, batch_size=8, eval_size=16)
-    model = MaskedLMModule(vocab_size=dm.vocab_size, dim=16, depth=1, heads=2, max_len=7)
+    model = MaskedLMModule(net=dict(vocab_size=dm.vocab_size, dim=16, depth=1, num_heads=2, max_len=7))
     ids = dm.holdout_token_ids
     with torch.no_grad():
         model.net.embed.weight[ids] = 7.0  # "drifted" rows, far from the init distribution

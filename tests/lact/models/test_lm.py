@@ -20,7 +20,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small(**overrides) -> LMConfig:
-    base = dict(vocab_size=40, dim=32, num_layers=2, num_heads=4, lact_heads=2, window=5, chunk_size=7)
+    lact = {"heads": 2, "chunk_size": 7}
+    for name in (
+        "heads",
+        "chunk_size",
+        "base_lr",
+        "inter_multi",
+        "momentum",
+        "muon",
+        "rotary",
+        "output_gate",
+        "low_rank",
+        "low_rank_gain",
+        "qk_affine",
+        "output_gate_bias",
+        "rotary_dim",
+        "prenorm",
+    ):
+        if name in overrides:  # LaCT settings live in the nested `lact` config
+            lact[name] = overrides.pop(name)
+    base = dict(vocab_size=40, dim=32, num_layers=2, num_heads=4, window=5, lact=lact)
     return LMConfig(**{**base, **overrides})
 
 
@@ -29,16 +48,16 @@ def small(**overrides) -> LMConfig:
     [
         ({"num_heads": 5}, "num_heads"),
         ({"num_heads": 32}, "num_heads"),  # head dim 1: odd, rotary cannot rotate it
-        ({"lact_heads": 3}, "lact_heads"),
+        ({"heads": 3}, r"lact\.heads"),
         ({"window": 0}, "window"),
-        ({"chunk_size": -4}, "chunk_size"),
-        ({"chunk_size": 2.5}, "chunk_size"),
+        ({"chunk_size": -4}, r"lact\.chunk_size"),
+        ({"chunk_size": 2.5}, r"lact\.chunk_size"),
         ({"vocab_size": 0}, "vocab_size"),
         ({"num_layers": 0}, "num_layers"),
-        ({"muon": "adam"}, "muon"),
+        ({"muon": "adam"}, r"lact\.muon"),
         ({"lact_ratio": 1.5}, "lact_ratio"),
-        ({"base_lr": 0.0}, "base_lr"),
-        ({"inter_multi": 0.01}, "inter_multi"),
+        ({"base_lr": 0.0}, r"lact\.base_lr"),
+        ({"inter_multi": 0.01}, r"lact\.inter_multi"),
         ({"short_conv": 1}, "short_conv"),
         ({"short_conv": -2}, "short_conv"),
     ],
@@ -56,8 +75,8 @@ def test_bad_config_names_the_field(overrides, field):
         {"lact_ratio": 0.0},
         {"lact_ratio": 0.5, "num_layers": 4, "inter_multi": 2.0, "mlp_hidden": 100},
         {"short_conv": 3},
-        {"lact_low_rank": 3, "lact_qk_affine": True, "lact_gate_bias": True, "lact_rotary_dim": 4},
-        {"lact_low_rank": 2, "inter_multi": 2.0, "momentum": False, "lact_prenorm": True},
+        {"low_rank": 3, "qk_affine": True, "output_gate_bias": True, "rotary_dim": 4},
+        {"low_rank": 2, "inter_multi": 2.0, "momentum": False, "prenorm": True},
     ],
 )
 def test_parameter_count_formula_matches_the_module(overrides):
@@ -79,8 +98,9 @@ def test_lact_ratio_spreads_lact_blocks():
 )
 def test_paper_configs_match_the_formula_on_the_meta_device(name, dim, low, high):
     spec = yaml.safe_load((ROOT / "configs" / "lm" / f"{name}.yaml").read_text())
-    cfg = LMConfig(**spec["model"]["init_args"]["config"])
-    assert (cfg.dim, cfg.num_layers, cfg.lact_heads, cfg.chunk_size, cfg.window) == (dim, 24, 4, 2048, 2048)
+    cfg = LMConfig(**spec["model"]["init_args"]["net"])
+    shape = (cfg.dim, cfg.num_layers, cfg.lact.heads, cfg.lact.chunk_size, cfg.window)
+    assert shape == (dim, 24, 4, 2048, 2048)
     assert spec["data"]["init_args"]["seq_len"] == 32768
     with torch.device("meta"):  # no memory: parameters have shapes only
         model = LaCTLM(cfg)
@@ -97,17 +117,16 @@ PUBLISHED_LM_PARAMETERS = {"760m": 797_625_312, "3b": 2_982_516_192}
     ("name", "overlay"), [("760m", None), ("3b", None), ("760m", "muon"), ("3b", "prenorm")]
 )
 def test_paper_configs_have_the_published_parameter_count(name, overlay):
-    spec = yaml.safe_load((ROOT / "configs" / "lm" / f"{name}.yaml").read_text())["model"]["init_args"][
-        "config"
-    ]
-    if overlay is not None:
+    spec = yaml.safe_load((ROOT / "configs" / "lm" / f"{name}.yaml").read_text())["model"]["init_args"]["net"]
+    if overlay is not None:  # the nested lact merged field by field, as the CLI merges a second --config
         extra = yaml.safe_load((ROOT / "configs" / "lm" / f"{overlay}.yaml").read_text())
-        spec = {**spec, **extra["model"]["init_args"]["config"]}
+        extra = extra["model"]["init_args"]["net"]
+        spec = {**spec, **extra, "lact": {**spec["lact"], **extra.get("lact", {})}}
     cfg = LMConfig(**spec)
-    assert cfg.muon == ("schedule" if overlay == "muon" else None)
-    assert cfg.lact_prenorm == (overlay == "prenorm")
-    assert (cfg.vocab_size, cfg.rope_base, cfg.tie_embeddings, cfg.base_lr) == (32000, 1e6, False, 1e-3)
-    assert cfg.lact_rotary_dim == cfg.dim // cfg.num_heads and cfg.lact_low_rank == 32
+    assert cfg.lact.muon == ("schedule" if overlay == "muon" else None)
+    assert cfg.lact.prenorm == (overlay == "prenorm")
+    assert (cfg.vocab_size, cfg.rope_base, cfg.tie_embeddings, cfg.lact.base_lr) == (32000, 1e6, False, 1e-3)
+    assert cfg.lact.rotary_dim == cfg.dim // cfg.num_heads and cfg.lact.low_rank == 32
     with torch.device("meta"):
         model = LaCTLM(cfg)
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_LM_PARAMETERS[name]
@@ -115,7 +134,7 @@ def test_paper_configs_have_the_published_parameter_count(name, overlay):
 
 def test_low_rank_lm_init_and_gate_bias():
     torch.manual_seed(0)
-    cfg = small(dim=64, lact_low_rank=4, lact_qk_affine=True, lact_gate_bias=True, lact_rotary_dim=8)
+    cfg = small(dim=64, low_rank=4, qk_affine=True, output_gate_bias=True, rotary_dim=8)
     lact = LaCTLM(cfg).blocks[0].lact
     assert lact.w_gate.left.std().item() == pytest.approx(0.5 / 2, rel=0.2)  # gain / sqrt(r)
     assert torch.equal(lact.gate_proj.bias, torch.zeros(2)) and torch.equal(lact.qk_scale, torch.ones(2, 64))
@@ -124,7 +143,7 @@ def test_low_rank_lm_init_and_gate_bias():
 
 def test_init_follows_the_design():
     torch.manual_seed(0)
-    model = LaCTLM(small(dim=64, num_heads=4, lact_heads=2, vocab_size=500, tie_embeddings=False))
+    model = LaCTLM(small(dim=64, num_heads=4, heads=2, vocab_size=500, tie_embeddings=False))
     block = model.blocks[0]
     for linear in (block.qkv, block.o_proj, model.lm_head, block.lact.lr_proj):
         assert linear.weight.std().item() == pytest.approx(0.02, rel=0.1)
@@ -194,16 +213,16 @@ def test_lact_reaches_past_the_attention_receptive_field():
         ({"momentum": True, "muon": "schedule"}, 3),
         ({"momentum": True, "muon": "fixed", "window": 9, "chunk_size": 4}, 1),
         ({"momentum": False, "lact_ratio": 0.5, "num_layers": 3, "tie_embeddings": False}, 11),
-        ({"momentum": True, "window": 1, "chunk_size": 1, "lact_rotary": False}, 2),
+        ({"momentum": True, "window": 1, "chunk_size": 1, "rotary": False}, 2),
         ({"short_conv": 4, "tie_embeddings": False}, 1),  # fewer carried conv inputs than taps at first
         ({"short_conv": 2, "muon": "schedule"}, 5),
         (  # the published LM's options, pre-norm update included
             {
-                "lact_low_rank": 3,
-                "lact_qk_affine": True,
-                "lact_gate_bias": True,
-                "lact_rotary_dim": 4,
-                "lact_prenorm": True,
+                "low_rank": 3,
+                "qk_affine": True,
+                "output_gate_bias": True,
+                "rotary_dim": 4,
+                "prenorm": True,
                 "muon": "normalize",
                 "tie_embeddings": False,
             },
@@ -247,7 +266,20 @@ def test_block_checkpointing_gives_the_same_gradients():
     model(x).square().mean().backward()
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.checkpoint_blocks = True
+    model.cfg.activation_checkpointing = True
     model(x).square().mean().backward()
     for a, p in zip(plain, model.parameters()):
         torch.testing.assert_close(p.grad, a)
+
+
+def test_zero_output_gate_survives_the_model_init():
+    torch.manual_seed(0)
+    model = LaCTLM(small(output_gate="zero"))
+    for block in model.blocks:
+        assert torch.equal(block.lact.gate_proj.weight, torch.zeros_like(block.lact.gate_proj.weight))
+        xn = block.attn_norm(torch.randn(2, 9, 32))
+        with torch.no_grad():
+            y = block.lact(xn, qkv=block.qkv(xn), positions=torch.arange(9))
+        assert torch.equal(y, torch.zeros_like(y))  # the branch starts switched off
+    default = LaCTLM(small()).blocks[0].lact.gate_proj.weight
+    assert default.std().item() == pytest.approx(0.02, rel=0.2)  # the silu gate keeps the network's init
