@@ -165,7 +165,7 @@ def fla_rope(x: torch.Tensor, base: float) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def compare_lm(root: Path, dim: int, attn_heads: int, heads: int, rank: int, chunk: int, length: int):
+def compare_lm(root: Path, dim: int, num_heads: int, heads: int, rank: int, chunk: int, length: int):
     ops, LowRank, inv_softplus, how = published_lm_parts(root)
     d = dim // heads
     rows = []
@@ -197,7 +197,7 @@ def compare_lm(root: Path, dim: int, attn_heads: int, heads: int, rank: int, chu
         fq, fk, fv = (F.silu(split(t)) for t in (fq, fk, v))
         fq, fk = ops.l2_norm(fq), ops.l2_norm(fk)
         merge = lambda t: t.unflatten(0, (1, heads)).transpose(1, 2).flatten(2)  # noqa: E731
-        rope = lambda t: fla_rope(merge(t).unflatten(-1, (attn_heads, -1)), theta).flatten(2)  # noqa: E731
+        rope = lambda t: fla_rope(merge(t).unflatten(-1, (num_heads, -1)), theta).flatten(2)  # noqa: E731
         fq, fk = split(rope(fq)), split(rope(fk))
         lr = F.softplus(pub.lr_proj(x).float() + inv_softplus(0.001))
         lr = (
@@ -216,7 +216,7 @@ def compare_lm(root: Path, dim: int, attn_heads: int, heads: int, rank: int, chu
     for use_muon, prenorm in ((False, False), (True, False), (False, True), (True, True)):
         ours = LaCTLayer(
             dim, heads, schedule="causal", chunk_size=chunk, base_lr=1e-3, momentum=True,
-            muon="schedule" if use_muon else None, rotary=True, rotary_dim=dim // attn_heads, rope_base=theta,
+            muon="schedule" if use_muon else None, rotary=True, rotary_dim=dim // num_heads, rope_base=theta,
             own_qkv=False, out_proj=False, low_rank=rank, qk_affine=True, output_gate_bias=True, prenorm=prenorm,
         )  # fmt: skip
         state, leftover = to_ours("lm_layer", pub.state_dict())
@@ -262,7 +262,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lm-length", type=int, default=2 * 2048 + 512, help="tokens (chunk 2048)")
     parser.add_argument("--lm-chunk", type=int, default=2048, help="LaCT chunk of the LM (published 2048)")
     parser.add_argument("--only", choices=("nvs", "lm"), default=None)
+    parser.add_argument(
+        "--lr-floor",
+        type=float,
+        default=None,
+        help="our inner-lr floor for this comparison (default: lact.layer.LR_FLOOR; 0 = the published "
+        "softplus(z + softplus^-1(base_lr)) exactly)",
+    )
     args = parser.parse_args(argv)
+    if args.lr_floor is not None:
+        import lact.layer
+
+        lact.layer.LR_FLOOR = args.lr_floor  # read at every call of LaCTLayer.fast_weight_inputs
     for sub in ("lact_nvs/lact_ttt.py", "lact_llm/lact_model/ttt_operation.py"):
         if not (args.published / sub).is_file():
             raise SystemExit(f"--published {args.published}: no {sub}; pass a checkout of a1600012888/LaCT")
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         lm_rows, how = compare_lm(
             args.published,
             dim=1536,
-            attn_heads=24,
+            num_heads=24,
             heads=4,
             rank=32,
             chunk=args.lm_chunk,
