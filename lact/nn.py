@@ -1,5 +1,5 @@
-"""Small building blocks shared by the networks: SwiGLU MLP, rotary position embedding, short convolution,
-the block loop's optional activation checkpointing, and the ignore index of token losses.
+"""Small building blocks shared by the networks: SwiGLU and GELU MLPs, rotary position embedding, short
+convolution, the block loop's optional activation checkpointing, and the ignore index of token losses.
 
 RMSNorm is torch.nn.RMSNorm; these are the pieces torch does not ship.
 """
@@ -41,6 +41,18 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+class GeluMLP(nn.Module):
+    """y = W_proj gelu(W_fc x), bias-free, exact (erf) GELU: the published NVS model's MLP.  x [..., dim] -> same."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x)))
 
 
 class RotaryEmbedding(nn.Module):

@@ -32,7 +32,10 @@ MUON_SCHEDULE = (
     (2.8769, -3.1427, 1.2046),
     (2.8366, -3.0525, 1.2012),
 )
-MUON_COEFFICIENTS = {"fixed": MUON_FIXED, "schedule": MUON_SCHEDULE}
+# Zero iterations: only the division by the Frobenius norm, so every update has unit norm. This is what the
+# published code computes when it is asked for zero Newton-Schulz steps (its no-Muon NVS setting).
+MUON_NORMALIZE = ()
+MUON_COEFFICIENTS = {"fixed": MUON_FIXED, "schedule": MUON_SCHEDULE, "normalize": MUON_NORMALIZE}
 
 FastWeights = tuple[Tensor, Tensor, Tensor]  # (w_gate [B,h,d], w_up [B,h,d], w_down [B,d,h])
 
@@ -68,12 +71,15 @@ class FastWeightState(NamedTuple):
 
     weights: current (w_gate, w_up, w_down); row_norms: the per-row L2 norms of the initial (slow) weights,
     ([B,h,1], [B,h,1], [B,d,1]), which the weight norm restores after every update; momentum: the running
-    momentum buffers of the three matrices, or None before the first update / without momentum.
+    momentum buffers of the three matrices, or None before the first update / without momentum; unnormalized:
+    with the pre-norm update only, the sum of the initial weights and all updates so far, of which `weights` is
+    the row-renormalised copy (None before the first update / with the default post-norm update).
     """
 
     weights: FastWeights
     row_norms: FastWeights
     momentum: FastWeights | None = None
+    unnormalized: FastWeights | None = None
 
     @classmethod
     def initial(cls, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> FastWeightState:
@@ -126,12 +132,12 @@ def newton_schulz(
     """Approximately orthogonalise each matrix of x [..., m, n] (Muon): normalise by its Frobenius norm, then
     iterate X <- aX + (bA + cA^2)X, A = X X^T, once per (a, b, c), on the wide orientation.
 
-    `coefficients` is "fixed", "schedule" or an explicit tuple of (a, b, c). Computed in bf16 on CUDA and in
-    fp32 (or the input's float64) elsewhere, where bf16 matmul is slow; returned in x's dtype.
+    `coefficients` is "fixed", "schedule", "normalize" (no iteration: x / ||x||_F) or an explicit tuple of
+    (a, b, c). Computed in bf16 on CUDA and in fp32 (or the input's float64) elsewhere, where bf16 matmul is slow; returned in x's dtype.
     """
     if isinstance(coefficients, str):
         if coefficients not in MUON_COEFFICIENTS:
-            raise ValueError(f"muon must be None, 'fixed' or 'schedule', got {coefficients!r}")
+            raise ValueError(f"muon must be None or one of {sorted(MUON_COEFFICIENTS)}, got {coefficients!r}")
         coefficients = MUON_COEFFICIENTS[coefficients]
     if x.is_cuda:
         compute_dtype = torch.bfloat16
@@ -161,12 +167,17 @@ def renormalize_rows(w: Tensor, target_norms: Tensor) -> Tensor:
 
 
 def update_step(
-    state: FastWeightState, chunk: FastWeightInputs, *, muon: str | None = None
+    state: FastWeightState, chunk: FastWeightInputs, *, muon: str | None = None, prenorm: bool = False
 ) -> FastWeightState:
     """One chunk's update: closed-form step, then momentum, Muon, step and weight norm, in that order.
 
     chunk: the chunk's inputs ([B, b, .]; q is not used). With chunk.momentum, the chunk's momentum coefficient
     is the mean of its per-token beta, [B, 1, 1]; None means no momentum.
+
+    prenorm=False (post-norm): W <- renorm(W + dW), the step is taken from the renormalised weights.
+    prenorm=True: the steps accumulate in unnormalised weights U <- U + dW (U starts at the initial weights) and
+    the weights used to read and to compute the next step are renorm(U): the weight norm is applied to the
+    state before use instead of after each step. Both compute dW from the weights in use.
     """
     delta = swiglu_update(*state.weights, chunk.k, chunk.v, chunk.lr_gate, chunk.lr_up, chunk.lr_down)
     momentum = state.momentum
@@ -177,6 +188,11 @@ def update_step(
         momentum = delta
     if muon is not None:
         delta = tuple(newton_schulz(d, muon) for d in delta)
+    if prenorm:
+        base = state.weights if state.unnormalized is None else state.unnormalized
+        unnormalized = tuple(u + d for u, d in zip(base, delta))
+        weights = tuple(renormalize_rows(u, n) for u, n in zip(unnormalized, state.row_norms))
+        return FastWeightState(weights, state.row_norms, momentum, unnormalized)
     weights = tuple(renormalize_rows(w + d, n) for w, d, n in zip(state.weights, delta, state.row_norms))
     return FastWeightState(weights, state.row_norms, momentum)
 
@@ -186,7 +202,12 @@ def update_step(
 
 
 def run_causal(
-    weights: FastWeights, inputs: FastWeightInputs, *, chunk_size: int, muon: str | None = None
+    weights: FastWeights,
+    inputs: FastWeightInputs,
+    *,
+    chunk_size: int,
+    muon: str | None = None,
+    prenorm: bool = False,
 ) -> Tensor:
     """`causal_lact` on an inputs record: apply-then-update over chunks. Returns o [B, L, d]."""
     check_inputs(weights, inputs, muon=muon)
@@ -199,7 +220,7 @@ def run_causal(
         chunk = inputs.slice(start, end)
         outputs.append(swiglu_apply(*state.weights, chunk.q))
         if end < length:
-            state = update_step(state, chunk, muon=muon)
+            state = update_step(state, chunk, muon=muon, prenorm=prenorm)
     return torch.cat(outputs, dim=1)
 
 
@@ -269,14 +290,16 @@ def causal_lact(
     chunk_size: int,
     momentum: Tensor | None = None,
     muon: str | None = None,
+    prenorm: bool = False,
 ) -> Tensor:
     """Apply-then-update over chunks of `chunk_size` tokens (language model, DESIGN §2.3).
 
     o[c] = f_{W_c}(q[c]), then W_{c+1} = update(W_c; k[c], v[c]). Token t never sees memory written by its own
-    or later chunks; the last chunk (which may be partial) is apply-only. Returns o [B, L, d].
+    or later chunks; the last chunk (which may be partial) is apply-only. `prenorm`: see `update_step`.
+    Returns o [B, L, d].
     """
     inputs = FastWeightInputs(q, k, v, lr_gate, lr_up, lr_down, momentum)
-    return run_causal((w_gate, w_up, w_down), inputs, chunk_size=chunk_size, muon=muon)
+    return run_causal((w_gate, w_up, w_down), inputs, chunk_size=chunk_size, muon=muon, prenorm=prenorm)
 
 
 def bidirectional_lact(
@@ -385,7 +408,7 @@ def check_inputs(weights: FastWeights, inputs: FastWeightInputs, *, muon: str | 
         if lr.numel() and reads_values_here(lr) and bool((lr <= 0).any()):
             raise ValueError(f"{name} must be positive everywhere (the operator applies no softplus)")
     if muon is not None and muon not in MUON_COEFFICIENTS:
-        raise ValueError(f"muon must be None, 'fixed' or 'schedule', got {muon!r}")
+        raise ValueError(f"muon must be None or one of {sorted(MUON_COEFFICIENTS)}, got {muon!r}")
 
 
 def reads_values_here(t: Tensor) -> bool:

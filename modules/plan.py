@@ -40,10 +40,11 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from lact.layer import LaCTLayer
+from lact.layer import LaCTLayer, LowRankFastWeight
 from lact.models.lm import HybridBlock
 from lact.models.nvs import NVSBlock, ViewAttention
-from lact.nn import ShortConv, SwiGLUMLP
+from lact.nn import GeluMLP, ShortConv, SwiGLUMLP
+from lact.ops import MUON_COEFFICIENTS
 
 GiB = 1024**3
 FP32 = 4  # bytes of the tensors the code keeps in fp32 whatever the compute dtype
@@ -99,9 +100,11 @@ def parameter_kind(owners: Sequence[nn.Module], name: str, in_block: bool) -> st
     if isinstance(innermost, (nn.RMSNorm, nn.LayerNorm)):
         return "norms"
     for module in reversed(owners):
+        if isinstance(module, LowRankFastWeight):  # the low-rank factors of an initial fast weight
+            return KINDS[0]
         if isinstance(module, LaCTLayer):
             return KINDS[0] if module is innermost and name in ("w_gate", "w_up", "w_down") else KINDS[1]
-        if isinstance(module, SwiGLUMLP):
+        if isinstance(module, (SwiGLUMLP, GeluMLP)):
             return "MLP"
         if isinstance(module, (ViewAttention, ShortConv)) or "attention" in type(module).__name__.lower():
             return KINDS[2]
@@ -165,10 +168,12 @@ def norm_bytes(norm: nn.Module, tokens: int, width: int, a: int) -> float:
     return 2 * tokens * width * a + FP32 * tokens
 
 
-def mlp_bytes(mlp: SwiGLUMLP, tokens: int, a: int) -> float:
+def mlp_bytes(mlp: SwiGLUMLP | GeluMLP, tokens: int, a: int) -> float:
     """SwiGLU MLP y = down(silu(g) * u), [g, u] = gate_up(x), hidden F, input x saved by its consumer:
     gate_up's output [T, 2F] (silu and the product read it), silu(g) [T, F] and the product [T, F] (down's
-    input): 4 T F a."""
+    input): 4 T F a.  GELU MLP y = proj(gelu(fc(x))): fc's output (gelu's input) and proj's input: 2 T F a."""
+    if isinstance(mlp, GeluMLP):
+        return 2 * tokens * mlp.proj.in_features * a
     return 4 * tokens * mlp.down.in_features * a
 
 
@@ -181,8 +186,8 @@ def lact_operator_bytes(layer: LaCTLayer, batch: int, length: int, update_len: i
         [b, d]:                                                                              B H L_u (13 h + 2 d) a
     state, per update (n_u of them): the weights W_c the chunk's matmuls read, W_c + dW before the weight
         norm (3 matrices d*h each), and with momentum the momentum buffer:                  n_u B H 3 d h (2 + m) a
-    Muon (when on), per update and matrix m x n (m <= n): 5 Newton-Schulz steps each saving X, A = X X^T and
-        bA + cA^2, plus the normalised input:                                               n_u B H 3 (6 m n + 10 m^2) a
+    Muon (when on), per update and matrix m x n (m <= n): s Newton-Schulz steps (5; 0 for "normalize") each
+        saving X, A = X X^T and bA + cA^2, plus the normalised input:                     n_u B H 3 ((s + 1) m n + 2 s m^2) a
     Causal: L_u = (ceil(L / C) - 1) C tokens, n_u = ceil(L / C) - 1 (the last chunk only reads).
     Bidirectional: L_u = the input tokens, n_u = ceil(L_u / C) (one update when C is None).
     """
@@ -194,7 +199,8 @@ def lact_operator_bytes(layer: LaCTLayer, batch: int, length: int, update_len: i
     total += updates * bh * 3 * d * h * (2 + momentum) * a
     if layer.muon is not None:
         m, n = min(d, h), max(d, h)
-        total += updates * bh * 3 * (6 * m * n + 10 * m * m) * a
+        steps = len(MUON_COEFFICIENTS[layer.muon])
+        total += updates * bh * 3 * ((steps + 1) * m * n + 2 * steps * m * m) * a
     return total
 
 
@@ -219,6 +225,7 @@ def lact_layer_bytes(layer: LaCTLayer, batch: int, length: int, update_len: int 
         momentum: sigmoid output and per-head copy 2 T H fp32.
     output: o [T, D], RMSNorm's normalised o and its output (read by the gate product): 3 T D a; with its own
         o_proj, the head-merged copy T D a; the gate's silu input T H a.
+    qk_affine: the rescaled q, k joined with v into a new [T, 3D] that the silu reads: 3 T D a.
     plus lact_operator_bytes.
     """
     tokens, dim, heads = batch * length, layer.dim, layer.num_heads
@@ -231,6 +238,8 @@ def lact_layer_bytes(layer: LaCTLayer, batch: int, length: int, update_len: int 
         total += tokens * dim * a
     if layer.gate_proj is not None:
         total += tokens * heads * a
+    if layer.qk_scale is not None:
+        total += 3 * tokens * dim * a
     written, updates = lact_schedule(layer, length, update_len)
     return total + lact_operator_bytes(layer, batch, length, written, updates, a)
 
@@ -306,11 +315,15 @@ def block_bytes(block: nn.Module, work: Workload, a: int) -> float:
 
 def block_workspace(block: nn.Module, work: Workload, a: int) -> float:
     """Gradients alive at once in a block's backward: those of its output and input (2 T D a) and of the
-    widest intermediate, the MLP's [T, 2F] (2 T F a). Measured on CPU: the peak of a step without
-    checkpointing exceeds what the blocks keep by about this much (tests/modules/test_plan.py)."""
-    width = max(m.down.in_features for m in block.modules() if isinstance(m, SwiGLUMLP))
+    widest intermediate, the MLP's [T, 2F] (2 T F a; a GELU MLP's is [T, F]). Measured on CPU: the peak of a
+    step without checkpointing exceeds what the blocks keep by about this much (tests/modules/test_plan.py)."""
+    widest = max(
+        2 * m.down.in_features if isinstance(m, SwiGLUMLP) else m.proj.in_features
+        for m in block.modules()
+        if isinstance(m, (SwiGLUMLP, GeluMLP))
+    )
     dim = next(m.normalized_shape[-1] for m in block.modules() if isinstance(m, (nn.RMSNorm, nn.LayerNorm)))
-    return 2 * work.tokens * (dim + width) * a
+    return work.tokens * (2 * dim + widest) * a
 
 
 def block_width(net: nn.Module) -> int:

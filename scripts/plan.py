@@ -23,7 +23,12 @@ from modules import plan as planner  # noqa: E402
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="a training config (configs/<task>/<size>.yaml)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        help="a training config (configs/<task>/<size>.yaml); repeat for a base and its overlays, as train.py",
+    )
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument(
@@ -46,13 +51,15 @@ def main(argv: list[str] | None = None) -> str:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if not 0 <= args.headroom < 1:
         parser.error(f"--headroom must be in [0, 1), got {args.headroom}")
-    if not Path(args.config).is_file():
-        parser.error(f"--config {args.config}: no such file")
+    for config in args.config:
+        if not Path(config).is_file():
+            parser.error(f"--config {config}: no such file")
     try:
         gpu_memory = planner.parse_bytes(args.gpu_memory)
     except ValueError as error:
         parser.error(f"--gpu-memory: {error}")
-    module, config = planner.build_from_config(["--config", args.config, *overrides])
+    configs = [arg for config in args.config for arg in ("--config", config)]
+    module, config = planner.build_from_config([*configs, *overrides])
     net = planner.network(module)
     work, text = planner.configured_workload(net, config, args.seq_len, args.micro_batch)
     checkpointing = planner.configured_checkpointing(net)

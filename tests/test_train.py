@@ -76,6 +76,18 @@ def test_optimizer_and_lr_scheduler_flags_are_refused(capsys):
         ("icl/base.yaml", "icl/tiny.yaml", {"model.init_args.net.vocab_size": 51}),
         ("nvs/paper.yaml", "nvs/paper_24l.yaml", {"model.init_args.net.num_layers": 24}),
         ("nvs/paper.yaml", "nvs/paper_14l.yaml", {"model.init_args.net.num_layers": 14}),
+        (  # the nested lact merges field by field: the base's published options survive the overlay
+            "nvs/paper.yaml",
+            "nvs/paper_24l_2x.yaml",
+            {
+                "model.init_args.net.num_layers": 24,
+                "model.init_args.net.lact.inter_multi": 2.0,
+                "model.init_args.net.lact.muon": "fixed",
+                "model.init_args.net.lact.output_gate": None,
+                "model.init_args.net.mlp": "gelu",
+            },
+        ),
+        ("nvs/paper.yaml", "nvs/normalize.yaml", {"model.init_args.net.lact.muon": "normalize"}),
     ],
 )
 def test_overlay_configs_parse_with_the_cli(base, overlay, checks):

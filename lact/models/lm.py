@@ -55,7 +55,9 @@ class LMConfig:
     lact: the LaCT branch (lact/layer.py LaCTConfig; a dict of some of its fields overrides the LM defaults
         of `default_lact`): heads (fast-weight heads, d = D / heads, h = int(inter_multi * d)), inter_multi,
         chunk_size (tokens per update, required), base_lr, momentum, muon, rotary (on the LaCT q', k'; the
-        attention q, k always get it), output_gate.
+        attention q, k always get it), output_gate, and the published LM's options (off by default;
+        configs/lm/760m.yaml and 3b.yaml turn them on): low_rank, low_rank_gain, qk_affine, output_gate_bias,
+        rotary_dim (the attention head dim D / num_heads reproduces the published model), prenorm.
     window: sliding-window size W in tokens (the token itself and W - 1 before it).
     mlp_hidden: SwiGLU MLP width; None = 8D/3 rounded up to a multiple of 64.
     lact_ratio: fraction of blocks with a LaCT branch, spread evenly (1 = all, 0 = SWA-only baseline).
@@ -124,12 +126,15 @@ def parameter_count(cfg: LMConfig) -> int:
 
     With V = vocab_size, D = dim, N = num_layers, F = mlp_width, n = blocks with a LaCT branch,
     H = lact.heads, d = D / H, h = int(lact.inter_multi * d), m = 1 with momentum else 0, g = 1 with an output
-    gate else 0, t = 1 if tied else 0, K = short_conv:
+    gate else 0, t = 1 if tied else 0, K = short_conv, r = lact.low_rank, a = 1 with lact.qk_affine else 0,
+    b = 1 with lact.output_gate_bias else 0:
 
         P = (2 - t) V D + D                                    embedding, LM head, final norm
           + N (4 D^2 + 3 D F + 2 D + 3 D K)                    qkv, o_proj, MLP, two norms, short conv
           + n (3 H d h + (3 + m) (D + 1) H + g D H + d)        fast weights W0, lr (+ momentum) projections
                                                                with bias, output gate, per-head RMSNorm
+          + n (4 a D + b H)                                    q/k scale and offset, output gate bias
+          - n 2 H (h d - r (h + d))                            with low-rank W0_gate, W0_up (r given)
     """
     vocab, dim, layers, mlp = cfg.vocab_size, cfg.dim, cfg.num_layers, cfg.mlp_width
     heads = cfg.lact.heads
@@ -141,6 +146,9 @@ def parameter_count(cfg: LMConfig) -> int:
     total = (1 if cfg.tie_embeddings else 2) * vocab * dim + dim
     total += layers * (4 * dim * dim + 3 * dim * mlp + 2 * dim + 3 * dim * cfg.short_conv)
     total += n * (3 * heads * d * h + (3 + m) * (dim + 1) * heads + g * dim * heads + d)
+    total += n * (4 * dim * cfg.lact.qk_affine + heads * cfg.lact.output_gate_bias)
+    if cfg.lact.low_rank is not None:
+        total -= n * 2 * heads * (h * d - cfg.lact.low_rank * (h + d))
     return total
 
 

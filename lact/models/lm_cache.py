@@ -113,7 +113,7 @@ def cached_lact(layer: LaCTLayer, inputs: FastWeightInputs, cache: LaCTCache) ->
         outputs.append(swiglu_apply(*cache.state.weights, new.q))
         cache.pending = new if cache.pending is None else cache.pending.cat(new)
         if cache.pending_len == chunk:
-            cache.state = update_step(cache.state, cache.pending, muon=layer.muon)
+            cache.state = update_step(cache.state, cache.pending, muon=layer.muon, prenorm=layer.prenorm)
             cache.pending = None
         start = end
     return torch.cat(outputs, dim=1)

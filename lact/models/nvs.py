@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lact.geometry import patchify, plucker_rays, unpatchify
 from lact.layer import LaCTConfig, LaCTLayer, finish_lact_init, lact_config
-from lact.nn import SwiGLUMLP, run_block
+from lact.nn import GeluMLP, SwiGLUMLP, run_block
 from lact.ops import FastWeights
 
 RAY_CHANNELS = 9
@@ -50,8 +50,9 @@ class NVSConfig:
     lact: the LaCT layers (lact/layer.py LaCTConfig; a dict of some of its fields overrides the NVS defaults
         of `default_lact`): heads (each holds a SwiGLU MLP of width d = dim / heads and hidden width
         inter_multi * d, so the fast-weight state is 3 * inter_multi * dim^2 / heads per layer), chunk_size
-        (input-view tokens per update; None = one update on all of them), base_lr, muon, output_gate.
-        momentum and rotary must stay off (the update-then-apply schedule has neither).
+        (input-view tokens per update; None = one update on all of them), base_lr, muon, output_gate,
+        init_gain (the published model: muon "fixed", output_gate None, init_gain sqrt 2). momentum, rotary
+        and prenorm must stay off (the update-then-apply schedule has none of them).
     mlp_ratio: the SwiGLU MLP has hidden width round(2/3 * mlp_ratio * dim), the parameter count of a
         two-matrix MLP of width mlp_ratio * dim.
     output_bias: initial bias of the output logits, so every pixel starts at sigmoid(output_bias) (0.5 for
@@ -59,6 +60,13 @@ class NVSConfig:
         steps of a short run).
     activation_checkpointing: recompute each block's activations in the backward pass (saves memory, costs
         ~1/3 time).
+
+    Options of the published NVS model besides the LaCT ones (configs/nvs/paper.yaml sets them;
+    docs/fidelity.md maps them):
+    mlp: "swiglu" (hidden round(2/3 mlp_ratio dim)) or "gelu" (two matrices, hidden mlp_ratio * dim, exact
+        GELU: the published MLP; the same parameter count).
+    norm_bias: LayerNorms with a bias (the published ones have none).
+    output_bias: None gives the output Linear no bias at all (published).
     """
 
     patch_size: int = 8
@@ -67,8 +75,10 @@ class NVSConfig:
     num_heads: int = 12
     lact: LaCTConfig = field(default_factory=default_lact)
     mlp_ratio: float = 4.0
-    output_bias: float = 0.0
+    output_bias: float | None = 0.0
     activation_checkpointing: bool = False
+    mlp: str = "swiglu"
+    norm_bias: bool = True
 
     def __post_init__(self):
         for name in ("patch_size", "dim", "num_layers", "num_heads"):
@@ -77,11 +87,19 @@ class NVSConfig:
         if self.dim % self.num_heads:
             raise ValueError(f"NVSConfig.num_heads={self.num_heads} must divide dim={self.dim}")
         self.lact = lact_config(self.lact, default_lact(), "NVSConfig", self.dim)
-        for name in ("momentum", "rotary"):
+        for name in ("momentum", "rotary", "prenorm"):
             if getattr(self.lact, name):
                 raise ValueError(
                     f"NVSConfig.lact.{name} must be false: the bidirectional schedule has no {name}"
                 )
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"NVSConfig.mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if not isinstance(self.norm_bias, bool):
+            raise ValueError(f"NVSConfig.norm_bias must be true or false, got {self.norm_bias!r}")
+        if self.output_bias is not None and (
+            isinstance(self.output_bias, bool) or not isinstance(self.output_bias, (int, float))
+        ):
+            raise ValueError(f"NVSConfig.output_bias must be a number or null, got {self.output_bias!r}")
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(
                 f"NVSConfig.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}"
@@ -89,6 +107,8 @@ class NVSConfig:
 
     @property
     def mlp_hidden(self) -> int:
+        if self.mlp == "gelu":
+            return int(self.mlp_ratio * self.dim)
         return round(2 / 3 * self.mlp_ratio * self.dim)
 
 
@@ -129,13 +149,14 @@ class NVSBlock(nn.Module):
 
     def __init__(self, config: NVSConfig):
         super().__init__()
-        dim = config.dim
-        self.attn_norm = nn.LayerNorm(dim)
+        dim, bias = config.dim, config.norm_bias
+        self.attn_norm = nn.LayerNorm(dim, bias=bias)
         self.attn = ViewAttention(dim, config.num_heads)
-        self.lact_norm = nn.LayerNorm(dim)
+        self.lact_norm = nn.LayerNorm(dim, bias=bias)
         self.lact = LaCTLayer.from_config(dim, config.lact, schedule="bidirectional")
-        self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = SwiGLUMLP(dim, config.mlp_hidden)
+        self.mlp_norm = nn.LayerNorm(dim, bias=bias)
+        mlp = GeluMLP if config.mlp == "gelu" else SwiGLUMLP
+        self.mlp = mlp(dim, config.mlp_hidden)
 
     def forward(self, x: Tensor, num_inputs: int) -> Tensor:
         """x [B, V, N, D] with the `num_inputs` input views first -> [B, V, N, D]."""
@@ -166,12 +187,13 @@ class NVSNet(nn.Module):
         self.config = config = config or NVSConfig()
         p, dim = config.patch_size, config.dim
         self.embed = nn.Linear((RAY_CHANNELS + RGB_CHANNELS) * p * p, dim, bias=False)
-        self.embed_norm = nn.LayerNorm(dim)
+        self.embed_norm = nn.LayerNorm(dim, bias=config.norm_bias)
         self.blocks = nn.ModuleList(NVSBlock(config) for _ in range(config.num_layers))
-        self.out_norm = nn.LayerNorm(dim)
-        self.out = nn.Linear(dim, RGB_CHANNELS * p * p)
+        self.out_norm = nn.LayerNorm(dim, bias=config.norm_bias)
+        self.out = nn.Linear(dim, RGB_CHANNELS * p * p, bias=config.output_bias is not None)
         self.apply(init_linear)
-        nn.init.constant_(self.out.bias, config.output_bias)
+        if config.output_bias is not None:
+            nn.init.constant_(self.out.bias, config.output_bias)
         finish_lact_init(self)  # last: the layers' own choices (zero gate) survive init_linear
 
     # ---------------------------------------------------------------------------------------- tokens

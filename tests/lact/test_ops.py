@@ -356,3 +356,77 @@ def test_bad_arguments_raise_value_errors_naming_them():
     bad[3] = q.float()
     with pytest.raises(ValueError, match="dtype"):
         causal_lact(*bad, chunk_size=4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Options of the published models: the normalised update (Muon with zero iterations) and the pre-norm update.
+
+
+def test_normalize_is_a_unit_frobenius_norm_step():
+    w_gate, w_up, w_down, q, k, v, lr_g, lr_u, lr_d, _ = make_inputs(length=9)
+    _, weights = bidirectional_lact(
+        w_gate, w_up, w_down, q, k, v, lr_g, lr_u, lr_d, update_len=9, muon="normalize"
+    )
+    params = [w.clone().requires_grad_() for w in (w_gate, w_up, w_down)]
+    grads = torch.autograd.grad(inner_loss(*params, k, v, lr_g, lr_u, lr_d), params)
+    for name, w, g, got in zip(("gate", "up", "down"), (w_gate, w_up, w_down), grads, weights):
+        step = -g / (g.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # each matrix of each batch entry separately
+        stepped = w + step
+        expected = stepped * w.norm(dim=-1, keepdim=True) / (stepped.norm(dim=-1, keepdim=True) + 1e-5)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=f"W_{name}")
+    # Scaling every learning rate by 10 leaves a normalised step unchanged up to the 1e-7 in the denominator;
+    # the raw step grows 10x and lands elsewhere.
+    scaled_lrs = (lr_g * 10, lr_u * 10, lr_d * 10)
+    _, scaled = bidirectional_lact(w_gate, w_up, w_down, q, k, v, *scaled_lrs, update_len=9, muon="normalize")
+    _, raw = bidirectional_lact(w_gate, w_up, w_down, q, k, v, lr_g, lr_u, lr_d, update_len=9)
+    _, raw_scaled = bidirectional_lact(w_gate, w_up, w_down, q, k, v, *scaled_lrs, update_len=9)
+    for a, b, c, d in zip(weights, scaled, raw, raw_scaled):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+        assert (c - d).abs().max() > 100 * (a - b).abs().max()
+
+
+@pytest.mark.parametrize("use_momentum", [False, True])
+def test_causal_normalize_matches_literal_reference(use_momentum):
+    *args, momentum = make_inputs(length=17)
+    momentum = momentum if use_momentum else None
+    out = causal_lact(*args, chunk_size=5, momentum=momentum, muon="normalize")
+    ref = reference_causal(*args, 5, momentum=momentum, muon=())
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+
+
+def reference_prenorm_causal(w_gate, w_up, w_down, q, k, v, lr_gate, lr_up, lr_down, chunk, momentum, muon):
+    """Pre-norm: the steps add up in U; the weights in use are U with every row rescaled to its initial norm."""
+    used = [w.detach().clone() for w in (w_gate, w_up, w_down)]
+    norms = [w.norm(dim=-1, keepdim=True) for w in used]
+    total = [w.clone() for w in used]
+    buffers, outs, length = None, [], q.shape[1]
+    for s in range(0, length, chunk):
+        e = min(s + chunk, length)
+        outs.append(swiglu_apply(*used, q[:, s:e]))
+        if e == length:
+            break
+        params = [w.clone().requires_grad_() for w in used]
+        loss = inner_loss(*params, k[:, s:e], v[:, s:e], lr_gate[:, s:e], lr_up[:, s:e], lr_down[:, s:e])
+        delta = [-g for g in torch.autograd.grad(loss, params)]
+        if momentum is not None:
+            beta = momentum[:, s:e].mean(dim=1, keepdim=True)
+            buffers = delta if buffers is None else [d + beta * m for d, m in zip(delta, buffers)]
+            delta = buffers
+        if muon is not None:
+            delta = [reference_ns(d, muon).to(d.dtype) for d in delta]
+        total = [u + d for u, d in zip(total, delta)]
+        used = [u * n / (u.norm(dim=-1, keepdim=True) + 1e-5) for u, n in zip(total, norms)]
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("muon", [None, "schedule"])
+def test_causal_prenorm_matches_literal_reference(muon):
+    *args, momentum = make_inputs(length=23)
+    out = causal_lact(*args, chunk_size=5, momentum=momentum, muon=muon, prenorm=True)
+    coeffs = None if muon is None else MUON_SCHEDULE
+    ref = reference_prenorm_causal(*args, 5, momentum, coeffs)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    # From the third chunk on, pre- and post-norm differ (the first two read the same weights).
+    post = causal_lact(*args, chunk_size=5, momentum=momentum, muon=muon)
+    torch.testing.assert_close(out[:, :10], post[:, :10], rtol=1e-9, atol=1e-11)
+    assert not torch.allclose(out[:, 10:], post[:, 10:], rtol=1e-6, atol=1e-8)

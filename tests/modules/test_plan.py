@@ -45,6 +45,22 @@ def saved_bytes(fn, params) -> int:
         (60, {}),
         (512, {"lact": {"heads": 2, "chunk_size": 64, "muon": "schedule"}}),
         (512, {"lact": {"heads": 4, "chunk_size": 64, "momentum": False}}),
+        (  # the published LM's options
+            512,
+            {
+                "lact": {
+                    "heads": 2,
+                    "chunk_size": 64,
+                    "momentum": True,
+                    "rotary": True,
+                    "rotary_dim": 16,
+                    "low_rank": 4,
+                    "qk_affine": True,
+                    "output_gate_bias": True,
+                    "prenorm": True,
+                }
+            },
+        ),  # fmt: skip
     ],
 )
 def test_lm_block_formula_counts_what_autograd_saves(one_thread, length, overrides):
@@ -57,9 +73,24 @@ def test_lm_block_formula_counts_what_autograd_saves(one_thread, length, overrid
     assert formula == pytest.approx(saved, rel=0.06)
 
 
-@pytest.mark.parametrize("lact", [{}, {"chunk_size": 16}, {"heads": 2}, {"muon": "fixed"}])
+PUBLISHED_NVS = {"output_gate": None, "init_gain": 2**0.5}  # with mlp gelu, bias-free norms (below)
+
+
+@pytest.mark.parametrize(
+    "lact",
+    [
+        {},
+        {"chunk_size": 16},
+        {"heads": 2},
+        {"muon": "fixed"},
+        {**PUBLISHED_NVS, "muon": "fixed"},
+        {**PUBLISHED_NVS, "muon": "normalize"},
+    ],
+)
 def test_nvs_block_formula_counts_what_autograd_saves(one_thread, lact):
     fields = {"patch_size": 4, "dim": 32, "num_layers": 1, "num_heads": 2, "mlp_ratio": 2.0}
+    if "init_gain" in lact:
+        fields |= {"mlp": "gelu", "norm_bias": False}
     block = NVSBlock(NVSConfig(**fields, lact={"inter_multi": 2.0, **lact}))
     batch, inputs, targets, view_tokens = 2, 3, 2, 64
     x = torch.randn(batch, inputs + targets, view_tokens, 32, requires_grad=True)

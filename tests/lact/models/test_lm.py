@@ -30,6 +30,12 @@ def small(**overrides) -> LMConfig:
         "muon",
         "rotary",
         "output_gate",
+        "low_rank",
+        "low_rank_gain",
+        "qk_affine",
+        "output_gate_bias",
+        "rotary_dim",
+        "prenorm",
     ):
         if name in overrides:  # LaCT settings live in the nested `lact` config
             lact[name] = overrides.pop(name)
@@ -69,6 +75,8 @@ def test_bad_config_names_the_field(overrides, field):
         {"lact_ratio": 0.0},
         {"lact_ratio": 0.5, "num_layers": 4, "inter_multi": 2.0, "mlp_hidden": 100},
         {"short_conv": 3},
+        {"low_rank": 3, "qk_affine": True, "output_gate_bias": True, "rotary_dim": 4},
+        {"low_rank": 2, "inter_multi": 2.0, "momentum": False, "prenorm": True},
     ],
 )
 def test_parameter_count_formula_matches_the_module(overrides):
@@ -99,6 +107,38 @@ def test_paper_configs_match_the_formula_on_the_meta_device(name, dim, low, high
     counted = sum(p.numel() for p in model.parameters())
     assert counted == parameter_count(cfg)
     assert low < counted < high, f"{name}: {counted / 1e6:.1f}M parameters"
+
+
+# The published models' parameter counts, derived by hand from the published code in docs/fidelity.md.
+PUBLISHED_LM_PARAMETERS = {"760m": 797_625_312, "3b": 2_982_516_192}
+
+
+@pytest.mark.parametrize(
+    ("name", "overlay"), [("760m", None), ("3b", None), ("760m", "muon"), ("3b", "prenorm")]
+)
+def test_paper_configs_have_the_published_parameter_count(name, overlay):
+    spec = yaml.safe_load((ROOT / "configs" / "lm" / f"{name}.yaml").read_text())["model"]["init_args"]["net"]
+    if overlay is not None:  # the nested lact merged field by field, as the CLI merges a second --config
+        extra = yaml.safe_load((ROOT / "configs" / "lm" / f"{overlay}.yaml").read_text())
+        extra = extra["model"]["init_args"]["net"]
+        spec = {**spec, **extra, "lact": {**spec["lact"], **extra.get("lact", {})}}
+    cfg = LMConfig(**spec)
+    assert cfg.lact.muon == ("schedule" if overlay == "muon" else None)
+    assert cfg.lact.prenorm == (overlay == "prenorm")
+    assert (cfg.vocab_size, cfg.rope_base, cfg.tie_embeddings, cfg.lact.base_lr) == (32000, 1e6, False, 1e-3)
+    assert cfg.lact.rotary_dim == cfg.dim // cfg.num_heads and cfg.lact.low_rank == 32
+    with torch.device("meta"):
+        model = LaCTLM(cfg)
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_LM_PARAMETERS[name]
+
+
+def test_low_rank_lm_init_and_gate_bias():
+    torch.manual_seed(0)
+    cfg = small(dim=64, low_rank=4, qk_affine=True, output_gate_bias=True, rotary_dim=8)
+    lact = LaCTLM(cfg).blocks[0].lact
+    assert lact.w_gate.left.std().item() == pytest.approx(0.5 / 2, rel=0.2)  # gain / sqrt(r)
+    assert torch.equal(lact.gate_proj.bias, torch.zeros(2)) and torch.equal(lact.qk_scale, torch.ones(2, 64))
+    assert lact.w_down.std().item() == pytest.approx(32**-0.5, rel=0.15)
 
 
 def test_init_follows_the_design():
@@ -176,6 +216,18 @@ def test_lact_reaches_past_the_attention_receptive_field():
         ({"momentum": True, "window": 1, "chunk_size": 1, "rotary": False}, 2),
         ({"short_conv": 4, "tie_embeddings": False}, 1),  # fewer carried conv inputs than taps at first
         ({"short_conv": 2, "muon": "schedule"}, 5),
+        (  # the published LM's options, pre-norm update included
+            {
+                "low_rank": 3,
+                "qk_affine": True,
+                "output_gate_bias": True,
+                "rotary_dim": 4,
+                "prenorm": True,
+                "muon": "normalize",
+                "tie_embeddings": False,
+            },
+            4,
+        ),  # fmt: skip
     ],
 )
 def test_incremental_decoding_equals_full_forward(overrides, prefill):

@@ -12,6 +12,7 @@ import yaml
 
 from lact.geometry import look_at
 from lact.models.nvs import NVSConfig, NVSNet
+from lact.nn import GeluMLP
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = dict(
@@ -110,12 +111,13 @@ def expected_parameters(c: NVSConfig) -> tuple[int, int]:
     d, p = c.dim, c.patch_size
     state = int(3 * c.lact.inter_multi * d * d / c.lact.heads)
     attn = 4 * d * d + 2 * (d // c.num_heads)  # qkv, proj, q/k RMSNorm
-    lact = (
-        4 * d * d + (d * 3 * c.lact.heads + 3 * c.lact.heads) + state + d // c.lact.heads + d * c.lact.heads
-    )
-    mlp = 3 * d * c.mlp_hidden
-    block = 3 * 2 * d + attn + lact + mlp  # three LayerNorms
-    total = 12 * p * p * d + 2 * d + c.num_layers * block + 2 * d + (d * 3 * p * p + 3 * p * p)
+    gate = d * c.lact.heads if c.lact.output_gate else 0
+    lact = 4 * d * d + (d * 3 * c.lact.heads + 3 * c.lact.heads) + state + d // c.lact.heads + gate
+    mlp = (2 if c.mlp == "gelu" else 3) * d * c.mlp_hidden
+    norm = (2 if c.norm_bias else 1) * d  # LayerNorm weight (and bias)
+    block = 3 * norm + attn + lact + mlp  # three LayerNorms
+    out_bias = 0 if c.output_bias is None else 3 * p * p
+    total = 12 * p * p * d + norm + c.num_layers * block + norm + (d * 3 * p * p + out_bias)
     return total, c.num_layers * state
 
 
@@ -125,11 +127,7 @@ def expected_parameters(c: NVSConfig) -> tuple[int, int]:
 )
 def test_published_configs_parameter_counts_on_meta(config, millions, state_fraction):
     # configs/nvs/paper.yaml is the base, the size files are overlays of its network fields
-    base, overlay = (
-        yaml.safe_load((ROOT / "configs" / "nvs" / name).read_text()) for name in ("paper.yaml", config)
-    )
-    spec = {**base["model"]["init_args"]["net"], **overlay["model"]["init_args"]["net"]}
-    c = NVSConfig(**spec)
+    c = NVSConfig(**paper_net(config))
     assert (c.patch_size, c.dim) == (8, 768)
     with torch.device("meta"):  # no memory: 400M parameters would take 1.6 GB
         net = NVSNet(c)
@@ -138,6 +136,60 @@ def test_published_configs_parameter_counts_on_meta(config, millions, state_frac
     assert (total, state) == expected_parameters(c)
     assert total / 1e6 == pytest.approx(millions, abs=0.1)
     assert state_fraction[0] < state / total < state_fraction[1]
+
+
+# The published models' parameter counts, derived by hand from the published code in docs/fidelity.md.
+PUBLISHED_NVS_PARAMETERS = {
+    "paper_14l.yaml": 182_481_706,
+    "paper_24l_2x.yaml": 312_298_056,
+    "paper_24l.yaml": 397_232_712,
+}
+
+
+def paper_net(*overlays: str) -> dict:
+    """The network fields of configs/nvs/paper.yaml with overlays applied in order (the nested lact merged
+    field by field, as the CLI merges a second --config)."""
+    spec = yaml.safe_load((ROOT / "configs" / "nvs" / "paper.yaml").read_text())["model"]["init_args"]["net"]
+    for name in overlays:
+        extra = yaml.safe_load((ROOT / "configs" / "nvs" / name).read_text())["model"]["init_args"]["net"]
+        spec = {**spec, **extra, "lact": {**spec.get("lact", {}), **extra.get("lact", {})}}
+    return spec
+
+
+@pytest.mark.parametrize("config", sorted(PUBLISHED_NVS_PARAMETERS))
+def test_paper_configs_have_the_published_parameter_count(config):
+    c = NVSConfig(**paper_net(config))
+    assert (c.lact.muon, c.lact.output_gate, c.mlp, c.norm_bias, c.output_bias) == (
+        "fixed",
+        None,
+        "gelu",
+        False,
+        None,
+    )
+    assert c.lact.init_gain == pytest.approx(2**0.5) and c.lact.base_lr == 0.01 and c.lact.heads == 1
+    with torch.device("meta"):
+        net = NVSNet(c)
+    assert sum(p.numel() for p in net.parameters()) == PUBLISHED_NVS_PARAMETERS[config]
+    assert isinstance(net.blocks[0].mlp, GeluMLP) and net.blocks[0].lact.gate_proj is None
+    assert net.out.bias is None and net.embed_norm.bias is None
+    assert NVSConfig(**paper_net(config, "normalize.yaml")).lact.muon == "normalize"
+
+
+def test_published_nvs_options_forward_and_count():
+    lact = {**TINY["lact"], "output_gate": None, "init_gain": 2**0.5, "muon": "normalize"}
+    c = NVSConfig(**{**TINY, "lact": lact, "mlp": "gelu", "norm_bias": False, "output_bias": None})
+    net = NVSNet(c)
+    assert sum(p.numel() for p in net.parameters()) == expected_parameters(c)[0]
+    images, k_in, w_in, k_out, w_out = scene()
+    out = net(images, k_in, w_in, k_out, w_out)
+    assert out.shape == (images.shape[0], k_out.shape[1], *images.shape[2:]) and torch.isfinite(out).all()
+    for bad, field in (
+        ({"mlp": "relu"}, "mlp"),
+        ({"norm_bias": 1}, "norm_bias"),
+        ({"output_bias": "x"}, "output_bias"),
+    ):
+        with pytest.raises(ValueError, match=f"NVSConfig.{field}"):
+            NVSConfig(**{**TINY, **bad})
 
 
 @pytest.mark.parametrize("config", ["tiny.yaml", "demo.yaml"])
