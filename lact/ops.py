@@ -166,19 +166,242 @@ def update_step(
     """One chunk's update: closed-form step, then momentum, Muon, step and weight norm, in that order.
 
     chunk: the chunk's inputs ([B, b, .]; q is not used). With chunk.momentum, the chunk's momentum coefficient
-    is the mean of its per-token beta, [B, 1, 1]; None means no momentum.
+    is the mean of its per-token beta, [B, 1, 1]; None means no momentum. Under the lean backward (see
+    `lean_backward`) and when a gradient is needed, the step is one `LeanUpdate` autograd node.
     """
-    delta = swiglu_update(*state.weights, chunk.k, chunk.v, chunk.lr_gate, chunk.lr_up, chunk.lr_down)
-    momentum = state.momentum
-    if chunk.momentum is not None:
-        beta = chunk.momentum.mean(dim=1, keepdim=True).to(delta[0].dtype)
+    beta = None if chunk.momentum is None else chunk.momentum.mean(dim=1, keepdim=True)
+    args = (*state.weights, *state.row_norms, chunk.k, chunk.v, chunk.lr_gate, chunk.lr_up, chunk.lr_down)
+    momentum = state.momentum if beta is not None else None
+    if _lean_wanted(*args, beta, *(momentum or ())):
+        out = LeanUpdate.apply(*args, beta, *(momentum or (None, None, None)), muon)
+        weights, new_momentum = out[:3], (out[3:] if beta is not None else None)
+    else:
+        weights, new_momentum = _update(*args, beta, momentum, muon)
+    return FastWeightState(tuple(weights), state.row_norms, new_momentum and tuple(new_momentum))
+
+
+def _update(w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta, momentum, muon):
+    """update_step's math on plain tensors: (new weights, new momentum or None)."""
+    delta = swiglu_update(w_gate, w_up, w_down, k, v, lr_gate, lr_up, lr_down)
+    new_momentum = None
+    if beta is not None:
+        beta = beta.to(delta[0].dtype)
         if momentum is not None:
             delta = tuple(d + beta * m for d, m in zip(delta, momentum))
-        momentum = delta
+        new_momentum = delta
     if muon is not None:
         delta = tuple(newton_schulz(d, muon) for d in delta)
-    weights = tuple(renormalize_rows(w + d, n) for w, d, n in zip(state.weights, delta, state.row_norms))
-    return FastWeightState(weights, state.row_norms, momentum)
+    norms = (n_gate, n_up, n_down)
+    weights = tuple(renormalize_rows(w + d, n) for w, d, n in zip((w_gate, w_up, w_down), delta, norms))
+    return weights, new_momentum
+
+
+def apply_weights(w_gate: Tensor, w_up: Tensor, w_down: Tensor, x: Tensor) -> Tensor:
+    """swiglu_apply as the schedules call it: one `LeanApply` autograd node under the lean backward."""
+    if _lean_wanted(w_gate, w_up, w_down, x):
+        return LeanApply.apply(w_gate, w_up, w_down, x)
+    return swiglu_apply(w_gate, w_up, w_down, x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The lean backward: autograd of the schedules above keeps every chunk's [B, b, h] activations (gate, up,
+# their silu products, P = V^T W_down, ...) until the backward pass. These two autograd Functions keep only
+# their inputs (the fast weights of each chunk, a few [B, h, d] matrices, and views of q, k, v, lr that the
+# caller holds anyway) and recompute the activations of one chunk at a time in a hand-derived backward.
+
+_LEAN = {"enabled": True}
+
+
+def set_lean_backward(enabled: bool) -> None:
+    """Choose the schedules' backward: True (default) the memory-lean hand-derived one, False plain autograd.
+    Both give the same gradients (tests/lact/test_lean_backward.py); benchmarks/lact_operator.py compares
+    their time and peak memory."""
+    _LEAN["enabled"] = bool(enabled)
+
+
+def lean_backward_enabled() -> bool:
+    return _LEAN["enabled"]
+
+
+def _lean_wanted(*tensors: Tensor | None) -> bool:
+    return (
+        _LEAN["enabled"]
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in tensors)
+    )
+
+
+def _silu_parts(gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(sigmoid(g), silu(g), silu'(g) = s (1 + g (1 - s)))."""
+    sig = torch.sigmoid(gate)
+    return sig, gate * sig, sig * (1 + gate * (1 - sig))
+
+
+class LeanApply(torch.autograd.Function):
+    """o = f_W(x) = W_down (silu(W_gate x) * (W_up x)); saves W and x, recomputes the [B, n, h] activations."""
+
+    @staticmethod
+    def forward(ctx, w_gate, w_up, w_down, x):
+        ctx.save_for_backward(w_gate, w_up, w_down, x)
+        return swiglu_apply(w_gate, w_up, w_down, x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w_gate, w_up, w_down, x = ctx.saved_tensors
+        gate, up = x @ w_gate.mT, x @ w_up.mT  # [B, n, h]
+        _, silu_gate, silu_grad = _silu_parts(gate)
+        g_hidden = grad_out @ w_down  # [B, n, h]
+        g_w_down = grad_out.mT @ (silu_gate * up)  # [B, d, h]
+        g_gate = g_hidden * up * silu_grad
+        g_up = g_hidden * silu_gate
+        return g_gate.mT @ x, g_up.mT @ x, g_w_down, g_gate @ w_gate + g_up @ w_up
+
+
+class LeanUpdate(torch.autograd.Function):
+    """update_step as one autograd node with a hand-derived backward.
+
+    Inputs: w_gate, w_up, w_down [B, h|d, d|h]; their row-norm targets n_* [B, rows, 1]; k, v [B, b, d];
+    lr_* [B, b, 1]; beta [B, 1, 1] or None; the momentum buffers m_* or None; muon. Outputs: the new weights
+    and the new momentum buffers (None without momentum). Saves only its inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta, m_gate,
+                m_up, m_down, muon):  # fmt: skip
+        ctx.muon = muon
+        ctx.has_momentum = m_gate is not None
+        ctx.save_for_backward(w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta,
+                              m_gate, m_up, m_down)  # fmt: skip
+        momentum = (m_gate, m_up, m_down) if ctx.has_momentum else None
+        weights, new_momentum = _update(
+            w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta, momentum, muon
+        )
+        return (*weights, *(new_momentum or (None, None, None)))
+
+    @staticmethod
+    def backward(ctx, g_wg_new, g_wu_new, g_wd_new, g_mg_new, g_mu_new, g_md_new):
+        (
+            w_gate,
+            w_up,
+            w_down,
+            n_gate,
+            n_up,
+            n_down,
+            k,
+            v,
+            lr_gate,
+            lr_up,
+            lr_down,
+            beta,
+            m_gate,
+            m_up,
+            m_down,
+        ) = ctx.saved_tensors
+        weights, norms = (w_gate, w_up, w_down), (n_gate, n_up, n_down)
+        momentum = (m_gate, m_up, m_down) if ctx.has_momentum else None
+        dtype = k.dtype
+        lrs = tuple(lr.to(dtype) for lr in (lr_gate, lr_up, lr_down))
+        # Recompute the chunk's forward (DESIGN §2.1 notation, row layout: G^T = K^T W_gate^T, ...).
+        gate, up = k @ w_gate.mT, k @ w_up.mT  # [B, b, h]
+        sig, silu_gate, silu_grad = _silu_parts(gate)
+        hidden = silu_gate * up
+        p = v @ w_down  # [B, b, h]
+        delta = swiglu_update(w_gate, w_up, w_down, k, v, lr_gate, lr_up, lr_down)
+        if beta is not None:
+            beta_c = beta.to(delta[0].dtype)
+            if momentum is not None:
+                delta = tuple(d + beta_c * m for d, m in zip(delta, momentum))
+        stepped = tuple(newton_schulz(d, ctx.muon) for d in delta) if ctx.muon is not None else delta
+        new_grads = (g_wg_new, g_wu_new, g_wd_new)
+        # Weight norm W' = Y n / (|Y| + eps), Y = W + step, per row.
+        g_w, g_step, g_norms = [], [], []
+        for y, n, g in zip((w + d for w, d in zip(weights, stepped)), norms, new_grads):
+            if g is None:
+                g = torch.zeros_like(y)
+            r = row_norms(y)
+            dot = (g * y).sum(-1, keepdim=True)
+            g_y = g * (n / (r + 1e-5)) - y * (n * dot / ((r + 1e-5) ** 2 * r))
+            g_w.append(g_y)
+            g_step.append(g_y)
+            g_norms.append(dot / (r + 1e-5))
+        g_delta = (
+            [newton_schulz_backward(d, g, ctx.muon) for d, g in zip(delta, g_step)] if ctx.muon else g_step
+        )
+        # Momentum: delta = dW + beta M, and delta is also the new momentum buffer.
+        g_beta = g_m = None
+        if beta is not None:
+            g_delta = [
+                gd if gm is None else gd + gm for gd, gm in zip(g_delta, (g_mg_new, g_mu_new, g_md_new))
+            ]
+            if momentum is not None:
+                g_m = [beta_c * gd for gd in g_delta]
+                g_beta = sum((gd * m).sum(dim=(-2, -1), keepdim=True) for gd, m in zip(g_delta, momentum))
+                g_beta = g_beta.to(beta.dtype)
+            else:
+                g_beta = torch.zeros_like(beta)
+        gd_gate, gd_up, gd_down = g_delta  # gradients of dW_gate [B,h,d], dW_up [B,h,d], dW_down [B,d,h]
+        lr_g, lr_u, lr_d = lrs
+        # dW_down = V^T (H * lr_down)
+        vg = v @ gd_down  # [B, b, h] = grad of (H * lr_down)
+        g_v = (hidden * lr_d) @ gd_down.mT
+        g_hidden = vg * lr_d
+        g_lr_down = (vg * hidden).sum(-1, keepdim=True)
+        # dW_up = (P * silu(G))^T (K * lr_up)
+        e_up = (k * lr_u) @ gd_up.mT  # [B, b, h] = grad of (P * silu(G))
+        ku = (p * silu_gate) @ gd_up  # [B, b, d] = grad of (K * lr_up)
+        g_k = ku * lr_u
+        g_lr_up = (ku * k).sum(-1, keepdim=True)
+        # dW_gate = (P * U * silu'(G))^T (K * lr_gate)
+        e_gate = (k * lr_g) @ gd_gate.mT
+        kg = (p * up * silu_grad) @ gd_gate
+        g_k = g_k + kg * lr_g
+        g_lr_gate = (kg * k).sum(-1, keepdim=True)
+        # Back through H = silu(G) U, P, silu(G), silu'(G) to G = K W_gate^T, U = K W_up^T, P = V W_down.
+        silu_grad2 = sig * (1 - sig) * (2 + gate * (1 - 2 * sig))  # silu''(g)
+        g_up = g_hidden * silu_gate + e_gate * p * silu_grad
+        g_p = e_up * silu_gate + e_gate * up * silu_grad
+        g_gate = (g_hidden * up + e_up * p) * silu_grad + e_gate * p * up * silu_grad2
+        g_w[0] = g_w[0] + g_gate.mT @ k
+        g_w[1] = g_w[1] + g_up.mT @ k
+        g_w[2] = g_w[2] + v.mT @ g_p
+        g_k = g_k + g_gate @ w_gate + g_up @ w_up
+        g_v = g_v + g_p @ w_down.mT
+        g_lrs = (g_lr_gate.to(lr_gate.dtype), g_lr_up.to(lr_up.dtype), g_lr_down.to(lr_down.dtype))
+        g_ms = tuple(g_m) if g_m is not None else (None, None, None)
+        return (*g_w, *g_norms, g_k, g_v, *g_lrs, g_beta, *g_ms, None)
+
+
+def newton_schulz_backward(
+    x: Tensor, grad: Tensor, coefficients: str | tuple[tuple[float, float, float], ...]
+) -> Tensor:
+    """The gradient of `newton_schulz(x, coefficients)` with respect to x, given the output's gradient; the
+    iterates are recomputed (they are [.., m, n] matrices, cheap) in the forward's compute dtype."""
+    if isinstance(coefficients, str):
+        coefficients = MUON_COEFFICIENTS[coefficients]
+    compute_dtype = torch.bfloat16 if x.is_cuda else torch.promote_types(x.dtype, torch.float32)
+    y, g = x.to(compute_dtype), grad.to(compute_dtype)
+    tall = y.shape[-2] > y.shape[-1]
+    if tall:
+        y, g = y.mT, g.mT
+    raw = y
+    norm = torch.linalg.matrix_norm(raw, keepdim=True)
+    y = raw / (norm + 1e-7)
+    iterates = []
+    for a, b, c in coefficients:
+        iterates.append(y)
+        gram = y @ y.mT
+        y = a * y + (b * gram + c * (gram @ gram)) @ y
+    for (a, b, c), y in zip(reversed(coefficients), reversed(iterates)):
+        gram = y @ y.mT
+        poly = b * gram + c * (gram @ gram)  # symmetric
+        g_poly = g @ y.mT
+        g_gram = b * g_poly + c * (g_poly @ gram + gram @ g_poly)
+        g = a * g + poly @ g + (g_gram + g_gram.mT) @ y
+    dot = (g * raw).sum(dim=(-2, -1), keepdim=True)
+    g = g / (norm + 1e-7) - raw * (dot / ((norm + 1e-7) ** 2 * norm))
+    if tall:
+        g = g.mT
+    return g.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,7 +420,7 @@ def run_causal(
     for start in range(0, length, chunk_size):
         end = min(start + chunk_size, length)
         chunk = inputs.slice(start, end)
-        outputs.append(swiglu_apply(*state.weights, chunk.q))
+        outputs.append(apply_weights(*state.weights, chunk.q))
         if end < length:
             state = update_step(state, chunk, muon=muon)
     return torch.cat(outputs, dim=1)
@@ -223,7 +446,7 @@ def run_bidirectional(
     state = FastWeightState.initial(*weights)
     for start in range(0, update_len, chunk_size):
         state = update_step(state, inputs.slice(start, min(start + chunk_size, update_len)), muon=muon)
-    return swiglu_apply(*state.weights, inputs.q), state.weights
+    return apply_weights(*state.weights, inputs.q), state.weights
 
 
 def run_interleaved(
@@ -247,7 +470,7 @@ def run_interleaved(
         chunk = inputs.slice(start, start + chunk_size)
         if segment % 2 == 1:  # clean: write it into memory first, then read it with the new weights
             state = update_step(state, chunk, muon=muon)
-        outputs.append(swiglu_apply(*state.weights, chunk.q))
+        outputs.append(apply_weights(*state.weights, chunk.q))
     return torch.cat(outputs, dim=1), state
 
 
