@@ -129,25 +129,38 @@ def newton_schulz(
     `coefficients` is "fixed", "schedule" or an explicit tuple of (a, b, c). Computed in bf16 on CUDA and in
     fp32 (or the input's float64) elsewhere, where bf16 matmul is slow; returned in x's dtype.
     """
+    return _newton_schulz(x, coefficients)[0]
+
+
+def _muon_coefficients(coefficients) -> tuple[tuple[float, float, float], ...]:
     if isinstance(coefficients, str):
         if coefficients not in MUON_COEFFICIENTS:
             raise ValueError(f"muon must be None, 'fixed' or 'schedule', got {coefficients!r}")
-        coefficients = MUON_COEFFICIENTS[coefficients]
-    if x.is_cuda:
-        compute_dtype = torch.bfloat16
-    else:
-        compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    y = x.to(compute_dtype)
+        return MUON_COEFFICIENTS[coefficients]
+    return coefficients
+
+
+def _muon_dtype(x: Tensor) -> torch.dtype:
+    return torch.bfloat16 if x.is_cuda else torch.promote_types(x.dtype, torch.float32)
+
+
+def _newton_schulz(x: Tensor, coefficients) -> tuple[Tensor, list[Tensor]]:
+    """newton_schulz, also returning the iterate before every iteration (wide orientation, compute dtype),
+    which is all its backward needs."""
+    coefficients = _muon_coefficients(coefficients)
+    y = x.to(_muon_dtype(x))
     tall = y.shape[-2] > y.shape[-1]
     if tall:
         y = y.mT
     y = y / (torch.linalg.matrix_norm(y, keepdim=True) + 1e-7)
+    iterates = []
     for a, b, c in coefficients:
+        iterates.append(y)
         gram = y @ y.mT
         y = a * y + (b * gram + c * (gram @ gram)) @ y
     if tall:
         y = y.mT
-    return y.to(x.dtype)
+    return y.to(x.dtype), iterates
 
 
 def row_norms(w: Tensor) -> Tensor:
@@ -176,12 +189,13 @@ def update_step(
         out = LeanUpdate.apply(*args, beta, *(momentum or (None, None, None)), muon)
         weights, new_momentum = out[:3], (out[3:] if beta is not None else None)
     else:
-        weights, new_momentum = _update(*args, beta, momentum, muon)
+        weights, new_momentum, *_ = _update(*args, beta, momentum, muon)
     return FastWeightState(tuple(weights), state.row_norms, new_momentum and tuple(new_momentum))
 
 
 def _update(w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta, momentum, muon):
-    """update_step's math on plain tensors: (new weights, new momentum or None)."""
+    """update_step's math on plain tensors: (new weights, new momentum or None, the update after momentum,
+    the step added to the weights (the update after Muon), Muon's iterates per matrix (empty without))."""
     delta = swiglu_update(w_gate, w_up, w_down, k, v, lr_gate, lr_up, lr_down)
     new_momentum = None
     if beta is not None:
@@ -189,11 +203,12 @@ def _update(w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr
         if momentum is not None:
             delta = tuple(d + beta * m for d, m in zip(delta, momentum))
         new_momentum = delta
+    step, iterates = delta, []
     if muon is not None:
-        delta = tuple(newton_schulz(d, muon) for d in delta)
+        step, iterates = zip(*(_newton_schulz(d, muon) for d in delta))
     norms = (n_gate, n_up, n_down)
-    weights = tuple(renormalize_rows(w + d, n) for w, d, n in zip((w_gate, w_up, w_down), delta, norms))
-    return weights, new_momentum
+    weights = tuple(renormalize_rows(w + d, n) for w, d, n in zip((w_gate, w_up, w_down), step, norms))
+    return weights, new_momentum, delta, step, iterates
 
 
 def apply_weights(w_gate: Tensor, w_up: Tensor, w_down: Tensor, x: Tensor) -> Tensor:
@@ -270,48 +285,35 @@ class LeanUpdate(torch.autograd.Function):
                 m_up, m_down, muon):  # fmt: skip
         ctx.muon = muon
         ctx.has_momentum = m_gate is not None
-        ctx.save_for_backward(w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta,
-                              m_gate, m_up, m_down)  # fmt: skip
         momentum = (m_gate, m_up, m_down) if ctx.has_momentum else None
-        weights, new_momentum = _update(
+        weights, new_momentum, delta, step, iterates = _update(
             w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta, momentum, muon
         )
+        # Besides the inputs, only [B, h, d]-sized matrices: the chunk's update before and after Muon and
+        # Muon's iterates, so the backward recomputes neither the three update matmuls over the chunk nor Muon.
+        ctx.save_for_backward(w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta,
+                              m_gate, m_up, m_down, *delta, *(step if muon is not None else ()),
+                              *(y for matrix in iterates for y in matrix))  # fmt: skip
         return (*weights, *(new_momentum or (None, None, None)))
 
     @staticmethod
     def backward(ctx, g_wg_new, g_wu_new, g_wd_new, g_mg_new, g_mu_new, g_md_new):
-        (
-            w_gate,
-            w_up,
-            w_down,
-            n_gate,
-            n_up,
-            n_down,
-            k,
-            v,
-            lr_gate,
-            lr_up,
-            lr_down,
-            beta,
-            m_gate,
-            m_up,
-            m_down,
-        ) = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta = saved[:12]
+        momentum = saved[12:15] if ctx.has_momentum else None
+        delta = saved[15:18]
+        stepped = saved[18:21] if ctx.muon is not None else delta
+        rounds = (len(saved) - 21) // 3  # Muon's iterates per matrix
+        iterates = [saved[21 + i * rounds : 21 + (i + 1) * rounds] for i in range(3)]
         weights, norms = (w_gate, w_up, w_down), (n_gate, n_up, n_down)
-        momentum = (m_gate, m_up, m_down) if ctx.has_momentum else None
-        dtype = k.dtype
-        lrs = tuple(lr.to(dtype) for lr in (lr_gate, lr_up, lr_down))
-        # Recompute the chunk's forward (DESIGN §2.1 notation, row layout: G^T = K^T W_gate^T, ...).
+        lrs = tuple(lr.to(k.dtype) for lr in (lr_gate, lr_up, lr_down))
+        # Recompute the chunk's activations (DESIGN §2.1 notation, row layout: G^T = K^T W_gate^T, ...).
         gate, up = k @ w_gate.mT, k @ w_up.mT  # [B, b, h]
         sig, silu_gate, silu_grad = _silu_parts(gate)
         hidden = silu_gate * up
         p = v @ w_down  # [B, b, h]
-        delta = swiglu_update(w_gate, w_up, w_down, k, v, lr_gate, lr_up, lr_down)
         if beta is not None:
             beta_c = beta.to(delta[0].dtype)
-            if momentum is not None:
-                delta = tuple(d + beta_c * m for d, m in zip(delta, momentum))
-        stepped = tuple(newton_schulz(d, ctx.muon) for d in delta) if ctx.muon is not None else delta
         new_grads = (g_wg_new, g_wu_new, g_wd_new)
         # Weight norm W' = Y n / (|Y| + eps), Y = W + step, per row.
         g_w, g_step, g_norms = [], [], []
@@ -325,7 +327,9 @@ class LeanUpdate(torch.autograd.Function):
             g_step.append(g_y)
             g_norms.append(dot / (r + 1e-5))
         g_delta = (
-            [newton_schulz_backward(d, g, ctx.muon) for d, g in zip(delta, g_step)] if ctx.muon else g_step
+            [newton_schulz_backward(d, g, ctx.muon, it) for d, g, it in zip(delta, g_step, iterates)]
+            if ctx.muon
+            else g_step
         )
         # Momentum: delta = dW + beta M, and delta is also the new momentum buffer.
         g_beta = g_m = None
@@ -372,31 +376,32 @@ class LeanUpdate(torch.autograd.Function):
 
 
 def newton_schulz_backward(
-    x: Tensor, grad: Tensor, coefficients: str | tuple[tuple[float, float, float], ...]
+    x: Tensor,
+    grad: Tensor,
+    coefficients: str | tuple[tuple[float, float, float], ...],
+    iterates: list[Tensor] | None = None,
 ) -> Tensor:
-    """The gradient of `newton_schulz(x, coefficients)` with respect to x, given the output's gradient; the
-    iterates are recomputed (they are [.., m, n] matrices, cheap) in the forward's compute dtype."""
-    if isinstance(coefficients, str):
-        coefficients = MUON_COEFFICIENTS[coefficients]
-    compute_dtype = torch.bfloat16 if x.is_cuda else torch.promote_types(x.dtype, torch.float32)
-    y, g = x.to(compute_dtype), grad.to(compute_dtype)
-    tall = y.shape[-2] > y.shape[-1]
+    """The gradient of `newton_schulz(x, coefficients)` with respect to x, given the output's gradient.
+
+    iterates: the forward's (from `_newton_schulz`); recomputed when None. Runs in the forward's compute dtype.
+    With A = Y Y^T and Q = bA + cA^2 (both symmetric), Y' = aY + QY gives
+    dY = a dY' + Q dY' + (dA + dA^T) Y, where dQ = dY' Y^T and dA = b dQ + c (dQ A + A dQ).
+    """
+    coefficients = _muon_coefficients(coefficients)
+    if iterates is None:
+        iterates = _newton_schulz(x, coefficients)[1]
+    raw, g = x.to(_muon_dtype(x)), grad.to(_muon_dtype(x))
+    tall = raw.shape[-2] > raw.shape[-1]
     if tall:
-        y, g = y.mT, g.mT
-    raw = y
-    norm = torch.linalg.matrix_norm(raw, keepdim=True)
-    y = raw / (norm + 1e-7)
-    iterates = []
-    for a, b, c in coefficients:
-        iterates.append(y)
-        gram = y @ y.mT
-        y = a * y + (b * gram + c * (gram @ gram)) @ y
+        raw, g = raw.mT, g.mT
     for (a, b, c), y in zip(reversed(coefficients), reversed(iterates)):
         gram = y @ y.mT
-        poly = b * gram + c * (gram @ gram)  # symmetric
+        poly = b * gram + c * (gram @ gram)
         g_poly = g @ y.mT
         g_gram = b * g_poly + c * (g_poly @ gram + gram @ g_poly)
         g = a * g + poly @ g + (g_gram + g_gram.mT) @ y
+    # Y_0 = X / (|X|_F + eps)
+    norm = torch.linalg.matrix_norm(raw, keepdim=True)
     dot = (g * raw).sum(dim=(-2, -1), keepdim=True)
     g = g / (norm + 1e-7) - raw * (dot / ((norm + 1e-7) ** 2 * norm))
     if tall:
