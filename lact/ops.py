@@ -10,8 +10,12 @@ Layouts (B = batch x heads, L = tokens, d = head dim, h = hidden width of the fa
 
 Two primitives, `swiglu_apply` (read) and `update_step` (write: closed-form step, momentum, Muon, weight norm),
 and three schedules built only from them: `causal_lact` (language model), `bidirectional_lact` (novel view
-synthesis) and `interleaved_lact` (autoregressive video). Autograd flows through every schedule; the inner
-gradient itself is the closed form of `swiglu_update`, never autograd of the inner loss.
+synthesis) and `interleaved_lact` (autoregressive video). Each takes positional tensors (the published
+operator's interface) and runs `run_causal` / `run_bidirectional` / `run_interleaved` on the fast weights and
+one `FastWeightInputs` record, which `slice(start, end)` cuts into chunks. The inner gradient itself is the
+closed form of `swiglu_update`, never autograd of the inner loss. For the outer backward, the two primitives
+run as autograd Functions with a hand-derived, memory-lean backward (`LeanApply`, `LeanUpdate`: they keep
+per chunk only [h, d]-sized matrices, not the [b, h] activations), or as plain autograd: `set_lean_backward`.
 """
 
 from __future__ import annotations
@@ -180,12 +184,12 @@ def update_step(
 
     chunk: the chunk's inputs ([B, b, .]; q is not used). With chunk.momentum, the chunk's momentum coefficient
     is the mean of its per-token beta, [B, 1, 1]; None means no momentum. Under the lean backward (see
-    `lean_backward`) and when a gradient is needed, the step is one `LeanUpdate` autograd node.
+    `set_lean_backward`) and when a gradient is needed, the step is one `LeanUpdate` autograd node.
     """
     beta = None if chunk.momentum is None else chunk.momentum.mean(dim=1, keepdim=True)
     args = (*state.weights, *state.row_norms, chunk.k, chunk.v, chunk.lr_gate, chunk.lr_up, chunk.lr_down)
     momentum = state.momentum if beta is not None else None
-    if _lean_wanted(*args, beta, *(momentum or ())):
+    if (muon is None or _LEAN["mode"] is True) and _lean_wanted(*args, beta, *(momentum or ())):
         out = LeanUpdate.apply(*args, beta, *(momentum or (None, None, None)), muon)
         weights, new_momentum = out[:3], (out[3:] if beta is not None else None)
     else:
@@ -224,23 +228,26 @@ def apply_weights(w_gate: Tensor, w_up: Tensor, w_down: Tensor, x: Tensor) -> Te
 # their inputs (the fast weights of each chunk, a few [B, h, d] matrices, and views of q, k, v, lr that the
 # caller holds anyway) and recompute the activations of one chunk at a time in a hand-derived backward.
 
-_LEAN = {"enabled": True}
+_LEAN: dict[str, bool | None] = {"mode": None}
 
 
-def set_lean_backward(enabled: bool) -> None:
-    """Choose the schedules' backward: True (default) the memory-lean hand-derived one, False plain autograd.
-    Both give the same gradients (tests/lact/test_lean_backward.py); benchmarks/lact_operator.py compares
-    their time and peak memory."""
-    _LEAN["enabled"] = bool(enabled)
+def set_lean_backward(mode: bool | None) -> None:
+    """Choose the schedules' backward. True: the memory-lean hand-derived one everywhere; False: plain autograd;
+    None (the default): lean except for updates with Muon, where it measured 2-15% slower in CPU time than
+    autograd (benchmarks/README.md; without Muon it measured as fast or faster at 32K and 56K tokens).
+    Both give the same gradients (tests/lact/test_lean_backward.py)."""
+    if mode not in (True, False, None):
+        raise ValueError(f"lean backward mode must be True, False or None (auto), got {mode!r}")
+    _LEAN["mode"] = mode
 
 
-def lean_backward_enabled() -> bool:
-    return _LEAN["enabled"]
+def lean_backward_mode() -> bool | None:
+    return _LEAN["mode"]
 
 
 def _lean_wanted(*tensors: Tensor | None) -> bool:
     return (
-        _LEAN["enabled"]
+        _LEAN["mode"] is not False
         and torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in tensors)
     )

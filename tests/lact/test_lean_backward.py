@@ -12,7 +12,7 @@ from lact.ops import (
     bidirectional_lact,
     causal_lact,
     interleaved_lact,
-    lean_backward_enabled,
+    lean_backward_mode,
     newton_schulz,
     newton_schulz_backward,
     set_lean_backward,
@@ -21,8 +21,8 @@ from tests.lact.test_ops import make_inputs
 
 
 @contextmanager
-def lean(enabled: bool):
-    before = lean_backward_enabled()
+def lean(enabled: bool | None):
+    before = lean_backward_mode()
     set_lean_backward(enabled)
     try:
         yield
@@ -127,3 +127,29 @@ def test_lean_backward_saves_a_fraction_of_autograds_activations():
     # nodes keep [B, h, d] matrices per chunk (fast weights, momentum, update, Muon's iterates), which are
     # small next to them when chunks are long (b = 16 h here; LaCT's chunks are thousands of tokens).
     assert lean_bytes < autograd_bytes / 8, (lean_bytes, autograd_bytes)
+
+
+def test_auto_mode_uses_the_lean_nodes_except_for_muon_updates():
+    def node_names(muon):
+        inputs = make_inputs(batch=1, length=8, dim=3, hidden=4, requires_grad=True)
+        out = causal_lact(*inputs[:9], chunk_size=4, momentum=inputs[9], muon=muon)
+        names, stack, seen = set(), [out.grad_fn], set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            names.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+        return names
+
+    with lean(None):
+        assert {"LeanApplyBackward", "LeanUpdateBackward"} <= node_names(None)
+        muon_nodes = node_names("fixed")
+        assert "LeanApplyBackward" in muon_nodes and "LeanUpdateBackward" not in muon_nodes
+    with lean(True):
+        assert "LeanUpdateBackward" in node_names("fixed")
+    with lean(False):
+        assert not any(n.startswith("Lean") for n in node_names(None))
+    with pytest.raises(ValueError, match="lean backward mode"):
+        set_lean_backward("yes")
