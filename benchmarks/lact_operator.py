@@ -1,20 +1,27 @@
 """Throughput of the LaCT operator against this machine's own matmul peak, measured in the same run.
 
     python benchmarks/lact_operator.py [--quick] [--threads N] [--dtype float32|bfloat16]
+    python benchmarks/lact_operator.py --backward [--lengths 8192 32768 57344] [--threads 1]
 
 Prints one markdown table per section:
   1. matmul peak (same dtype and thread count), the reference every percentage below divides by;
   2. causal_lact at L = 8192, chunk 2048, 4 heads, d = h = 128: forward and forward+backward, Muon off / on;
   3. chunk sweep 16 ... 4096 at that L (forward+backward tokens/s) and the ratio chunk 2048 / chunk 16;
   4. length sweep: LaCT + sliding-window attention against full causal attention, time and t(2L) / t(L).
-Only ratios inside one run mean anything: the machines are shared and noisy. Every time is the best of
+With --backward, only section 5: the memory-lean backward (lact/ops.py LeanApply/LeanUpdate) against plain
+autograd, side by side: forward+backward time and peak memory of causal_lact at each L (chunk 2048, 4 heads,
+d = h = 128, momentum on, Muon off and "schedule"), each measurement in a fresh subprocess (peak resident
+memory only grows within a process). Only ratios inside one run mean anything: the machines are shared and noisy. Every time is the best of
 several runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +105,83 @@ def run_operator(length, chunk, dtype, muon, backward):
     return step
 
 
+BACKWARD_STEP = textwrap.dedent(
+    """
+    import json, resource, sys, time, torch
+    sys.path.insert(0, sys.argv[1])
+    from benchmarks.lact_operator import operator_inputs
+    from lact.ops import causal_lact, set_lean_backward
+    length, lean, muon, threads = int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] or None, int(sys.argv[5])
+    torch.set_num_threads(threads)
+    set_lean_backward(lean)
+    inputs = operator_inputs(length, torch.float32, requires_grad=True)
+    momentum = torch.full((inputs[0].shape[0], length, 1), 0.5, requires_grad=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    wall, cpu = [], []
+    for _ in range(3):  # the first run sets the peak; the best of the three is the time
+        start, start_cpu = time.perf_counter(), time.process_time()
+        causal_lact(*inputs, chunk_size=2048, momentum=momentum, muon=muon).square().mean().backward()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+        for t in [*inputs, momentum]:
+            t.grad = None
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(json.dumps({"seconds": min(wall), "cpu_seconds": min(cpu), "peak_mib": peak}))
+    """
+)
+
+
+def measure_backward(length: int, lean: bool, muon: str | None, threads: int) -> dict:
+    """Forward+backward time (s) and peak memory growth (MiB) of causal_lact in a fresh process."""
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BACKWARD_STEP,
+            root,
+            str(length),
+            "1" if lean else "0",
+            muon or "",
+            str(threads),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={"OMP_NUM_THREADS": str(threads), "PATH": ""},
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def backward_section(lengths: list[int], threads: int) -> None:
+    rows = []
+    for muon in (None, "schedule"):
+        for n in lengths:
+            auto = measure_backward(n, False, muon, threads)
+            lean = measure_backward(n, True, muon, threads)
+            rows.append(
+                [
+                    "on" if muon else "off",
+                    str(n),
+                    f"{auto['seconds']:.2f} / {auto['cpu_seconds']:.2f}",
+                    f"{lean['seconds']:.2f} / {lean['cpu_seconds']:.2f}",
+                    f"{lean['seconds'] / auto['seconds']:.2f} / {lean['cpu_seconds'] / auto['cpu_seconds']:.2f}",
+                    f"{auto['peak_mib']:.0f}",
+                    f"{lean['peak_mib']:.0f}",
+                    f"{lean['peak_mib'] / auto['peak_mib']:.2f}",
+                ]
+            )
+            print("|", " | ".join(rows[-1]), "|", flush=True)
+    print(
+        f"\nlean vs autograd backward, causal_lact fwd+bwd, fp32, chunk 2048, {HEADS} heads, d=h={HEAD_DIM}, "
+        f"momentum on, {threads} thread(s); cpu = process CPU time, which other jobs on a shared machine "
+        "disturb less than wall time\n"
+    )
+    header = ["Muon", "L", "autograd s (wall / cpu)", "lean s (wall / cpu)", "time lean/autograd (wall / cpu)",
+              "autograd peak MiB", "lean peak MiB", "peak lean/autograd"]  # fmt: skip
+    print(table(header, rows))
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -111,7 +195,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, lengths up to 16K (smoke run)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--backward", action="store_true", help="only the lean-vs-autograd backward section")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 57344])
     args = parser.parse_args()
+    if args.backward:
+        backward_section(args.lengths, args.threads)
+        return
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     repeats = 2 if args.quick else 5

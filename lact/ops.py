@@ -10,8 +10,12 @@ Layouts (B = batch x heads, L = tokens, d = head dim, h = hidden width of the fa
 
 Two primitives, `swiglu_apply` (read) and `update_step` (write: closed-form step, momentum, Muon, weight norm),
 and three schedules built only from them: `causal_lact` (language model), `bidirectional_lact` (novel view
-synthesis) and `interleaved_lact` (autoregressive video). Autograd flows through every schedule; the inner
-gradient itself is the closed form of `swiglu_update`, never autograd of the inner loss.
+synthesis) and `interleaved_lact` (autoregressive video). Each takes positional tensors (the published
+operator's interface) and runs `run_causal` / `run_bidirectional` / `run_interleaved` on the fast weights and
+one `FastWeightInputs` record, which `slice(start, end)` cuts into chunks. The inner gradient itself is the
+closed form of `swiglu_update`, never autograd of the inner loss. For the outer backward, the two primitives
+run as autograd Functions with a hand-derived, memory-lean backward (`LeanApply`, `LeanUpdate`: they keep
+per chunk only [h, d]-sized matrices, not the [b, h] activations), or as plain autograd: `set_lean_backward`.
 """
 
 from __future__ import annotations
@@ -135,25 +139,38 @@ def newton_schulz(
     `coefficients` is "fixed", "schedule", "normalize" (no iteration: x / ||x||_F) or an explicit tuple of
     (a, b, c). Computed in bf16 on CUDA and in fp32 (or the input's float64) elsewhere, where bf16 matmul is slow; returned in x's dtype.
     """
+    return _newton_schulz(x, coefficients)[0]
+
+
+def _muon_coefficients(coefficients) -> tuple[tuple[float, float, float], ...]:
     if isinstance(coefficients, str):
         if coefficients not in MUON_COEFFICIENTS:
             raise ValueError(f"muon must be None or one of {sorted(MUON_COEFFICIENTS)}, got {coefficients!r}")
-        coefficients = MUON_COEFFICIENTS[coefficients]
-    if x.is_cuda:
-        compute_dtype = torch.bfloat16
-    else:
-        compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    y = x.to(compute_dtype)
+        return MUON_COEFFICIENTS[coefficients]
+    return coefficients
+
+
+def _muon_dtype(x: Tensor) -> torch.dtype:
+    return torch.bfloat16 if x.is_cuda else torch.promote_types(x.dtype, torch.float32)
+
+
+def _newton_schulz(x: Tensor, coefficients) -> tuple[Tensor, list[Tensor]]:
+    """newton_schulz, also returning the iterate before every iteration (wide orientation, compute dtype),
+    which is all its backward needs."""
+    coefficients = _muon_coefficients(coefficients)
+    y = x.to(_muon_dtype(x))
     tall = y.shape[-2] > y.shape[-1]
     if tall:
         y = y.mT
     y = y / (torch.linalg.matrix_norm(y, keepdim=True) + 1e-7)
+    iterates = []
     for a, b, c in coefficients:
+        iterates.append(y)
         gram = y @ y.mT
         y = a * y + (b * gram + c * (gram @ gram)) @ y
     if tall:
         y = y.mT
-    return y.to(x.dtype)
+    return y.to(x.dtype), iterates
 
 
 def row_norms(w: Tensor) -> Tensor:
@@ -172,29 +189,249 @@ def update_step(
     """One chunk's update: closed-form step, then momentum, Muon, step and weight norm, in that order.
 
     chunk: the chunk's inputs ([B, b, .]; q is not used). With chunk.momentum, the chunk's momentum coefficient
-    is the mean of its per-token beta, [B, 1, 1]; None means no momentum.
+    is the mean of its per-token beta, [B, 1, 1]; None means no momentum. Under the lean backward (see
+    `set_lean_backward`) and when a gradient is needed, the post-norm step is one `LeanUpdate` autograd node.
 
     prenorm=False (post-norm): W <- renorm(W + dW), the step is taken from the renormalised weights.
     prenorm=True: the steps accumulate in unnormalised weights U <- U + dW (U starts at the initial weights) and
     the weights used to read and to compute the next step are renorm(U): the weight norm is applied to the
-    state before use instead of after each step. Both compute dW from the weights in use.
+    state before use instead of after each step. Both compute dW from the weights in use. The pre-norm
+    variant always runs under plain autograd.
     """
-    delta = swiglu_update(*state.weights, chunk.k, chunk.v, chunk.lr_gate, chunk.lr_up, chunk.lr_down)
-    momentum = state.momentum
-    if chunk.momentum is not None:
-        beta = chunk.momentum.mean(dim=1, keepdim=True).to(delta[0].dtype)
+    beta = None if chunk.momentum is None else chunk.momentum.mean(dim=1, keepdim=True)
+    args = (*state.weights, *state.row_norms, chunk.k, chunk.v, chunk.lr_gate, chunk.lr_up, chunk.lr_down)
+    momentum = state.momentum if beta is not None else None
+    if prenorm:
+        _, new_momentum, _, step, _ = _update(*args, beta, momentum, muon)
+        base = state.weights if state.unnormalized is None else state.unnormalized
+        unnormalized = tuple(u + d for u, d in zip(base, step))
+        weights = tuple(renormalize_rows(u, n) for u, n in zip(unnormalized, state.row_norms))
+        return FastWeightState(weights, state.row_norms, new_momentum and tuple(new_momentum), unnormalized)
+    if (muon is None or _LEAN["mode"] is True) and _lean_wanted(*args, beta, *(momentum or ())):
+        out = LeanUpdate.apply(*args, beta, *(momentum or (None, None, None)), muon)
+        weights, new_momentum = out[:3], (out[3:] if beta is not None else None)
+    else:
+        weights, new_momentum, *_ = _update(*args, beta, momentum, muon)
+    return FastWeightState(tuple(weights), state.row_norms, new_momentum and tuple(new_momentum))
+
+
+def _update(w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta, momentum, muon):
+    """update_step's math on plain tensors: (new weights, new momentum or None, the update after momentum,
+    the step added to the weights (the update after Muon), Muon's iterates per matrix (empty without))."""
+    delta = swiglu_update(w_gate, w_up, w_down, k, v, lr_gate, lr_up, lr_down)
+    new_momentum = None
+    if beta is not None:
+        beta = beta.to(delta[0].dtype)
         if momentum is not None:
             delta = tuple(d + beta * m for d, m in zip(delta, momentum))
-        momentum = delta
+        new_momentum = delta
+    step, iterates = delta, []
     if muon is not None:
-        delta = tuple(newton_schulz(d, muon) for d in delta)
-    if prenorm:
-        base = state.weights if state.unnormalized is None else state.unnormalized
-        unnormalized = tuple(u + d for u, d in zip(base, delta))
-        weights = tuple(renormalize_rows(u, n) for u, n in zip(unnormalized, state.row_norms))
-        return FastWeightState(weights, state.row_norms, momentum, unnormalized)
-    weights = tuple(renormalize_rows(w + d, n) for w, d, n in zip(state.weights, delta, state.row_norms))
-    return FastWeightState(weights, state.row_norms, momentum)
+        step, iterates = zip(*(_newton_schulz(d, muon) for d in delta))
+    norms = (n_gate, n_up, n_down)
+    weights = tuple(renormalize_rows(w + d, n) for w, d, n in zip((w_gate, w_up, w_down), step, norms))
+    return weights, new_momentum, delta, step, iterates
+
+
+def apply_weights(w_gate: Tensor, w_up: Tensor, w_down: Tensor, x: Tensor) -> Tensor:
+    """swiglu_apply as the schedules call it: one `LeanApply` autograd node under the lean backward."""
+    if _lean_wanted(w_gate, w_up, w_down, x):
+        return LeanApply.apply(w_gate, w_up, w_down, x)
+    return swiglu_apply(w_gate, w_up, w_down, x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The lean backward: autograd of the schedules above keeps every chunk's [B, b, h] activations (gate, up,
+# their silu products, P = V^T W_down, ...) until the backward pass. These two autograd Functions keep only
+# their inputs (the fast weights of each chunk, a few [B, h, d] matrices, and views of q, k, v, lr that the
+# caller holds anyway) and recompute the activations of one chunk at a time in a hand-derived backward.
+
+_LEAN: dict[str, bool | None] = {"mode": None}
+
+
+def set_lean_backward(mode: bool | None) -> None:
+    """Choose the schedules' backward. True: the memory-lean hand-derived one everywhere; False: plain autograd;
+    None (the default): lean except for updates with Muon, where it measured 2-15% slower in CPU time than
+    autograd (benchmarks/README.md; without Muon it measured as fast or faster at 32K and 56K tokens).
+    Both give the same gradients (tests/lact/test_lean_backward.py)."""
+    if mode not in (True, False, None):
+        raise ValueError(f"lean backward mode must be True, False or None (auto), got {mode!r}")
+    _LEAN["mode"] = mode
+
+
+def lean_backward_mode() -> bool | None:
+    return _LEAN["mode"]
+
+
+def _lean_wanted(*tensors: Tensor | None) -> bool:
+    return (
+        _LEAN["mode"] is not False
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in tensors)
+    )
+
+
+def _silu_parts(gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(sigmoid(g), silu(g), silu'(g) = s (1 + g (1 - s)))."""
+    sig = torch.sigmoid(gate)
+    return sig, gate * sig, sig * (1 + gate * (1 - sig))
+
+
+class LeanApply(torch.autograd.Function):
+    """o = f_W(x) = W_down (silu(W_gate x) * (W_up x)); saves W and x, recomputes the [B, n, h] activations."""
+
+    @staticmethod
+    def forward(ctx, w_gate, w_up, w_down, x):
+        ctx.save_for_backward(w_gate, w_up, w_down, x)
+        return swiglu_apply(w_gate, w_up, w_down, x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w_gate, w_up, w_down, x = ctx.saved_tensors
+        gate, up = x @ w_gate.mT, x @ w_up.mT  # [B, n, h]
+        _, silu_gate, silu_grad = _silu_parts(gate)
+        g_hidden = grad_out @ w_down  # [B, n, h]
+        g_w_down = grad_out.mT @ (silu_gate * up)  # [B, d, h]
+        g_gate = g_hidden * up * silu_grad
+        g_up = g_hidden * silu_gate
+        return g_gate.mT @ x, g_up.mT @ x, g_w_down, g_gate @ w_gate + g_up @ w_up
+
+
+class LeanUpdate(torch.autograd.Function):
+    """update_step as one autograd node with a hand-derived backward.
+
+    Inputs: w_gate, w_up, w_down [B, h|d, d|h]; their row-norm targets n_* [B, rows, 1]; k, v [B, b, d];
+    lr_* [B, b, 1]; beta [B, 1, 1] or None; the momentum buffers m_* or None; muon. Outputs: the new weights
+    and the new momentum buffers (None without momentum). Saves only its inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta, m_gate,
+                m_up, m_down, muon):  # fmt: skip
+        ctx.muon = muon
+        ctx.has_momentum = m_gate is not None
+        momentum = (m_gate, m_up, m_down) if ctx.has_momentum else None
+        weights, new_momentum, delta, step, iterates = _update(
+            w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta, momentum, muon
+        )
+        # Besides the inputs, only [B, h, d]-sized matrices: the chunk's update before and after Muon and
+        # Muon's iterates, so the backward recomputes neither the three update matmuls over the chunk nor Muon.
+        ctx.save_for_backward(w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta,
+                              m_gate, m_up, m_down, *delta, *(step if muon is not None else ()),
+                              *(y for matrix in iterates for y in matrix))  # fmt: skip
+        return (*weights, *(new_momentum or (None, None, None)))
+
+    @staticmethod
+    def backward(ctx, g_wg_new, g_wu_new, g_wd_new, g_mg_new, g_mu_new, g_md_new):
+        saved = ctx.saved_tensors
+        w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta = saved[:12]
+        momentum = saved[12:15] if ctx.has_momentum else None
+        delta = saved[15:18]
+        stepped = saved[18:21] if ctx.muon is not None else delta
+        rounds = (len(saved) - 21) // 3  # Muon's iterates per matrix
+        iterates = [saved[21 + i * rounds : 21 + (i + 1) * rounds] for i in range(3)]
+        weights, norms = (w_gate, w_up, w_down), (n_gate, n_up, n_down)
+        lrs = tuple(lr.to(k.dtype) for lr in (lr_gate, lr_up, lr_down))
+        # Recompute the chunk's activations (DESIGN §2.1 notation, row layout: G^T = K^T W_gate^T, ...).
+        gate, up = k @ w_gate.mT, k @ w_up.mT  # [B, b, h]
+        sig, silu_gate, silu_grad = _silu_parts(gate)
+        hidden = silu_gate * up
+        p = v @ w_down  # [B, b, h]
+        if beta is not None:
+            beta_c = beta.to(delta[0].dtype)
+        new_grads = (g_wg_new, g_wu_new, g_wd_new)
+        # Weight norm W' = Y n / (|Y| + eps), Y = W + step, per row.
+        g_w, g_step, g_norms = [], [], []
+        for y, n, g in zip((w + d for w, d in zip(weights, stepped)), norms, new_grads):
+            if g is None:
+                g = torch.zeros_like(y)
+            r = row_norms(y)
+            dot = (g * y).sum(-1, keepdim=True)
+            g_y = g * (n / (r + 1e-5)) - y * (n * dot / ((r + 1e-5) ** 2 * r))
+            g_w.append(g_y)
+            g_step.append(g_y)
+            g_norms.append(dot / (r + 1e-5))
+        g_delta = (
+            [newton_schulz_backward(d, g, ctx.muon, it) for d, g, it in zip(delta, g_step, iterates)]
+            if ctx.muon
+            else g_step
+        )
+        # Momentum: delta = dW + beta M, and delta is also the new momentum buffer.
+        g_beta = g_m = None
+        if beta is not None:
+            g_delta = [
+                gd if gm is None else gd + gm for gd, gm in zip(g_delta, (g_mg_new, g_mu_new, g_md_new))
+            ]
+            if momentum is not None:
+                g_m = [beta_c * gd for gd in g_delta]
+                g_beta = sum((gd * m).sum(dim=(-2, -1), keepdim=True) for gd, m in zip(g_delta, momentum))
+                g_beta = g_beta.to(beta.dtype)
+            else:
+                g_beta = torch.zeros_like(beta)
+        gd_gate, gd_up, gd_down = g_delta  # gradients of dW_gate [B,h,d], dW_up [B,h,d], dW_down [B,d,h]
+        lr_g, lr_u, lr_d = lrs
+        # dW_down = V^T (H * lr_down)
+        vg = v @ gd_down  # [B, b, h] = grad of (H * lr_down)
+        g_v = (hidden * lr_d) @ gd_down.mT
+        g_hidden = vg * lr_d
+        g_lr_down = (vg * hidden).sum(-1, keepdim=True)
+        # dW_up = (P * silu(G))^T (K * lr_up)
+        e_up = (k * lr_u) @ gd_up.mT  # [B, b, h] = grad of (P * silu(G))
+        ku = (p * silu_gate) @ gd_up  # [B, b, d] = grad of (K * lr_up)
+        g_k = ku * lr_u
+        g_lr_up = (ku * k).sum(-1, keepdim=True)
+        # dW_gate = (P * U * silu'(G))^T (K * lr_gate)
+        e_gate = (k * lr_g) @ gd_gate.mT
+        kg = (p * up * silu_grad) @ gd_gate
+        g_k = g_k + kg * lr_g
+        g_lr_gate = (kg * k).sum(-1, keepdim=True)
+        # Back through H = silu(G) U, P, silu(G), silu'(G) to G = K W_gate^T, U = K W_up^T, P = V W_down.
+        silu_grad2 = sig * (1 - sig) * (2 + gate * (1 - 2 * sig))  # silu''(g)
+        g_up = g_hidden * silu_gate + e_gate * p * silu_grad
+        g_p = e_up * silu_gate + e_gate * up * silu_grad
+        g_gate = (g_hidden * up + e_up * p) * silu_grad + e_gate * p * up * silu_grad2
+        g_w[0] = g_w[0] + g_gate.mT @ k
+        g_w[1] = g_w[1] + g_up.mT @ k
+        g_w[2] = g_w[2] + v.mT @ g_p
+        g_k = g_k + g_gate @ w_gate + g_up @ w_up
+        g_v = g_v + g_p @ w_down.mT
+        g_lrs = (g_lr_gate.to(lr_gate.dtype), g_lr_up.to(lr_up.dtype), g_lr_down.to(lr_down.dtype))
+        g_ms = tuple(g_m) if g_m is not None else (None, None, None)
+        return (*g_w, *g_norms, g_k, g_v, *g_lrs, g_beta, *g_ms, None)
+
+
+def newton_schulz_backward(
+    x: Tensor,
+    grad: Tensor,
+    coefficients: str | tuple[tuple[float, float, float], ...],
+    iterates: list[Tensor] | None = None,
+) -> Tensor:
+    """The gradient of `newton_schulz(x, coefficients)` with respect to x, given the output's gradient.
+
+    iterates: the forward's (from `_newton_schulz`); recomputed when None. Runs in the forward's compute dtype.
+    With A = Y Y^T and Q = bA + cA^2 (both symmetric), Y' = aY + QY gives
+    dY = a dY' + Q dY' + (dA + dA^T) Y, where dQ = dY' Y^T and dA = b dQ + c (dQ A + A dQ).
+    """
+    coefficients = _muon_coefficients(coefficients)
+    if iterates is None:
+        iterates = _newton_schulz(x, coefficients)[1]
+    raw, g = x.to(_muon_dtype(x)), grad.to(_muon_dtype(x))
+    tall = raw.shape[-2] > raw.shape[-1]
+    if tall:
+        raw, g = raw.mT, g.mT
+    for (a, b, c), y in zip(reversed(coefficients), reversed(iterates)):
+        gram = y @ y.mT
+        poly = b * gram + c * (gram @ gram)
+        g_poly = g @ y.mT
+        g_gram = b * g_poly + c * (g_poly @ gram + gram @ g_poly)
+        g = a * g + poly @ g + (g_gram + g_gram.mT) @ y
+    # Y_0 = X / (|X|_F + eps)
+    norm = torch.linalg.matrix_norm(raw, keepdim=True)
+    dot = (g * raw).sum(dim=(-2, -1), keepdim=True)
+    g = g / (norm + 1e-7) - raw * (dot / ((norm + 1e-7) ** 2 * norm))
+    if tall:
+        g = g.mT
+    return g.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,7 +455,7 @@ def run_causal(
     for start in range(0, length, chunk_size):
         end = min(start + chunk_size, length)
         chunk = inputs.slice(start, end)
-        outputs.append(swiglu_apply(*state.weights, chunk.q))
+        outputs.append(apply_weights(*state.weights, chunk.q))
         if end < length:
             state = update_step(state, chunk, muon=muon, prenorm=prenorm)
     return torch.cat(outputs, dim=1)
@@ -244,7 +481,7 @@ def run_bidirectional(
     state = FastWeightState.initial(*weights)
     for start in range(0, update_len, chunk_size):
         state = update_step(state, inputs.slice(start, min(start + chunk_size, update_len)), muon=muon)
-    return swiglu_apply(*state.weights, inputs.q), state.weights
+    return apply_weights(*state.weights, inputs.q), state.weights
 
 
 def run_interleaved(
@@ -268,7 +505,7 @@ def run_interleaved(
         chunk = inputs.slice(start, start + chunk_size)
         if segment % 2 == 1:  # clean: write it into memory first, then read it with the new weights
             state = update_step(state, chunk, muon=muon)
-        outputs.append(swiglu_apply(*state.weights, chunk.q))
+        outputs.append(apply_weights(*state.weights, chunk.q))
     return torch.cat(outputs, dim=1), state
 
 
