@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import math
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,6 +99,7 @@ class VideoModule(LightningModule):
     vae_dir: a local diffusers VAE directory that decodes latents for samples and predictions (None: the
         latents are pixels).
     fps: frame rate of the GIFs.
+    seed: seed of the training noise (drawn per clip from seed, step and sample key).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class VideoModule(LightningModule):
         prefix_chunks: int = 1,
         vae_dir: str | None = None,
         fps: float = 8.0,
+        seed: int = 0,
     ):
         super().__init__()
         net = VideoConfig(**net) if isinstance(net, dict) else (net or VideoConfig())
@@ -148,7 +151,9 @@ class VideoModule(LightningModule):
             return frames_to_latents(batch["frames"])
         raise ValueError(f"a video batch needs 'frames' or 'latents', got keys {sorted(batch)}")
 
-    def context(self, batch: dict, train: bool) -> Tensor | None:
+    def context(self, batch: dict, keep: Tensor | None = None) -> Tensor | None:
+        """Caption embeddings [B, Lc, text_dim] of a conditioned network (None otherwise); clips whose `keep`
+        flag is False get zeros, the unconditional input."""
         if self.net.cfg.text_dim is None:
             return None
         if "caption_embedding" not in batch:
@@ -157,10 +162,7 @@ class VideoModule(LightningModule):
                 "'caption_embedding' [B, tokens, text_dim]; set net.text_dim: null for unconditional training"
             )
         context = batch["caption_embedding"].float()
-        if train and self.hparams.caption_dropout > 0:
-            keep = torch.rand(context.shape[0], 1, 1, device=context.device) >= self.hparams.caption_dropout
-            context = context * keep
-        return context
+        return context if keep is None else context * keep[:, None, None]
 
     def vae(self):
         if self._vae is None and self.hparams.vae_dir is not None:
@@ -192,13 +194,29 @@ class VideoModule(LightningModule):
             forward_methods=("denoise_chunk", "append_clean_chunk"),
         )
 
-    def draw_times(self, batch: int, chunks: int, generator: torch.Generator | None = None) -> Tensor:
-        """Shifted flow times t' [batch, chunks], one per chunk."""
-        if self.hparams.logit_normal:
-            t = torch.sigmoid(torch.randn(batch, chunks, generator=generator, device=self.device))
+    def draw_noise(self, x0: Tensor, keys: list[str] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Per clip: noise like x0, shifted flow times t' [B, N] (one per chunk) and a caption-keep flag [B].
+
+        With sample keys, clip j draws from a generator seeded by (seed, global step, key), so a step's noise
+        does not depend on how the batch is split over ranks or on a resume; without, the global RNG."""
+        batch, chunks = x0.shape[0], self.net.cfg.num_chunks
+        if keys is None:
+            generators = [None] * batch
         else:
-            t = torch.rand(batch, chunks, generator=generator, device=self.device)
-        return shift_time(t, self.hparams.shift)
+            generators = [
+                seeded_generator(self.hparams.seed, self.global_step, zlib.crc32(str(k).encode()))
+                for k in keys
+            ]
+        noise, t, keep = [], [], []
+        for generator in generators:
+            noise.append(torch.randn(x0.shape[1:], generator=generator))
+            if self.hparams.logit_normal:
+                t.append(torch.sigmoid(torch.randn(chunks, generator=generator)))
+            else:
+                t.append(torch.rand(chunks, generator=generator))
+            keep.append(torch.rand((), generator=generator) >= self.hparams.caption_dropout)
+        t = shift_time(torch.stack(t), self.hparams.shift)
+        return torch.stack(noise).to(x0), t.to(x0.device), torch.stack(keep).to(x0.device)
 
     def flow_loss(self, x0: Tensor, t: Tensor, noise: Tensor, context: Tensor | None) -> Tensor:
         """Per-chunk MSE [B, N] of the flow prediction at times t [B, N] with the given noise."""
@@ -212,8 +230,8 @@ class VideoModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0 = self.latents(batch)
         self.net.check_latents("the batch's clip", x0, self.net.cfg.num_frames)
-        t = self.draw_times(x0.shape[0], self.net.cfg.num_chunks)
-        loss = self.flow_loss(x0, t, torch.randn_like(x0), self.context(batch, train=True)).mean()
+        noise, t, keep = self.draw_noise(x0, batch.get("key"))
+        loss = self.flow_loss(x0, t, noise, self.context(batch, keep)).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
@@ -259,7 +277,7 @@ class VideoModule(LightningModule):
         x0 = self.latents(batch)
         self.net.check_latents("the batch's clip", x0, self.net.cfg.num_frames)
         batch_size, chunks = x0.shape[0], self.net.cfg.num_chunks
-        context = self.context(batch, train=False)
+        context = self.context(batch)
         # the same noise at every validation: seeded by the batch index only
         generator = seeded_generator(batch_idx)
         per_chunk = 0
@@ -330,7 +348,7 @@ class VideoModule(LightningModule):
         """Continuations of the batch's clips from their first `prefix_chunks` chunks: uint8 frames of the
         ground truth and the generated clip, [B, T, H, W, 3] each, and the keys."""
         x0 = self.latents(batch)
-        clips = self.generate(x0, self.context(batch, train=False), seed=batch_idx)
+        clips = self.generate(x0, self.context(batch), seed=batch_idx)
         keys = batch.get("key", [f"{batch_idx:06d}_{i:03d}" for i in range(x0.shape[0])])
         return {"key": list(keys), "generated": self.decode(clips), "ground_truth": self.decode(x0)}
 
