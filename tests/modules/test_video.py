@@ -3,6 +3,7 @@ writes GIFs, validation reports a per-chunk curve and writes samples, bad config
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,29 @@ def test_clips_of_the_wrong_length_are_refused_with_the_shape(tmp_path):
     batch["frames"] = batch["frames"][:, :6]
     with pytest.raises(ValueError, match="6 frames, expected 8"):
         module.training_step(batch, 0)
+
+
+@pytest.mark.slow  # about 35 s on one CPU thread
+def test_training_step_on_one_56k_token_interleaved_sequence(tmp_path, one_thread):
+    # 50 one-frame chunks of 48x48 pixels, patch 1x2x2: 99 segments of 576 tokens = 57,024 tokens in one
+    # sequence; per-block activation checkpointing keeps the step at about 3 GB.
+    net = dict(
+        in_channels=3, num_frames=50, frames_per_chunk=1, latent_size=[48, 48], dim=32, num_layers=2,
+        num_heads=2, ffn_dim=64, freq_dim=32, activation_checkpointing=True, lact=dict(heads=2, momentum=True),
+    )  # fmt: skip
+    module = VideoModule(net=net, optim=dict(warmup_steps=1))
+    assert module.net.cfg.sequence_length >= 56_000
+    with torch.no_grad():  # a non-zero head (zero at init), so the first step's gradient reaches every block
+        module.net.head.weight.normal_(std=0.02)
+    frames = torch.from_numpy(generate_video(0, num_frames=50, height=48, width=48)["frames"])[None]
+    before = {n: p.detach().clone() for n, p in module.net.named_parameters()}
+    losses = Losses()
+    make_trainer(tmp_path, max_steps=1, callbacks=[losses], limit_val_batches=0).fit(
+        module, DataLoader([{"frames": frames, "key": ["long"]}], batch_size=None)
+    )
+    assert len(losses.values) == 1 and math.isfinite(losses.values[0])
+    for name, p in module.net.named_parameters():
+        assert torch.isfinite(p).all(), name
+    changed = [n for n, p in module.net.named_parameters() if not torch.equal(p, before[n])]
+    assert any(".lact.gate_proj" in n for n in changed)  # the LaCT branch got a gradient through its gate
+    assert "head.weight" in changed
