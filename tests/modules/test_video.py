@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,7 +16,9 @@ from torch.utils.data import DataLoader
 
 import train
 from datamodules.prepare import main as prepare
+from datamodules.readers import collate, iter_videos
 from datamodules.videos import generate_video
+from datamodules.writers import VideoWriter
 from modules.ema import EMA
 from modules.video import VideoModule, VideoPredictionWriter, shift_time
 
@@ -234,3 +237,26 @@ def test_training_step_on_one_56k_token_interleaved_sequence(tmp_path, one_threa
     changed = [n for n, p in module.net.named_parameters() if not torch.equal(p, before[n])]
     assert any(".lact.gate_proj" in n for n in changed)  # the LaCT branch got a gradient through its gate
     assert "head.weight" in changed
+
+
+def test_conditioned_model_trains_on_caption_embeddings_from_the_shards(tmp_path, one_thread):
+    rng = np.random.default_rng(0)
+    with VideoWriter(str(tmp_path / "shards")) as writer:
+        for i, batch in enumerate(clips(1)):
+            for j, frames in enumerate(batch["frames"]):
+                embedding = rng.standard_normal((5, 12)).astype(np.float16)
+                writer.write(f"clip{i}_{j}", frames=frames.numpy(), caption="c", caption_embedding=embedding)
+    samples = list(iter_videos(tmp_path / "shards"))
+    assert samples[0]["caption_embedding"].shape == (5, 12)
+    batch = collate(samples)
+    net = {**TINY["net"], "text_dim": 12}
+    module = VideoModule(**{**TINY, "net": net, "sampler": {"steps": 2, "guidance_scale": 4.0}})
+    losses = Losses()
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[losses], limit_val_batches=0)
+    trainer.fit(module, DataLoader([batch], batch_size=None))
+    assert len(losses.values) == 2 and all(math.isfinite(v) for v in losses.values)
+    (prediction,) = trainer.predict(module, DataLoader([batch], batch_size=None))
+    assert prediction["generated"].shape == (4, 8, 16, 16, 3)
+    batch.pop("caption_embedding")
+    with pytest.raises(ValueError, match="caption_embedding"):
+        module.training_step(batch, 0)
