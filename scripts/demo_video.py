@@ -90,7 +90,7 @@ def main() -> None:
             *common,
             "--ckpt_path=last",
             "--data.init_args.val_batch_size=4",
-            "--trainer.limit_predict_batches=1",
+            "--trainer.limit_predict_batches=2",
         ]
     )
     grid = continuation_grid(OUT / "predict")
