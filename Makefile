@@ -8,10 +8,10 @@ STAMP  := $(VENV)/.installed-stamp
 
 install: $(STAMP)
 
-# Re-installs only when pyproject.toml is newer than the last install.
+# Re-installs only when pyproject.toml is newer than the last install. `plot`: the benchmarks' figures.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' >$(VENV)/pip.log 2>&1 \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,plot]' >$(VENV)/pip.log 2>&1 \
 		|| { cat $(VENV)/pip.log; exit 1; }
 	$(BIN)/python -c "import lact, lightning, webdataset, diffusers, torchmetrics"
 	touch $(STAMP)

@@ -1,10 +1,14 @@
-"""Data-layer throughput for long token sequences: ``python benchmarks/data.py``.
+"""Data-layer throughput: long token sequences through the reader, and procedural scene generation.
+``python benchmarks/data.py [--parts tokens scenes]``.
 
 Writes 64 samples of 56K + 1 tokens (uint16) into temporary shards, then streams 1,000 samples through
 the LM training reader (resampled shards, shuffle buffer, batches of 8) with 0, 1 and 2 DataLoader
 workers. Prints samples/s and tokens/s (after the first batch, so worker start-up is excluded) and the
 resident memory of the main process plus its workers: after the first 100 samples and the peak over all
 1,000, which must stay flat (no growth with the number of samples read).
+
+Scenes: seconds to generate (ray cast) one 32-view 64x64 procedural scene, the cost per sample of
+``python -m datamodules.prepare scenes``, averaged over 5 scenes after one warm-up.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 import numpy as np
 
 from datamodules.readers import token_dataset, train_loader
+from datamodules.scenes import generate_scene
 from datamodules.writers import TokenWriter
 
 
@@ -85,13 +90,27 @@ def measure(folder: str, workers: int, samples: int, seq_len: int, batch_size: i
     return {"samples/s": rate, "tokens/s": rate * (seq_len + 1), "at_100": at_100, "peak": peak}
 
 
+def scene_seconds(count: int = 5, views: int = 32, size: int = 64) -> float:
+    """Mean seconds to generate one procedural scene of ``views`` views of ``size`` x ``size`` pixels."""
+    generate_scene(0, num_views=views, height=size, width=size)  # warm-up (imports, allocator)
+    start = time.perf_counter()
+    for seed in range(count):
+        generate_scene(seed, num_views=views, height=size, width=size)
+    return (time.perf_counter() - start) / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--seq-len", type=int, default=56 * 1024)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--parts", nargs="+", choices=("tokens", "scenes"), default=["tokens", "scenes"])
     args = parser.parse_args()
+    if "scenes" in args.parts:
+        print(f"procedural scene, 32 views of 64x64: {scene_seconds():.3f} s per scene\n", flush=True)
+    if "tokens" not in args.parts:
+        return
     with tempfile.TemporaryDirectory() as folder:
         write_shards(folder, 64, args.seq_len)
         print(

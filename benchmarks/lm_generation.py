@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = yaml.safe_load(Path(args.config).read_text())
-    cfg = LMConfig(**spec["model"]["init_args"]["config"])
+    cfg = LMConfig(**spec["model"]["init_args"]["net"])
     torch.manual_seed(0)
     model = LaCTLM(cfg).eval()
     generator = torch.Generator().manual_seed(0)

@@ -25,10 +25,12 @@ STEP = textwrap.dedent(
     import json, resource, sys, time, torch, yaml
     from lact.models.lm import LMConfig
     from modules.lm import LMModule
+    from modules.task import OptimConfig
     torch.set_num_threads(1)
     length, checkpointing = int(sys.argv[1]), sys.argv[2] == "1"
     spec = yaml.safe_load(open("configs/lm/tiny.yaml"))["model"]["init_args"]
-    module = LMModule(LMConfig(**spec["config"]), total_steps=10, activation_checkpointing=checkpointing)
+    config = LMConfig(**{**spec["net"], "activation_checkpointing": checkpointing})
+    module = LMModule(config, optim=OptimConfig(total_steps=10))
     optimizer = module.configure_optimizers()["optimizer"]
     tokens = torch.randint(0, 256, (1, length + 1))
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}

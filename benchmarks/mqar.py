@@ -57,10 +57,21 @@ class AccuracyCurve(Callback):
         )
 
 
+def with_overrides(config: dict, overrides: dict | None) -> dict:
+    """The YAML's LMConfig fields with --set overrides; "lact.FIELD" sets a field of the nested LaCT config."""
+    config = {**config, "lact": dict(config.get("lact", {}))}
+    for key, value in (overrides or {}).items():
+        if key.startswith("lact."):
+            config["lact"][key.removeprefix("lact.")] = value
+        else:
+            config[key] = value
+    return config
+
+
 def run(spec: dict, lact_ratio: float, steps: int | None, overrides: dict | None = None) -> dict:
     seed_everything(spec.get("seed_everything", 0))
     model_args = dict(spec["model"]["init_args"])
-    config = LMConfig(**{**model_args.pop("config"), **(overrides or {}), "lact_ratio": lact_ratio})
+    config = LMConfig(**{**with_overrides(model_args.pop("net"), overrides), "lact_ratio": lact_ratio})
     trainer_args = dict(spec["trainer"])
     if steps is not None:
         trainer_args["max_steps"] = steps
@@ -97,7 +108,7 @@ def accuracy_by_query(module: LMModule, data: MQARDataModule, num_pairs: int) ->
     module.eval()
     hits, total = torch.zeros(num_pairs), 0
     for batch in data.val_dataloader():
-        logits = module.model(batch["input_ids"])
+        logits = module.net(batch["input_ids"])
         scored = (batch["labels"] != -100).nonzero()  # [n, 2]: (row, position), in query order per row
         right = logits.argmax(-1)[scored[:, 0], scored[:, 1]] == batch["labels"][scored[:, 0], scored[:, 1]]
         hits += right.view(-1, num_pairs).float().sum(0)
@@ -158,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not sep:
             parser.error(f"--set expects FIELD=VALUE, got {item!r}")
         overrides[field] = yaml.safe_load(value)
-    cfg = {**spec["model"]["init_args"]["config"], **overrides}
+    cfg = with_overrides(spec["model"]["init_args"]["net"], overrides)
     values = task["vocab_size"] - 1 - (task["vocab_size"] - 1) // 2
     reach = cfg["num_layers"] * (cfg["window"] - 1)
     print(

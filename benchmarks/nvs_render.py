@@ -76,7 +76,7 @@ def render_all(net, images, k_in, w_in, k_out, w_out) -> torch.Tensor:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--config", default="configs/nvs/demo.yaml", help="YAML whose model.init_args.model is used"
+        "--config", default="configs/nvs/demo.yaml", help="YAML whose model.init_args.net is used"
     )
     parser.add_argument("--size", type=int, default=32, help="image height = width in pixels")
     parser.add_argument("--inputs", type=int, nargs="+", default=[4, 8, 16], help="input views Vi")
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = yaml.safe_load((ROOT / args.config).read_text())["model"]["init_args"]["model"]
+    spec = yaml.safe_load((ROOT / args.config).read_text())["model"]["init_args"]["net"]
     torch.manual_seed(0)
     net = NVSNet(NVSConfig(**spec)).eval()
     params = sum(p.numel() for p in net.parameters())

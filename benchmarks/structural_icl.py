@@ -1,6 +1,7 @@
 """Structural in-context learning under plain training, active forgetting and temporary forgetting (issue 6).
 
-Runs ``configs/icl/{plain,active,temporary}.yaml`` one after the other through ``train.py`` (same seed, same
+Runs ``configs/icl/base.yaml`` alone (plain) and with the overlays ``configs/icl/{active,temporary}.yaml`` one
+after the other through ``train.py`` (same seed, same
 data, same number of steps), each in its own process on one CPU thread, then writes
 
     <out>/structural_icl.png   holdout accuracy and head-token in-weights preference (1 - switch) vs step
@@ -14,7 +15,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import subprocess
@@ -31,7 +31,9 @@ def run(name: str, out: Path, max_steps: int | None, extra: list[str]) -> float:
     """Train one configuration into ``out/name``; returns wall seconds."""
     root = out / name
     shutil.rmtree(root, ignore_errors=True)
-    cmd = [sys.executable, "train.py", "fit", f"--config=configs/icl/{name}.yaml"]
+    cmd = [sys.executable, "train.py", "fit", "--config=configs/icl/base.yaml"]
+    if name != "plain":  # plain training is the base alone; the others are overlays
+        cmd += [f"--config=configs/icl/{name}.yaml"]
     cmd += [f"--trainer.default_root_dir={root}"]
     if max_steps is not None:
         cmd += [f"--trainer.max_steps={max_steps}"]
@@ -47,25 +49,21 @@ def run(name: str, out: Path, max_steps: int | None, extra: list[str]) -> float:
 
 
 def read_curves(root: Path) -> dict[str, list[tuple[int, float]]]:
-    """``val/<set>_acc`` and ``val/<set>_ctx_acc`` rows of the run's CSV log as
+    """``val/<set>_acc`` and ``val/<set>_ctx_acc`` of the run's TensorBoard events (in the run directory) as
     {"<set>" or "<set>_ctx": [(step, acc), ...]}; steps are 1-based optimizer-step counts."""
-    (metrics,) = sorted(root.glob("version_*/metrics.csv"))[-1:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root), size_guidance={"scalars": 0})  # 0: keep every point
+    events.Reload()
     keys = [*SETS, *(f"{s}_ctx" for s in SETS)]
-    curves: dict[str, list[tuple[int, float]]] = {k: [] for k in keys}
-    with open(metrics) as f:
-        for row in csv.DictReader(f):
-            for k in keys:
-                v = row.get(f"val/{k}_acc", "")
-                if v != "":
-                    curves[k].append((int(row["step"]) + 1, float(v)))
-    return curves
+    return {k: [(e.step + 1, e.value) for e in events.Scalars(f"val/{k}_acc")] for k in keys}
 
 
 def stop_after(name: str) -> int | None:
     """N of the run's ForgettingSchedule (temporary forgetting), read from its resolved config."""
     import yaml
 
-    (cfg,) = sorted((OUT_ROOT / name).glob("version_*/config.yaml"))[-1:]
+    cfg = OUT_ROOT / name / "config.yaml"
     for cb in yaml.safe_load(cfg.read_text())["trainer"].get("callbacks") or []:
         if cb["class_path"].endswith("ForgettingSchedule"):
             return cb["init_args"].get("stop_after")

@@ -5,10 +5,11 @@ The task DataModules (novel view synthesis, language model, video) subclass thes
 shards, ranks, workers, epochs and bad data stays here.
 
 Training draws ``batches_per_epoch`` full batches per epoch on every rank from an endless resampled
-stream; the stream of a pass is seeded by the trainer's global step when the pass starts, so a run
-resumed from a checkpoint taken at an epoch boundary sees exactly the batches it would have seen, and a
-run resumed mid-epoch continues with a fresh reproducible stream (it does not replay the interrupted
-epoch). Validation is one exact pass over ``val_shards``.
+stream; the stream of a pass is seeded by the trainer's global step when the pass starts. The training
+loader is resumable: checkpoints hold the pass's seed and how many of its batches were consumed, so a run
+resumed anywhere (also mid-epoch, with DataLoader workers) sees exactly the batches the uninterrupted run
+saw (datamodules/README.md, "Exact resume"). Validation is one exact pass over ``val_shards``. The damage
+known to the readers (datamodules.errors.DamageRegistry) is part of the DataModule's checkpoint state.
 """
 
 from __future__ import annotations
@@ -17,8 +18,26 @@ from collections.abc import Callable, Sequence
 
 from lightning.pytorch import LightningDataModule
 
+from datamodules.errors import DamageRegistry
 from datamodules.readers import scene_dataset, token_dataset, train_loader, val_loader, video_dataset
 from datamodules.shards import ShardReader
+
+
+def check_sizes(owner: str, minimum: int = 1, **fields) -> None:
+    """Raise ValueError naming the field when a size (an int, or a list/tuple of them; None = unset) is
+    not an integer >= ``minimum``. DataModules call it in ``__init__``, so a bad config fails at once."""
+    for name, value in fields.items():
+        if value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < minimum):
+                raise ValueError(f"{owner}: {name} must be >= {minimum} (an integer), got {value!r}")
+
+
+def fit_loop_position(trainer) -> int | None:
+    """Training batches the trainer has taken from its loader in the current epoch (None outside a fit)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return None if loop is None else loop.batch_progress.current.ready
 
 
 class ShardDataModule(LightningDataModule):
@@ -31,7 +50,7 @@ class ShardDataModule(LightningDataModule):
         batches_per_epoch: training batches per epoch, identical on every rank.
         shuffle_buffer: raw samples held for shuffling in training.
         seed: base seed of the training stream.
-        max_bad_samples: damaged samples/shards skipped per reading process before the run stops.
+        max_bad_samples: distinct damaged samples/shards skipped on this rank before the run stops.
         pin_memory: passed to the DataLoader.
     """
 
@@ -49,6 +68,14 @@ class ShardDataModule(LightningDataModule):
         pin_memory: bool = False,
     ):
         super().__init__()
+        name = type(self).__name__
+        check_sizes(
+            name, batch_size=batch_size, val_batch_size=val_batch_size, batches_per_epoch=batches_per_epoch
+        )
+        check_sizes(
+            name, 0, num_workers=num_workers, shuffle_buffer=shuffle_buffer, max_bad_samples=max_bad_samples
+        )
+        self.damage = DamageRegistry()  # shared by the train and val readers and their workers
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
@@ -72,7 +99,16 @@ class ShardDataModule(LightningDataModule):
             "max_bad_samples": self.max_bad_samples,
             "shuffle_buffer": self.shuffle_buffer if train else 0,
             "transform": self.sample_transform(train),
+            "registry": self.damage,
         }
+
+    def state_dict(self) -> dict:
+        """Checkpoint state: the damaged samples and unreadable shards found so far (the training position
+        is saved by the training loader itself, through Lightning's fit loop)."""
+        return {"damaged": self.damage.records()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.damage.load(state_dict.get("damaged", []))
 
     def _global_step(self) -> int | None:
         trainer = self.trainer
@@ -87,14 +123,27 @@ class ShardDataModule(LightningDataModule):
             batches_per_epoch=self.batches_per_epoch,
             num_workers=self.num_workers,
             epoch_fn=self._global_step,
+            position_fn=lambda: fit_loop_position(self.trainer),
             pin_memory=self.pin_memory,
         )
 
     def val_dataloader(self):
         if self.val_shards is None:
             return []  # Lightning skips validation when there is no loader
+        return self.held_out_loader(self.val_shards)
+
+    def test_dataloader(self):
+        """The held-out split scored by `train.py test`: `test_shards` when the subclass has them, else the
+        validation shards, read exactly as in validation."""
+        shards = getattr(self, "test_shards", None) or self.val_shards
+        if shards is None:
+            raise ValueError(f"{type(self).__name__}: set test_shards (or val_shards) to test")
+        return self.held_out_loader(shards)
+
+    def held_out_loader(self, shards):
+        """A deterministic, finite pass over `shards` (validation and test)."""
         return val_loader(
-            self.dataset(self.val_shards, False, **self._reader_kwargs(False)),
+            self.dataset(shards, False, **self._reader_kwargs(False)),
             batch_size=self.val_batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -109,6 +158,7 @@ class SceneShardDataModule(ShardDataModule):
         self, *args, num_views: int | None = None, image_size: tuple[int, int] | None = None, **kwargs
     ):
         super().__init__(*args, **kwargs)
+        check_sizes(type(self).__name__, num_views=num_views, image_size=image_size)
         self.num_views, self.image_size = num_views, image_size
 
     def dataset(self, shards, train: bool, **reader_kwargs) -> ShardReader:
@@ -118,15 +168,34 @@ class SceneShardDataModule(ShardDataModule):
 
 
 class TokenShardDataModule(ShardDataModule):
-    """Batches of ``tokens`` int64 [B, seq_len + 1] (inputs ``[:, :-1]``, targets ``[:, 1:]``)."""
+    """Batches of ``tokens`` int64 [B, seq_len + 1] (inputs ``[:, :-1]``, targets ``[:, 1:]``).
 
-    def __init__(self, *args, seq_len: int | None = None, **kwargs):
+    Token ids must be below ``vocab_limit``; by default the model's vocabulary: the rows of the token
+    embedding of the LightningModule being trained (its ``token_embedding()``), so a shard written for a
+    larger vocabulary is reported, naming the shard, the id and the vocabulary, instead of crashing inside
+    the embedding. meta.json's ``vocab_size``, when present, is checked as well.
+    """
+
+    def __init__(self, *args, seq_len: int | None = None, vocab_limit: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.seq_len = seq_len
+        check_sizes(type(self).__name__, seq_len=seq_len, vocab_limit=vocab_limit)
+        self.seq_len, self.vocab_limit = seq_len, vocab_limit
+
+    def model_vocab_size(self) -> int | None:
+        """``vocab_limit``, else the number of rows of the trained model's token embedding, else None."""
+        if self.vocab_limit is not None:
+            return self.vocab_limit
+        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        embedding = getattr(model, "token_embedding", None)
+        if callable(embedding):
+            return int(embedding().num_embeddings)
+        return None
 
     def dataset(self, shards, train: bool, **reader_kwargs) -> ShardReader:
         length = None if self.seq_len is None else self.seq_len + 1
-        return token_dataset(shards, train=train, length=length, **reader_kwargs)
+        return token_dataset(
+            shards, train=train, length=length, vocab_size=self.model_vocab_size(), **reader_kwargs
+        )
 
 
 class VideoShardDataModule(ShardDataModule):
@@ -134,6 +203,7 @@ class VideoShardDataModule(ShardDataModule):
 
     def __init__(self, *args, field: str = "frames", shape: Sequence[int | None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        check_sizes(type(self).__name__, shape=list(shape) if shape is not None else None)
         self.field, self.shape = field, shape
 
     def dataset(self, shards, train: bool, **reader_kwargs) -> ShardReader:

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from datamodules.cameras import cover_crop
+from datamodules.formats import camera_problem
 
 CAMERA_FILE = "opencv_cameras.json"
 REQUIRED = ("w", "h", "fx", "fy", "cx", "cy", "w2c", "file_path")
@@ -45,9 +46,14 @@ def scene_key(folder: str, root: str) -> str:
 
 
 def read_camera_file(folder: str) -> list[dict]:
+    """The frames of ``folder/opencv_cameras.json``, each checked (finite, fx and fy > 0, a rotation in
+    w2c); every error names the file, the frame and the field."""
     path = os.path.join(folder, CAMERA_FILE)
-    with open(path) as f:
-        frames = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            frames = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise ValueError(f"{path}: not valid UTF-8 JSON ({exn})") from exn
     if isinstance(frames, dict) and "frames" in frames:
         frames = frames["frames"]
     if not isinstance(frames, list) or not frames:
@@ -56,15 +62,33 @@ def read_camera_file(folder: str) -> list[dict]:
         missing = [k for k in REQUIRED if k not in frame] if isinstance(frame, dict) else list(REQUIRED)
         if missing:
             raise ValueError(f"{path}: frame {i} lacks {missing}")
-        if np.asarray(frame["w2c"]).shape != (4, 4):
+        try:
+            intrinsics = [float(frame[k]) for k in ("fx", "fy", "cx", "cy")]
+            w2c = np.asarray(frame["w2c"], dtype=np.float64)
+            size = int(frame["w"]), int(frame["h"])
+        except (TypeError, ValueError) as exn:
             raise ValueError(
-                f"{path}: frame {i} w2c has shape {np.asarray(frame['w2c']).shape}, expected (4, 4)"
-            )
+                f"{path}: frame {i} has a non-numeric w, h, fx, fy, cx, cy or w2c ({exn})"
+            ) from exn
+        if w2c.shape != (4, 4):
+            raise ValueError(f"{path}: frame {i} w2c has shape {w2c.shape}, expected (4, 4)")
+        problem = camera_problem(*intrinsics, w2c)
+        if problem is not None:
+            raise ValueError(f"{path}: frame {i}: {problem}")
+        if min(size) < 1:
+            raise ValueError(f"{path}: frame {i}: w x h = {size[0]} x {size[1]}, expected positive sizes")
     return frames
 
 
 def load_rgb_on_white(path: str) -> np.ndarray:
     """uint8 ``[H, W, 3]``: an image file with any alpha composited over white."""
+    try:
+        return _load_rgb_on_white(path)
+    except (OSError, ValueError) as exn:  # PIL's messages do not always name the file
+        raise ValueError(f"{path}: not a readable image ({type(exn).__name__}: {exn})") from exn
+
+
+def _load_rgb_on_white(path: str) -> np.ndarray:
     with Image.open(path) as img:
         img.load()
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

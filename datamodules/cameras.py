@@ -1,4 +1,8 @@
-"""Pinhole camera helpers in the OpenCV convention, numpy only.
+"""Pinhole camera helpers in the OpenCV convention for the data layer (numpy in, numpy out).
+
+The camera math itself (look-at, centres, rays) lives once, in torch, in :mod:`lact.geometry`; the
+functions here call it in float64 and add what only data preparation needs (field-of-view intrinsics,
+projection, resize-and-crop).
 
 Camera axes: x right, y down, z forward (into the scene). ``w2c`` is the 4x4 world-to-camera matrix
 ``[R | t]``, so a world point X maps to camera coordinates ``R X + t`` and the camera centre is
@@ -11,6 +15,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+
+from lact import geometry
 
 
 def intrinsics_from_fov(fov_deg: float, height: int, width: int) -> np.ndarray:
@@ -20,52 +27,38 @@ def intrinsics_from_fov(fov_deg: float, height: int, width: int) -> np.ndarray:
     return np.array([fx, fx, width / 2, height / 2])
 
 
+def _torch64(x) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x, dtype=np.float64))
+
+
 def look_at_w2c(eyes: np.ndarray, target=(0.0, 0.0, 0.0), up=(0.0, 0.0, 1.0)) -> np.ndarray:
-    """World-to-camera ``[N, 4, 4]`` of cameras at ``eyes`` ``[N, 3]`` looking at ``target``, with
-    ``up`` (world) pointing up in the image (towards smaller v). Eyes must not sit straight above or
-    below the target along ``up``."""
-    eyes = np.atleast_2d(np.asarray(eyes, dtype=np.float64))
-    forward = np.asarray(target, dtype=np.float64) - eyes
-    forward /= np.linalg.norm(forward, axis=-1, keepdims=True)
-    right = np.cross(forward, np.asarray(up, dtype=np.float64))
-    norm = np.linalg.norm(right, axis=-1, keepdims=True)
-    if (norm < 1e-6).any():
+    """World-to-camera ``[N, 4, 4]`` (float64) of cameras at ``eyes`` ``[N, 3]`` looking at ``target``, with
+    ``up`` (world) pointing up in the image (towards smaller v): :func:`lact.geometry.look_at` on numpy.
+    Eyes must not sit straight above or below the target along ``up``."""
+    eyes = _torch64(np.atleast_2d(eyes))
+    w2c = geometry.look_at(eyes, _torch64(target).expand_as(eyes), _torch64(up).expand_as(eyes)).numpy()
+    # A camera looking along `up` has no defined right axis: its rotation degenerates (det 0).
+    if not np.allclose(np.linalg.det(w2c[:, :3, :3]), 1.0, atol=1e-6):
         raise ValueError("a camera looks along the up vector; its orientation is undefined")
-    right /= norm
-    down = np.cross(forward, right)  # right x down = forward: a right-handed camera frame
-    rot = np.stack([right, down, forward], axis=1)  # rows: camera axes in world coordinates
-    w2c = np.tile(np.eye(4), (len(eyes), 1, 1))
-    w2c[:, :3, :3] = rot
-    w2c[:, :3, 3] = -np.einsum("nij,nj->ni", rot, eyes)
     return w2c
 
 
 def camera_centers(w2c: np.ndarray) -> np.ndarray:
-    """Camera centres ``[N, 3]`` (world) of ``w2c`` ``[N, 4, 4]``: ``-R^T t``."""
-    w2c = np.asarray(w2c, dtype=np.float64)
-    return -np.einsum("nji,nj->ni", w2c[:, :3, :3], w2c[:, :3, 3])
+    """Camera centres ``[N, 3]`` (world, float64) of ``w2c`` ``[N, 4, 4]``: :func:`lact.geometry.camera_centers`."""
+    return geometry.camera_centers(_torch64(w2c)).numpy()
 
 
 def pixel_rays(
     intrinsics: np.ndarray, w2c: np.ndarray, height: int, width: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Rays through the pixel centres.
+    """Rays through the pixel centres, float64: :func:`lact.geometry.camera_rays` on numpy.
 
     Returns ``origins`` ``[V, 3]`` (camera centres) and unit ``directions`` ``[V, H, W, 3]`` in world
     coordinates, for intrinsics ``[V, 4]`` and w2c ``[V, 4, 4]``.
     """
-    intrinsics = np.asarray(intrinsics, dtype=np.float64)
-    w2c = np.asarray(w2c, dtype=np.float64)
-    u = np.arange(width) + 0.5
-    v = np.arange(height) + 0.5
-    fx, fy, cx, cy = (intrinsics[:, i, None, None] for i in range(4))
-    x = np.broadcast_to((u[None, None, :] - cx) / fx, (len(w2c), height, width))
-    y = np.broadcast_to((v[None, :, None] - cy) / fy, (len(w2c), height, width))
-    # R^T (x, y, 1): the rows of R are the camera axes in world coordinates.
-    rot = w2c[:, None, None, :3, :3]
-    norm = np.sqrt(x * x + y * y + 1)[..., None]  # a rotation keeps the length of (x, y, 1)
-    dirs = (x[..., None] * rot[..., 0, :] + y[..., None] * rot[..., 1, :] + rot[..., 2, :]) / norm
-    return camera_centers(w2c), dirs
+    w2c = _torch64(w2c)
+    _, directions = geometry.camera_rays(_torch64(intrinsics), w2c, height, width)
+    return geometry.camera_centers(w2c).numpy(), directions.numpy()
 
 
 def project(points: np.ndarray, intrinsics: np.ndarray, w2c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -101,11 +101,16 @@ def encode_scene(images, intrinsics, w2c) -> dict[str, bytes]:
         raise ValueError(f"intrinsics must be [V={views}, 4] (fx, fy, cx, cy), got {list(intrinsics.shape)}")
     if w2c.shape != (views, 4, 4):
         raise ValueError(f"w2c must be [V={views}, 4, 4], got {list(w2c.shape)}")
-    if not (np.isfinite(intrinsics).all() and np.isfinite(w2c).all()):
-        raise ValueError("intrinsics and w2c must be finite")
-    bad = [i for i in range(views) if not _is_rotation(w2c[i, :3, :3])]
-    if bad:
-        raise ValueError(f"w2c[:3, :3] of views {bad} is not a rotation (expected OpenCV world-to-camera)")
+    problems: dict[str, list[int]] = {}
+    for i in range(views):
+        problem = camera_problem(*intrinsics[i].tolist(), w2c[i])
+        if problem is not None:
+            problems.setdefault(problem, []).append(i)
+    for problem, bad in problems.items():
+        rotation = "w2c[:3, :3] "
+        if problem.startswith(rotation):
+            raise ValueError(f"{rotation}of views {bad} {problem[len(rotation) :]}")
+        raise ValueError(f"views {bad}: {problem}")
     cameras = [
         {
             "w": width,
@@ -235,6 +240,26 @@ def _is_rotation(rot: np.ndarray, tol: float = 1e-3) -> bool:
     return bool(np.abs(rot @ rot.T - np.eye(3)).max() <= tol and abs(np.linalg.det(rot) - 1) <= tol)
 
 
+def camera_problem(fx, fy, cx, cy, w2c) -> str | None:
+    """What is wrong with one pinhole camera (intrinsics in pixels, ``w2c`` 4x4 world-to-camera), naming
+    the field, or None when it is usable: finite numbers, fx and fy > 0, a rotation in ``w2c[:3, :3]``."""
+    for name, value in (("fx", fx), ("fy", fy), ("cx", cx), ("cy", cy)):
+        if not np.isfinite(value):
+            return f"{name} is {value}, expected a finite number of pixels"
+    for name, value in (("fx", fx), ("fy", fy)):
+        if value <= 0:
+            return f"{name} = {value}, expected a focal length > 0 (pixels)"
+    w2c = np.asarray(w2c, dtype=np.float64)
+    if w2c.shape != (4, 4) or not np.isfinite(w2c).all():
+        return f"w2c must be a finite 4x4 matrix, got {list(w2c.shape)}" + (
+            " with non-finite entries" if w2c.shape == (4, 4) else ""
+        )
+    # A camera that is not a rotation + translation would silently corrupt every ray built from it.
+    if not _is_rotation(w2c[:3, :3]):
+        return "w2c[:3, :3] is not a rotation (expected OpenCV world-to-camera)"
+    return None
+
+
 def _check_camera(sample: dict, index: int, cam) -> tuple[int, int, list[float], np.ndarray]:
     if not isinstance(cam, dict):
         raise _damaged(sample, f"cameras.json view {index} is {type(cam).__name__}, expected an object")
@@ -247,13 +272,9 @@ def _check_camera(sample: dict, index: int, cam) -> tuple[int, int, list[float],
         width, height = int(cam["w"]), int(cam["h"])
     except (TypeError, ValueError) as exn:
         raise _damaged(sample, f"cameras.json view {index} has a non-numeric value ({exn})") from exn
-    if w2c.shape != (4, 4) or not np.isfinite(w2c).all() or not np.isfinite(intr).all():
-        raise _damaged(
-            sample, f"cameras.json view {index}: w2c must be a finite 4x4 matrix, got {list(w2c.shape)}"
-        )
-    # A camera that is not a rotation + translation would silently corrupt every ray built from it.
-    if not _is_rotation(w2c[:3, :3]):
-        raise _damaged(sample, f"cameras.json view {index}: w2c[:3, :3] is not a rotation")
+    problem = camera_problem(*intr, w2c)
+    if problem is not None:
+        raise _damaged(sample, f"cameras.json view {index}: {problem}")
     return width, height, intr, w2c
 
 
@@ -305,11 +326,12 @@ def decode_scene(
     }
 
 
-def decode_tokens(sample: dict, length: int | None = None) -> dict:
+def decode_tokens(sample: dict, length: int | None = None, vocab_size: int | None = None) -> dict:
     """Decode one token sample: ``tokens`` int64 ``[L]`` (numpy), ``meta`` dict, ``key``, ``shard``.
 
-    ``length``, when given, must equal L (``seq_len + 1`` for packed sequences). Ids at or above the
-    ``vocab_size`` named in meta.json are rejected (they would index past the embedding).
+    ``length``, when given, must equal L (``seq_len + 1`` for packed sequences). Ids at or above
+    ``vocab_size`` (the model's vocabulary, when given) or the ``vocab_size`` named in meta.json are
+    rejected: they would index past the embedding.
     """
     tokens = decode_npy(sample, "tokens.npy")
     _check_array(sample, "tokens.npy", tokens, TOKEN_DTYPES, 1, None if length is None else (length,))
@@ -319,6 +341,12 @@ def decode_tokens(sample: dict, length: int | None = None) -> dict:
     vocab = meta.get("vocab_size")
     if isinstance(vocab, int) and tokens.size and int(tokens.max()) >= vocab:
         raise _damaged(sample, f"token id {int(tokens.max())} >= vocab_size {vocab} from meta.json")
+    if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+        raise _damaged(
+            sample,
+            f"token id {int(tokens.max())} >= the model's vocab_size {vocab_size}; the shard was written "
+            "for another vocabulary (check the tokenizer, or the model's vocab_size)",
+        )
     return {
         "tokens": tokens.astype(np.int64),
         "meta": meta,

@@ -7,48 +7,34 @@ seq_len + 1 tokens (labels are the inputs shifted by one). Predict batches: ``in
 Two sources:
 - ``train_shards`` / ``val_shards``: token shards written by ``python -m datamodules.prepare text ...``;
 - ``text``: files or folders of any UTF-8 text (``.jsonl`` read one document per line); on first use they
-  are tokenized (byte-level by default: nothing to download), packed into seq_len + 1 sequences with the
-  data layer's packer, and written as shards under ``data_dir`` (every ``val_every``-th sequence to
-  ``data_dir/val``, the rest to ``data_dir/train``). The shards are rewritten only when the inputs or the
-  arguments change.
+  are tokenized (byte-level by default: nothing to download), packed into seq_len + 1 sequences and
+  written as shards under ``data_dir`` by the same code as ``python -m datamodules.prepare text`` (every
+  ``val_every``-th sequence to ``data_dir/val``, the rest to ``data_dir/train``). The shards are rewritten
+  only when the inputs or the arguments change.
 
-Resume: the training stream of every epoch is seeded by the global step at which the epoch starts (see
-datamodules/base.py); a run resumed mid-epoch draws a fresh reproducible stream instead of replaying the rest
-of the interrupted epoch.
+Resume: the training stream of every epoch is seeded by the global step at which the epoch starts, and the
+training loader's position is in every checkpoint (see datamodules/base.py): a run resumed anywhere, also
+mid-epoch, sees exactly the batches of the uninterrupted run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.base import TokenShardDataModule
-from datamodules.formats import token_dtype
-from datamodules.text import iter_documents, list_text_files, load_tokenizer, pack_tokens
-from datamodules.writers import TokenWriter
+from datamodules.base import TokenShardDataModule, check_sizes
+from datamodules.text import load_tokenizer, write_text_shards
 
-STAMP = "prepared.json"
+LM_TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
 
 
 def to_lm_sample(sample: dict) -> dict:
     """A decoded token sample (``tokens`` [L + 1]) -> ``input_ids`` [L] and next-token ``labels`` [L]."""
     tokens = sample["tokens"]
     return {"input_ids": tokens[:-1], "labels": tokens[1:]}
-
-
-def documents(files: Sequence[str]) -> Iterator[tuple[str, str]]:
-    """(source, text) per document: a .jsonl line (its ``text``) or a whole file of any other kind."""
-    for path in files:
-        if path.endswith(".jsonl"):
-            yield from iter_documents([path])
-        else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield path, f.read()
 
 
 def prepare_text_shards(
@@ -58,59 +44,24 @@ def prepare_text_shards(
     seq_len: int,
     tokenizer: str = "bytes",
     val_every: int = 20,
-    suffixes: Sequence[str] = (".txt", ".md", ".py", ".jsonl"),
+    suffixes: Sequence[str] = LM_TEXT_SUFFIXES,
 ) -> dict:
-    """Tokenize and pack text files into ``out_dir/train`` and ``out_dir/val`` token shards.
+    """Tokenize and pack text files into ``out_dir/train`` and ``out_dir/val`` token shards
+    (:func:`datamodules.text.write_text_shards`, the same path as ``python -m datamodules.prepare text``).
 
-    Sequence i goes to val when i % val_every == val_every - 1. Skips the work when ``out_dir/prepared.json``
+    Sequence i goes to val when i % val_every == val_every - 1. Skips the work when ``out_dir/meta.json``
     records the same files (with sizes and modification times) and arguments. Returns that record.
     """
-    if val_every < 2:
-        raise ValueError(f"val_every must be >= 2 (one in val_every sequences is held out), got {val_every}")
-    files = list_text_files(inputs, suffixes)
-    record = {
-        "files": [[f, os.path.getsize(f), os.path.getmtime(f)] for f in files],
-        "seq_len": seq_len,
-        "tokenizer": tokenizer,
-        "val_every": val_every,
-    }
-    record["digest"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-    stamp = os.path.join(out_dir, STAMP)
-    if os.path.exists(stamp):
-        with open(stamp) as f:
-            old = json.load(f)
-        if old.get("digest") == record["digest"]:
-            return old
-    tok = load_tokenizer(tokenizer)
-    meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id}
-    dtype = token_dtype(tok.vocab_size)
-    counts = {"train": 0, "val": 0}
-    if os.path.exists(stamp):  # first: an interrupted rewrite must not leave a valid-looking stamp behind
-        os.remove(stamp)
-    for split in counts:  # stale shards of an earlier preparation would be mixed in by the reader
-        folder = os.path.join(out_dir, split)
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                if name.endswith(".tar"):
-                    os.remove(os.path.join(folder, name))
-    tokenized = ((source, tok.encode(text)) for source, text in documents(files))
-    with (
-        TokenWriter(os.path.join(out_dir, "train"), samples_per_shard=256) as train,
-        TokenWriter(os.path.join(out_dir, "val"), samples_per_shard=256) as val,
-    ):
-        for i, (sequence, _) in enumerate(pack_tokens(tokenized, seq_len, tok.eod_id)):
-            split = "val" if i % val_every == val_every - 1 else "train"
-            (val if split == "val" else train).write(f"seq{i:09d}", sequence.astype(dtype), meta)
-            counts[split] += 1
-    if counts["train"] == 0 or counts["val"] == 0:
-        raise ValueError(
-            f"text inputs {list(inputs)} give {counts['train']} training and {counts['val']} validation "
-            f"sequences of seq_len={seq_len} + 1 tokens; need at least one of each (more text or a smaller seq_len)"
-        )
-    record.update(counts=counts, vocab_size=tok.vocab_size)
-    with open(stamp, "w") as f:
-        json.dump(record, f, indent=1)
-    return record
+    return write_text_shards(
+        inputs,
+        out_dir,
+        seq_len=seq_len,
+        tokenizer=tokenizer,
+        suffixes=suffixes,
+        val_every=val_every,
+        samples_per_shard=256,
+        reuse=True,
+    )
 
 
 class LMDataModule(TokenShardDataModule):
@@ -119,6 +70,7 @@ class LMDataModule(TokenShardDataModule):
     Args:
         train_shards, val_shards: token shards (brace pattern, glob, folder or list); ignored when `text`
             is given.
+        test_shards: token shards `train.py test` scores (default: the validation sequences).
         text: files or folders of text to train on (byte-level unless `tokenizer` names a tokenizer.json).
         data_dir: where shards prepared from `text` are written.
         tokenizer: "bytes" or the path of a local tokenizer.json; also used to encode prompts and decode
@@ -128,6 +80,8 @@ class LMDataModule(TokenShardDataModule):
         prompts: texts that `predict` continues.
         batch_size, val_batch_size, num_workers, batches_per_epoch, shuffle_buffer, seed, max_bad_samples:
             as in datamodules.base.ShardDataModule.
+        vocab_limit: token ids must be below it (default: the trained model's vocabulary, see
+            datamodules.base.TokenShardDataModule).
     """
 
     def __init__(
@@ -135,6 +89,7 @@ class LMDataModule(TokenShardDataModule):
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
         text: list[str] | None = None,
+        test_shards: str | list[str] | None = None,
         data_dir: str = "outputs/data/lm",
         tokenizer: str = "bytes",
         val_every: int = 20,
@@ -147,9 +102,10 @@ class LMDataModule(TokenShardDataModule):
         shuffle_buffer: int = 64,
         seed: int = 0,
         max_bad_samples: int = 16,
+        vocab_limit: int | None = None,
     ):
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        check_sizes(type(self).__name__, seq_len=seq_len)
+        check_sizes(type(self).__name__, 2, val_every=val_every)
         if text is None and train_shards is None:
             raise ValueError("give train_shards (token shards) or text (files or folders to train on)")
         super().__init__(
@@ -163,8 +119,10 @@ class LMDataModule(TokenShardDataModule):
             seed=seed,
             max_bad_samples=max_bad_samples,
             seq_len=seq_len,
+            vocab_limit=vocab_limit,
         )
         self.text, self.data_dir, self.val_every = text, data_dir, val_every
+        self.test_shards = test_shards
         self.tokenizer_spec, self.prompts = tokenizer, list(prompts or [])
         self._tokenizer = None
         if text is not None:

@@ -22,6 +22,8 @@ import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from datamodules.base import check_sizes
+
 IGNORE = -100
 TRAIN, VAL = 0, 1
 
@@ -143,11 +145,9 @@ class MQARDataModule(LightningDataModule):
     ):
         super().__init__()
         check_mqar(vocab_size, num_pairs, gap, seq_len)
-        if batch_size < 1 or batches_per_epoch < 1 or val_samples < 1:
-            raise ValueError(
-                f"batch_size, batches_per_epoch and val_samples must be >= 1, got "
-                f"{batch_size}, {batches_per_epoch}, {val_samples}"
-            )
+        name = type(self).__name__
+        check_sizes(name, batch_size=batch_size, batches_per_epoch=batches_per_epoch, val_samples=val_samples)
+        check_sizes(name, 0, num_workers=num_workers)
         self.vocab_size = vocab_size
         self.task = {"vocab_size": vocab_size, "num_pairs": num_pairs, "gap": gap, "seq_len": seq_len}
         self.batch_size, self.batches_per_epoch, self.val_samples = batch_size, batches_per_epoch, val_samples

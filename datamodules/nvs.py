@@ -8,9 +8,9 @@ with OpenCV cameras (lact/geometry.py), resized to `image_size` when the shards 
 
 Training draws fresh views for every visit of a scene from a generator seeded by (`seed`, epoch, rank,
 worker, cycle of the resampled stream, scene key), `datamodules.shards.visit_generator`, never from the
-global RNG. The epoch is the trainer's global step when the pass starts: a run resumed from a checkpoint at
-an epoch boundary draws the same scenes with the same views as the uninterrupted run, one resumed mid-epoch
-draws reproducible fresh ones, and every epoch draws new views. Validation and prediction are deterministic:
+global RNG. The epoch is the trainer's global step when the pass starts, and the loader's position within
+the pass is checkpointed: a resumed run (also mid-epoch) draws the same scenes with the same views as the
+uninterrupted run, and every epoch draws new views. Validation and prediction are deterministic:
 the views of a scene depend only on its key, so every validation sees the same inputs and targets.
 `held_out_views` reserves view indices of every scene for evaluation only: training never sees them,
 evaluation renders them from inputs drawn among the other views (one object, some of its views held out).
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.base import ShardDataModule
+from datamodules.base import ShardDataModule, check_sizes
 from datamodules.readers import scene_dataset, val_loader
 from lact.geometry import normalize_cameras, scale_intrinsics
 
@@ -142,6 +142,7 @@ class NVSDataModule(ShardDataModule):
     Args:
         train_shards, val_shards, predict_shards: shard specs (a folder, brace pattern, glob or a list);
             predict_shards defaults to val_shards.
+        test_shards: the held-out scenes `train.py test` scores (default val_shards).
         image_size: (H, W) or one int for square images the model sees; None keeps the stored size.
         num_input_views, num_target_views: views per scene in training (and evaluation, unless overridden).
         eval_target_views: target views per scene in validation and prediction (None: num_target_views, or
@@ -157,6 +158,7 @@ class NVSDataModule(ShardDataModule):
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
         predict_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
         image_size: int | tuple[int, int] | None = None,
         num_input_views: int = 2,
         num_target_views: int = 1,
@@ -172,14 +174,14 @@ class NVSDataModule(ShardDataModule):
         max_bad_samples: int = 16,
         pin_memory: bool = False,
     ):
-        if num_input_views < 1:
-            raise ValueError(
-                f"num_input_views must be >= 1 (views to reconstruct from), got {num_input_views}"
-            )
-        if num_target_views < 1:
-            raise ValueError(f"num_target_views must be >= 1 (views to render), got {num_target_views}")
-        if eval_target_views is not None and eval_target_views < 1:
-            raise ValueError(f"eval_target_views must be >= 1 or None, got {eval_target_views}")
+        check_sizes(
+            type(self).__name__,
+            image_size=image_size,
+            num_input_views=num_input_views,
+            num_target_views=num_target_views,
+            eval_target_views=eval_target_views,
+        )
+        check_sizes(type(self).__name__, 0, held_out_views=held_out_views)
         super().__init__(
             train_shards,
             val_shards,
@@ -194,7 +196,7 @@ class NVSDataModule(ShardDataModule):
         )
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
-        self.predict_shards = predict_shards
+        self.predict_shards, self.test_shards = predict_shards, test_shards
         self.image_size = None if image_size is None else tuple(int(s) for s in image_size)
         self.num_input_views, self.num_target_views = num_input_views, num_target_views
         self.eval_target_views = eval_target_views

@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.base import check_sizes
 from datamodules.shards import seeded_generator
 
 PAD, MASK, COP = 0, 1, 2
@@ -219,6 +220,7 @@ class POSDataModule(LightningDataModule):
         num_batches: int = 1_000_000,
     ) -> None:
         super().__init__()
+        check_sizes(type(self).__name__, batch_size=batch_size, eval_size=eval_size, num_batches=num_batches)
         self.save_hyperparameters()
         self.vocab = PosVocab.build(class_size, ambiguous_frac, holdout_size, seed)
         self.sampler = PosSampler(self.vocab, alpha, head_frac, tail_frac)

@@ -9,13 +9,14 @@
 Every run writes ``DIR/shard-NNNNNN.tar`` and ``DIR/meta.json`` (what was written, with the arguments).
 Procedural data is a pure function of ``--seed`` (sample i of seed s is the same in any run); text has no
 randomness. A folder that already holds shards is refused unless ``--overwrite`` is given, because a
-reader given the folder would otherwise mix old and new shards.
+reader given the folder would otherwise mix old and new shards. Everything is written into
+``DIR.incomplete`` and renamed to ``DIR`` when complete (``datamodules.writers.shard_folder``), so a killed
+run leaves no folder that looks finished.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -23,25 +24,16 @@ import sys
 from tqdm import tqdm
 
 from datamodules.camera_json import find_camera_json_scenes, load_camera_json_scene, scene_key
-from datamodules.formats import token_dtype
 from datamodules.scenes import generate_scene
-from datamodules.text import iter_documents, list_text_files, load_tokenizer, pack_tokens
+from datamodules.text import write_text_shards
 from datamodules.videos import frames_to_latents, generate_video
-from datamodules.writers import SceneWriter, TokenWriter, VideoWriter
+from datamodules.writers import SceneWriter, VideoWriter, shard_folder
 
 
-def _prepare_out(out: str, overwrite: bool) -> None:
-    old = sorted(glob.glob(os.path.join(out, "*.tar")))
-    if old and not overwrite:
-        raise SystemExit(f"{out} already holds {len(old)} shards; pass --overwrite to replace them")
-    for path in old + glob.glob(os.path.join(out, "meta.json")):
-        os.remove(path)
-    os.makedirs(out, exist_ok=True)
-
-
-def _write_meta(out: str, fmt: str, writer, args: argparse.Namespace, **extra) -> dict:
+def _write_meta(out: str, tmp: str, fmt: str, writer, args: argparse.Namespace, **extra) -> dict:
+    """meta.json in the folder being written (``tmp``, renamed to ``out`` when complete)."""
     if writer.count == 0:
-        raise SystemExit(f"nothing was written to {out}")
+        raise ValueError(f"nothing was written to {out}")
     meta = {
         "format": fmt,
         "samples": writer.count,
@@ -49,7 +41,7 @@ def _write_meta(out: str, fmt: str, writer, args: argparse.Namespace, **extra) -
         **extra,
         "args": {k: v for k, v in vars(args).items() if k != "func"},
     }
-    with open(os.path.join(out, "meta.json"), "w") as f:
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     print(f"wrote {writer.count} {fmt} samples to {len(writer.shards)} shards in {out}", file=sys.stderr)
     return meta
@@ -64,8 +56,10 @@ def run_scenes(args: argparse.Namespace) -> dict:
         extra["source"] = os.path.abspath(args.from_json)
     else:
         args.height, args.width = args.height or 64, args.width or 64
-    _prepare_out(args.out, args.overwrite)
-    with SceneWriter(args.out, samples_per_shard=args.samples_per_shard) as writer:
+    with (
+        shard_folder(args.out, args.overwrite) as tmp,
+        SceneWriter(tmp, samples_per_shard=args.samples_per_shard) as writer,
+    ):
         if args.from_json:
             size = None if args.height is None else (args.height, args.width)
             for folder in tqdm(folders, desc="import scenes", unit="scene"):
@@ -85,52 +79,29 @@ def run_scenes(args: argparse.Namespace) -> dict:
                 )
                 key = f"{args.key_prefix}{args.seed}_{i:07d}"
                 writer.write(key, scene["images"], scene["intrinsics"], scene["w2c"])
-    return _write_meta(args.out, "scenes", writer, args, **extra)
+        writer.close()
+        meta = _write_meta(args.out, tmp, "scenes", writer, args, **extra)
+    return meta
 
 
 def run_text(args: argparse.Namespace) -> dict:
-    tokenizer = load_tokenizer(args.tokenizer, args.eod_token)
-    dtype = token_dtype(tokenizer.vocab_size)
-    files = list_text_files(args.inputs)
-    _prepare_out(args.out, args.overwrite)
-    meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id}
-    documents = tqdm(iter_documents(files, args.jsonl_field), desc="text documents", unit="doc")
-    counted = {"documents": 0, "tokens": 0}
-    root = os.path.commonpath(
-        [os.path.dirname(os.path.abspath(f)) for f in files]
-    )  # sources are named below it
-
-    def tokenized():
-        for source, text in documents:
-            ids = tokenizer.encode(text)
-            counted["documents"] += 1
-            counted["tokens"] += len(ids) + 1  # + the end-of-document id
-            yield os.path.relpath(os.path.abspath(source), root), ids
-
-    packer = pack_tokens(tokenized(), args.seq_len, tokenizer.eod_id)
-    with TokenWriter(args.out, samples_per_shard=args.samples_per_shard) as writer:
-        while True:
-            try:
-                sequence, sources = next(packer)
-            except StopIteration as stop:
-                dropped = stop.value
-                break
-            writer.write(
-                f"{args.key_prefix}{writer.count:09d}", sequence.astype(dtype), {**meta, "sources": sources}
-            )
-    return _write_meta(
+    meta = write_text_shards(
+        args.inputs,
         args.out,
-        "tokens",
-        writer,
-        args,
-        **meta,
-        dtype=dtype.name,
         seq_len=args.seq_len,
-        sequence_length=args.seq_len + 1,
-        documents=counted["documents"],
-        stream_tokens=counted["tokens"],
-        dropped_tail_tokens=dropped,
+        tokenizer=args.tokenizer,
+        eod_token=args.eod_token,
+        jsonl_field=args.jsonl_field,
+        samples_per_shard=args.samples_per_shard,
+        key_prefix=args.key_prefix,
+        overwrite=args.overwrite,
+        args={k: v for k, v in vars(args).items() if k != "func"},
     )
+    print(
+        f"wrote {meta['samples']} tokens samples to {len(meta['shards'])} shards in {args.out}",
+        file=sys.stderr,
+    )
+    return meta
 
 
 def run_videos(args: argparse.Namespace) -> dict:
@@ -144,8 +115,10 @@ def run_videos(args: argparse.Namespace) -> dict:
             vae = load_vae(args.vae)
         except (FileNotFoundError, ValueError) as exn:
             raise SystemExit(str(exn)) from exn
-    _prepare_out(args.out, args.overwrite)
-    with VideoWriter(args.out, samples_per_shard=args.samples_per_shard) as writer:
+    with (
+        shard_folder(args.out, args.overwrite) as tmp,
+        VideoWriter(tmp, samples_per_shard=args.samples_per_shard) as writer,
+    ):
         for i in tqdm(range(args.num_videos), desc="videos", unit="video"):
             video = generate_video(
                 [args.seed, i],
@@ -164,9 +137,11 @@ def run_videos(args: argparse.Namespace) -> dict:
                 )
             else:
                 writer.write(key, frames=video["frames"], caption=caption)
-    field = "frames" if vae is None and args.format == "frames" else "latents"
-    extra = {"vae": type(vae).__name__} if vae is not None else {}
-    return _write_meta(args.out, "videos", writer, args, field=field, **extra)
+        writer.close()
+        field = "frames" if vae is None and args.format == "frames" else "latents"
+        extra = {"vae": type(vae).__name__} if vae is not None else {}
+        meta = _write_meta(args.out, tmp, "videos", writer, args, field=field, **extra)
+    return meta
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exn:  # user error: a message, no traceback
+        raise SystemExit(f"prepare {args.command}: {exn}") from exn
 
 
 if __name__ == "__main__":

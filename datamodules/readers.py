@@ -40,9 +40,12 @@ def scene_dataset(
     return ShardReader(shards, decode, train=train, name="scenes", **reader_kwargs)
 
 
-def token_dataset(shards, *, train: bool, length: int | None = None, **reader_kwargs) -> ShardReader:
-    """Token samples; ``length`` (``seq_len + 1`` for packed sequences), when given, is required exactly."""
-    decode = functools.partial(decode_tokens, length=length)
+def token_dataset(
+    shards, *, train: bool, length: int | None = None, vocab_size: int | None = None, **reader_kwargs
+) -> ShardReader:
+    """Token samples; ``length`` (``seq_len + 1`` for packed sequences), when given, is required exactly;
+    ids must be below ``vocab_size`` (the model's) when given, and below meta.json's ``vocab_size``."""
+    decode = functools.partial(decode_tokens, length=length, vocab_size=vocab_size)
     return ShardReader(shards, decode, train=train, name="tokens", **reader_kwargs)
 
 
@@ -96,6 +99,12 @@ class TrainLoader(wds.WebLoader):
 
     Before each pass it calls ``dataset.set_epoch(epoch_fn())`` (default: the number of passes so far),
     in the main process, so the workers started for that pass draw a fresh, reproducible stream.
+
+    Resumable (Lightning saves ``state_dict()`` in checkpoints and calls ``load_state_dict()`` before
+    iterating): the state is the seed of the current pass and the number of its batches consumed,
+    ``position_fn()`` (the DataModules pass the fit loop's count; default: batches this loader yielded).
+    After ``load_state_dict`` the next pass replays that pass from that batch on: the same batches, in the
+    same order, as the uninterrupted run (see datamodules/README.md, "Exact resume").
     """
 
     def __init__(
@@ -106,6 +115,7 @@ class TrainLoader(wds.WebLoader):
         batches_per_epoch: int,
         num_workers: int = 0,
         epoch_fn: Callable[[], int | None] | None = None,
+        position_fn: Callable[[], int | None] | None = None,
         **loader_kwargs,
     ):
         if not dataset.train:
@@ -117,16 +127,39 @@ class TrainLoader(wds.WebLoader):
         self.with_epoch(batches_per_epoch)
         # Not named `dataset`: Lightning warns about IterableDatasets with a length when it finds one.
         self.reader, self.batches_per_epoch, self.epoch_fn = dataset, batches_per_epoch, epoch_fn
-        self.passes = 0
+        self.batch_size, self.position_fn = batch_size, position_fn
+        self.passes, self.pass_seed, self.yielded = 0, None, 0
+        self._resume: dict | None = None
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def state_dict(self) -> dict:
+        position = self.position_fn() if self.position_fn is not None else None
+        return {"pass_seed": self.pass_seed, "batches": self.yielded if position is None else int(position)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+
     def __iter__(self) -> Iterator:
-        epoch = self.epoch_fn() if self.epoch_fn is not None else None
-        self.reader.set_epoch(self.passes if epoch is None else epoch)
+        resume, self._resume = self._resume, None
+        if resume is not None and resume.get("pass_seed") is not None and resume["batches"] < len(self):
+            seed, skip = int(resume["pass_seed"]), int(resume["batches"])
+        else:  # a fresh pass (also when the checkpoint was taken at the end of a pass)
+            epoch = self.epoch_fn() if self.epoch_fn is not None else None
+            seed, skip = (self.passes if epoch is None else epoch), 0
         self.passes += 1
-        return super().__iter__()
+        self.pass_seed = seed
+        self.reader.set_epoch(seed)
+        self.reader.set_position(skip, self.batch_size)
+        self.nsamples = self.batches_per_epoch - skip  # what with_epoch counts
+        self.yielded = skip
+        return self._count(super().__iter__())
+
+    def _count(self, batches: Iterator) -> Iterator:
+        for batch in batches:
+            self.yielded += 1
+            yield batch
 
 
 def train_loader(
@@ -136,12 +169,14 @@ def train_loader(
     batches_per_epoch: int,
     num_workers: int = 0,
     epoch_fn: Callable[[], int | None] | None = None,
+    position_fn: Callable[[], int | None] | None = None,
     **loader_kwargs,
 ) -> TrainLoader:
     """Training loader: ``batches_per_epoch`` full batches per epoch on every rank (``len()`` says so).
 
     ``epoch_fn`` returns the seed of the next pass; the DataModules pass the trainer's global step, so a
-    run resumed at an epoch boundary replays exactly the stream it would have seen.
+    run resumed at an epoch boundary replays exactly the stream it would have seen; ``position_fn``
+    returns the batches of the current pass consumed so far (saved by ``state_dict``, for mid-pass resume).
     ``loader_kwargs`` go to torch's DataLoader (pin_memory, prefetch_factor, ...).
     """
     return TrainLoader(
@@ -150,6 +185,7 @@ def train_loader(
         batches_per_epoch=batches_per_epoch,
         num_workers=num_workers,
         epoch_fn=epoch_fn,
+        position_fn=position_fn,
         **loader_kwargs,
     )
 

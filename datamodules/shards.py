@@ -31,8 +31,15 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from datamodules.errors import DamagedSampleError, ErrorBudget, UnsafeEntryError
+from datamodules.errors import (
+    DamagedSampleError,
+    DamageRegistry,
+    ErrorBudget,
+    TooManyBadSamplesError,
+    UnsafeEntryError,
+)
 from datamodules.formats import PICKLE_EXTENSIONS
+from datamodules.writers import incomplete_folder_error
 
 TAR_END = bytes(2 * tarfile.BLOCKSIZE)  # a complete tar archive ends with two zero blocks
 
@@ -53,7 +60,8 @@ def visit_generator(seed: int, epoch: int, rank: int, worker: int, cycle: int, k
 
 def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Shard paths from a brace pattern (``data/shard-{000000..000009}.tar``), a glob, a folder (its
-    ``*.tar`` files, sorted) or a list of any of these. Every path must exist; an empty result raises."""
+    ``*.tar`` files, sorted) or a list of any of these. Every path must exist; an empty result raises, and so
+    does a folder left by an interrupted ``prepare`` (it holds the ``INCOMPLETE`` marker and no meta.json)."""
     if isinstance(spec, (str, os.PathLike)):
         specs = [os.fspath(spec)]
     else:
@@ -78,6 +86,11 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                 shards.append(path)
     if not shards:
         raise FileNotFoundError(f"no shards in {spec!r}")
+    for folder in sorted({os.path.dirname(os.path.abspath(s)) for s in shards}):
+        for candidate in (folder, os.path.dirname(folder)):  # a split folder (train/) inside an import
+            problem = incomplete_folder_error(candidate)
+            if problem is not None:
+                raise ValueError(problem)
     return shards
 
 
@@ -140,9 +153,12 @@ def read_tar(shard: str, budget: ErrorBudget) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__shard__", field: bytes, ...}`` of one uncompressed tar shard, in order.
 
     A truncated or unreadable tar, an entry without an extension, a duplicate field or an empty shard
-    is reported to ``budget`` (the partial sample is dropped with it). An entry with a pickle-like
+    is reported to ``budget`` (the partial sample is dropped with it); a shard with nothing readable in it is
+    reported as unreadable, and from then on skipped without being opened. An entry with a pickle-like
     extension raises :class:`UnsafeEntryError` before its bytes are even read.
     """
+    if budget.skips(shard):
+        return
     current: dict | None = None
     count = 0
     try:
@@ -189,10 +205,11 @@ def read_tar(shard: str, budget: ErrorBudget) -> Iterator[dict]:
             reason = f"not a readable tar ({cause})"
         else:
             reason = f"unreadable tar after {count} good samples ({cause}); rest of shard skipped"
-        budget.report(DamagedSampleError(shard, current["__key__"] if current else None, reason))
+        key = current["__key__"] if current else None
+        budget.report(DamagedSampleError(shard, key, reason, unreadable_shard=count == 0))
         return
     if count == 0:
-        budget.report(DamagedSampleError(shard, None, "shard holds no samples"))
+        budget.report(DamagedSampleError(shard, None, "shard holds no samples", unreadable_shard=True))
 
 
 def _to_torch(sample: dict) -> dict:
@@ -210,13 +227,16 @@ class ShardReader(IterableDataset):
         seed: base seed of the shard choice and the shuffle buffer (training).
         rank, world_size: overrides for tests; default from :func:`dist_info`, read at construction
             (so build readers after torch.distributed is initialised, e.g. in ``*_dataloader()``).
-        max_bad_samples: damaged samples/shards skipped per process before the reader raises.
+        max_bad_samples: distinct damaged samples/shards skipped before the reader raises (per rank: the
+            DataLoader workers share ``registry``).
         shuffle_buffer: raw samples held for shuffling in training (0 = none).
         transform: optional sample -> sample applied after decoding (tensors); must be picklable when
             DataLoader workers are spawned. Its exceptions propagate: a bug is not bad data.
         transform_generator: call ``transform(sample, generator)`` instead, with the sample's
             :func:`visit_generator` in training and None in evaluation, for transforms that draw random
             numbers (never the global RNG, whose state depends on the process's history).
+        registry: the known damage (:class:`DamageRegistry`) shared with other readers of the run (the
+            DataModules pass theirs); default: a new one for this reader.
     """
 
     def __init__(
@@ -233,6 +253,7 @@ class ShardReader(IterableDataset):
         transform: Callable[..., dict] | None = None,
         transform_generator: bool = False,
         name: str = "shards",
+        registry: DamageRegistry | None = None,
     ):
         super().__init__()
         self.shards = expand_shards(shards)
@@ -240,7 +261,15 @@ class ShardReader(IterableDataset):
         self.rank, self.world_size = dist_info(rank, world_size)
         self.max_bad_samples, self.shuffle_buffer = max_bad_samples, shuffle_buffer
         self.transform, self.transform_generator, self.name = transform, transform_generator, name
+        self.registry = registry if registry is not None else DamageRegistry()
         self.epoch = 0
+        self.skip_batches, self.skip_batch_size = 0, 1
+
+    def set_position(self, batches: int, batch_size: int | None) -> None:
+        """Start the next training pass ``batches`` batches (of ``batch_size`` samples; None: unbatched) in,
+        as if those had been read: each worker skips the raw samples of its share of them, and worker ids
+        are rotated so the DataLoader's round-robin hands out batch ``batches`` first. Used on resume."""
+        self.skip_batches, self.skip_batch_size = int(batches), batch_size or 1
 
     def set_epoch(self, epoch: int) -> None:
         """Seeds the next pass; call before iterating so DataLoader workers receive it."""
@@ -253,8 +282,14 @@ class ShardReader(IterableDataset):
 
     def iter_as_worker(self, worker: int, num_workers: int) -> Iterator[dict]:
         """The samples that DataLoader worker ``worker`` of ``num_workers`` yields on this rank."""
+        skip = 0
+        if self.train and self.skip_batches:
+            # Batch b of a pass comes from worker b % W (the DataLoader's round-robin): a pass resumed at
+            # batch j starts with worker 0, so worker 0 plays the stream of worker j % W, and so on.
+            worker = (worker + self.skip_batches) % num_workers
+            skip = len(range(worker, self.skip_batches, num_workers)) * self.skip_batch_size
         where = f"{self.name} (rank {self.rank}/{self.world_size}, worker {worker}/{num_workers})"
-        budget = ErrorBudget(self.max_bad_samples, where)
+        budget = ErrorBudget(self.max_bad_samples, where, self.registry)
         epoch = self.epoch
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
         self.epoch += 1  # a reader iterated again in the same process moves on to a fresh stream
@@ -263,11 +298,14 @@ class ShardReader(IterableDataset):
             # an endless stream. (Dealing each reader a fixed share instead would leave a reader with one
             # shard, and every batch it makes, stuck on a handful of samples when shards are few.)
             raw = self._shuffled(self._endless(self.shards, rng, budget), rng)
+            raw = itertools.islice(raw, skip, None)  # raw, not decoded: skipping costs reading only
         else:
             shards, stride, offset = split_shards(
                 self.shards, self.rank, self.world_size, worker, num_workers
             )
             raw = (s for i, s in enumerate(self._in_order(shards, budget)) if i % stride == offset)
+            # Known damage is dropped after the split, so every reader keeps the same share of samples.
+            raw = (s for s in raw if not budget.knows(s["__shard__"], s["__key__"]))
         for sample in raw:
             try:
                 decoded = self.decode(sample)
@@ -291,17 +329,26 @@ class ShardReader(IterableDataset):
         for shard in shards:
             yield from read_tar(shard, budget)
 
-    @staticmethod
-    def _endless(shards: list[str], rng: np.random.Generator, budget: ErrorBudget) -> Iterator[dict]:
+    def _endless(self, shards: list[str], rng: np.random.Generator, budget: ErrorBudget) -> Iterator[dict]:
         # Shards are resampled in cycles: each cycle is a fresh random permutation of all shards, so a
-        # reader sees every shard once per cycle (fewer repeats than drawing with replacement). If every
-        # shard is broken or empty, each visit is reported to the budget, which raises after
-        # max_bad_samples visits: never a silent spin.
+        # reader sees every shard once per cycle (fewer repeats than drawing with replacement). Known damage
+        # is dropped before the shuffle buffer; a cycle without one usable sample (every shard unreadable,
+        # every sample damaged) stops the run instead of spinning.
         for cycle in itertools.count():
+            usable = 0
             for index in rng.permutation(len(shards)):
                 for sample in read_tar(shards[index], budget):
+                    if budget.knows(shards[index], sample["__key__"]):
+                        continue
                     sample["__cycle__"] = cycle  # which pass over all shards: see visit_generator
+                    usable += 1
                     yield sample
+            if usable == 0:
+                skipped = sum(budget.skips(s) for s in shards)
+                raise TooManyBadSamplesError(
+                    f"{budget.name}: no readable sample left in the {len(shards)} shards ({skipped} unreadable, "
+                    f"{budget.count} damaged samples/shards in all; see the warnings); check the shard paths"
+                )
 
     def _shuffled(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:

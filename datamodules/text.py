@@ -9,18 +9,32 @@ target. The tail that does not fill a sequence is dropped and counted.
 
 Tokenizers: :class:`ByteTokenizer` (UTF-8 bytes 0..255, end-of-document 256; nothing to download) or a
 local ``tokenizer.json`` through the ``tokenizers`` library (:class:`JsonTokenizer`).
+
+:func:`write_text_shards` is the one path from text files to token shards, used by
+``python -m datamodules.prepare text`` and by the LM DataModule's ``text=`` option.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
+
+from datamodules.formats import token_dtype
+from datamodules.writers import TokenWriter, shard_folder
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
+
+
+def bytes_decode(ids: Sequence[int]) -> str:
+    """Byte-level detokenisation: ids in [0, 256) are UTF-8 bytes; anything else (end-of-document, special
+    tokens) is dropped, and invalid UTF-8 becomes U+FFFD."""
+    return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
 class ByteTokenizer:
@@ -34,7 +48,7 @@ class ByteTokenizer:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) for i in ids if i < 256).decode("utf-8", errors="replace")
+        return bytes_decode(ids)
 
 
 class JsonTokenizer:
@@ -44,7 +58,10 @@ class JsonTokenizer:
     def __init__(self, path: str, eod_token: str | None = None):
         from tokenizers import Tokenizer  # optional path: only this tokenizer needs the library
 
-        self.tokenizer = Tokenizer.from_file(path)
+        try:
+            self.tokenizer = Tokenizer.from_file(path)
+        except Exception as exn:  # the library raises a bare Exception without the file name
+            raise ValueError(f"{path}: not a readable tokenizer.json ({exn})") from exn
         self.name = os.path.basename(os.path.dirname(os.path.abspath(path))) + "/" + os.path.basename(path)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         candidates = (eod_token,) if eod_token is not None else EOD_CANDIDATES
@@ -92,29 +109,40 @@ def list_text_files(inputs: Iterable[str], suffixes: Sequence[str] = TEXT_SUFFIX
     return files
 
 
-def iter_documents(files: Iterable[str], jsonl_field: str = "text") -> Iterator[tuple[str, str]]:
-    """``(source, text)`` per document: a .txt file is one document, a .jsonl line is one."""
-    for path in files:
-        if path.endswith(".txt"):
-            with open(path, encoding="utf-8") as f:
-                yield path, f.read()
-            continue
+def _read_text(path: str) -> str:
+    try:
         with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    text = record[jsonl_field]
-                except (json.JSONDecodeError, KeyError, TypeError) as exn:
-                    raise ValueError(
-                        f"{path}:{line_no}: expected a JSON object with a {jsonl_field!r} string ({exn})"
-                    ) from exn
-                if not isinstance(text, str):
-                    raise ValueError(
-                        f"{path}:{line_no}: field {jsonl_field!r} is {type(text).__name__}, expected a string"
-                    )
-                yield path, text
+            return f.read()
+    except UnicodeDecodeError as exn:
+        raise ValueError(f"{path}: not UTF-8 text ({exn}); convert it to UTF-8 or leave it out") from exn
+
+
+def iter_documents(files: Iterable[str], jsonl_field: str = "text") -> Iterator[tuple[str, str]]:
+    """``(source, text)`` per document: a .jsonl line (its ``jsonl_field``) is one, any other file is one."""
+    for path in files:
+        if not path.endswith(".jsonl"):
+            yield path, _read_text(path)
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:  # streamed: JSONL corpora can be large
+                yield from _jsonl_documents(path, f, jsonl_field)
+        except UnicodeDecodeError as exn:
+            raise ValueError(f"{path}: not UTF-8 text ({exn}); convert it to UTF-8 or leave it out") from exn
+
+
+def _jsonl_documents(path: str, lines: Iterable[str], field: str) -> Iterator[tuple[str, str]]:
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)[field]
+        except (json.JSONDecodeError, KeyError, TypeError) as exn:
+            raise ValueError(
+                f"{path}:{line_no}: expected a JSON object with a {field!r} string ({exn})"
+            ) from exn
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{line_no}: field {field!r} is {type(text).__name__}, expected a string")
+        yield path, text
 
 
 def pack_tokens(
@@ -152,3 +180,102 @@ def pack_tokens(
         pending = len(stream) - start
     # With a sequence emitted, the first pending token is already stored (as that sequence's last).
     return max(pending - 1, 0) if emitted else pending
+
+
+def write_text_shards(
+    inputs: Sequence[str],
+    out: str,
+    *,
+    seq_len: int,
+    tokenizer: str = "bytes",
+    eod_token: str | None = None,
+    jsonl_field: str = "text",
+    suffixes: Sequence[str] = TEXT_SUFFIXES,
+    val_every: int | None = None,
+    samples_per_shard: int = 100,
+    key_prefix: str = "seq",
+    overwrite: bool = False,
+    reuse: bool = False,
+    args: dict | None = None,
+) -> dict:
+    """Tokenize, pack and write text files as token shards in ``out``; returns what ``out/meta.json`` says.
+
+    Sequence i (packed as in :func:`pack_tokens`) gets the key ``<key_prefix><i:09d>``. Without
+    ``val_every`` all sequences go to ``out/shard-*.tar``; with it, sequence i goes to ``out/val`` when
+    ``i % val_every == val_every - 1`` and to ``out/train`` otherwise (meta.json's ``counts``). The folder
+    is written atomically (:func:`datamodules.writers.shard_folder`). ``reuse``: return the existing
+    meta.json without writing when it records the same input files (paths, sizes, modification times)
+    and arguments; otherwise ``out`` is replaced. ``args`` are stored in meta.json as given.
+    """
+    if val_every is not None and val_every < 2:
+        raise ValueError(f"val_every must be >= 2 (one in val_every sequences is held out), got {val_every}")
+    files = list_text_files(inputs, suffixes)
+    settings = {
+        "files": [[f, os.path.getsize(f), os.path.getmtime(f)] for f in files],
+        **{"seq_len": seq_len, "tokenizer": tokenizer, "eod_token": eod_token, "jsonl_field": jsonl_field},
+        **{"val_every": val_every, "samples_per_shard": samples_per_shard, "key_prefix": key_prefix},
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    meta_path = os.path.join(out, "meta.json")
+    if reuse and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old.get("inputs_digest") == digest:
+            return old
+    tok = load_tokenizer(tokenizer, eod_token)
+    dtype = token_dtype(tok.vocab_size)
+    sample_meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id}
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])  # sources named below it
+    counted = {"documents": 0, "tokens": 0}
+
+    def tokenized():
+        for source, text in tqdm(iter_documents(files, jsonl_field), desc="text documents", unit="doc"):
+            ids = tok.encode(text)
+            counted["documents"] += 1
+            counted["tokens"] += len(ids) + 1  # + the end-of-document id
+            yield os.path.relpath(os.path.abspath(source), root), ids
+
+    splits = ("train", "val") if val_every is not None else ("",)
+    with shard_folder(out, overwrite=overwrite or reuse) as tmp:
+        writers = {s: TokenWriter(os.path.join(tmp, s), samples_per_shard=samples_per_shard) for s in splits}
+        packer = pack_tokens(tokenized(), seq_len, tok.eod_id)
+        i = 0
+        while True:
+            try:
+                sequence, sources = next(packer)
+            except StopIteration as stop:
+                dropped = stop.value
+                break
+            split = splits[0] if val_every is None else ("val" if i % val_every == val_every - 1 else "train")
+            writers[split].write(
+                f"{key_prefix}{i:09d}", sequence.astype(dtype), {**sample_meta, "sources": sources}
+            )
+            i += 1
+        for writer in writers.values():
+            writer.close()
+        counts = {s: w.count for s, w in writers.items()}
+        if any(n == 0 for n in counts.values()):
+            wanted = "one sequence" if val_every is None else "one training and one validation sequence"
+            raise ValueError(
+                f"text inputs {list(inputs)} give {i} sequences of seq_len={seq_len} + 1 tokens "
+                f"({counts if val_every else i} written); need at least {wanted} (more text or a smaller seq_len)"
+            )
+        meta = {
+            "format": "tokens",
+            "samples": i,
+            "shards": [os.path.relpath(p, tmp) for w in writers.values() for p in w.shards],
+            **({"counts": counts} if val_every is not None else {}),
+            **sample_meta,
+            "dtype": dtype.name,
+            "seq_len": seq_len,
+            "sequence_length": seq_len + 1,
+            "documents": counted["documents"],
+            "stream_tokens": counted["tokens"],
+            "dropped_tail_tokens": dropped,
+            "inputs_digest": digest,
+            "args": args if args is not None else {k: v for k, v in settings.items() if k != "files"},
+        }
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    with open(meta_path) as f:
+        return json.load(f)

@@ -3,7 +3,7 @@
 q, k, v = Linear(D, 3D)(x)                    (or given, when shared with attention)
 q, k    = l2norm(silu(.)) per head            (silu optional: off for the video layer)
 v       = silu(v)
-lr      = softplus(Linear(D, 3 heads)(x) + softplus^-1(base_lr)), in fp32
+lr      = floor + softplus(Linear(D, 3 heads)(x) + softplus^-1(base_lr - floor)), in fp32 (floor = LR_FLOOR)
 o       = schedule(W0, q, k, v, lr)            causal | bidirectional | interleaved
 y       = o_proj( RMSNorm_head(o) * silu(Linear(D, heads)(x)) )
 """
@@ -11,33 +11,137 @@ y       = o_proj( RMSNorm_head(o) * silu(Linear(D, heads)(x)) )
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lact.nn import RotaryEmbedding
-from lact.ops import FastWeights, bidirectional_lact, causal_lact, interleaved_lact, swiglu_apply
+from lact.ops import (
+    MUON_COEFFICIENTS,
+    FastWeightInputs,
+    FastWeights,
+    run_bidirectional,
+    run_causal,
+    run_interleaved,
+    swiglu_apply,
+)
 
 Schedule = Literal["causal", "bidirectional", "interleaved"]
+
+# The inner learning rates never go below this (see LaCTLayer): softplus underflows to exactly 0 in fp32 for
+# pre-activations below about -104, and the operator needs every rate > 0.
+LR_FLOOR = 1e-6
+
+
+@dataclass
+class LaCTConfig:
+    """The LaCT settings of a network, the same fields in every task (each network config holds one as `lact`).
+
+    heads: fast-weight heads; head dim d = dim / heads.
+    inter_multi: hidden width of the fast-weight SwiGLU MLP, h = int(inter_multi * d).
+    chunk_size: tokens per fast-weight update; None = one update on all input tokens (bidirectional only).
+    base_lr: the inner learning rate at initialisation (softplus offset of the lr projection).
+    momentum: learned per-chunk momentum on the updates (causal and interleaved schedules).
+    muon: None, "fixed" or "schedule": Newton-Schulz orthogonalised updates.
+    rotary: rotary position embedding on the fast-weight q and k.
+    output_gate: "silu" (per-head silu gate), "zero" (the same, zero-initialised: the branch starts switched
+        off) or None (no gate).
+
+    Every error names the field (`LaCTConfig.<field>`; a network config re-labels it `<Net>.lact.<field>`).
+    """
+
+    heads: int = 1
+    inter_multi: float = 1.0
+    chunk_size: int | None = 2048
+    base_lr: float = 1e-3
+    momentum: bool = False
+    muon: str | None = None
+    rotary: bool = False
+    output_gate: str | None = "silu"
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "chunk_size"):
+            value = getattr(self, name)
+            if name == "chunk_size" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LaCTConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("inter_multi", "base_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"LaCTConfig.{name} must be a positive number, got {value!r}")
+        if not self.base_lr > LR_FLOOR:
+            raise ValueError(
+                f"LaCTConfig.base_lr must exceed the inner lr floor {LR_FLOOR:g}, got {self.base_lr!r}"
+            )
+        for name in ("momentum", "rotary"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LaCTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.muon is not None and self.muon not in MUON_COEFFICIENTS:
+            raise ValueError(f"LaCTConfig.muon must be None, 'fixed' or 'schedule', got {self.muon!r}")
+        if self.output_gate not in ("silu", "zero", None):
+            raise ValueError(
+                f"LaCTConfig.output_gate must be 'silu', 'zero' or None, got {self.output_gate!r}"
+            )
+
+    def check_dim(self, dim: int) -> None:
+        """Checks that apply once the model width is known: heads divide dim, an even head dim for rotary,
+        at least one hidden unit."""
+        if dim % self.heads:
+            raise ValueError(f"LaCTConfig.heads={self.heads} must divide dim={dim}")
+        head_dim = dim // self.heads
+        if self.rotary and head_dim % 2:
+            raise ValueError(
+                f"LaCTConfig.heads={self.heads} gives an odd head dim {head_dim}, which rotary (rotary=True) "
+                "cannot rotate"
+            )
+        if int(self.inter_multi * head_dim) < 1:
+            raise ValueError(
+                f"LaCTConfig.inter_multi={self.inter_multi} leaves the fast-weight MLP no hidden unit"
+            )
+
+
+def lact_config(value: LaCTConfig | dict, default: LaCTConfig, owner: str, dim: int) -> LaCTConfig:
+    """A network config's `lact` field as a checked LaCTConfig.
+
+    value: a LaCTConfig, or a dict of some of its fields (checkpoints and YAML store plain dicts), which
+    overrides the network's `default`. owner: the network config's name; errors say `<owner>.lact.<field>`.
+    dim: the network width the heads divide.
+    """
+    prefix = f"{owner}.lact"
+    try:
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in fields(LaCTConfig)})
+            if unknown:
+                raise ValueError(
+                    f"LaCTConfig has no field {unknown[0]!r}; fields: {[f.name for f in fields(LaCTConfig)]}"
+                )
+            value = LaCTConfig(**{**asdict(default), **value})
+        elif isinstance(value, LaCTConfig):
+            value = LaCTConfig(**asdict(value))  # a checked copy: a caller may have edited the fields
+        else:
+            raise ValueError(
+                f"LaCTConfig must be given as a LaCTConfig or a dict, got {type(value).__name__}"
+            )
+        value.check_dim(dim)
+    except ValueError as error:
+        raise ValueError(str(error).replace("LaCTConfig", prefix, 1)) from None
+    return value
+
+
+def finish_lact_init(network: nn.Module) -> None:
+    """Call last in a network's init: every LaCTLayer inside re-applies its own init (`reset_owned`)."""
+    for module in network.modules():
+        if isinstance(module, LaCTLayer):
+            module.reset_owned()
 
 
 def inverse_softplus(y: float) -> float:
     """softplus^-1(y) = y + log(-expm1(-y)), so softplus(0 + inverse_softplus(base_lr)) = base_lr."""
     return y + math.log(-math.expm1(-y))
-
-
-class FastWeightInputs(NamedTuple):
-    """The operator's inputs for one layer call, in operator layout (B * heads first)."""
-
-    q: Tensor  # [B*H, L, d]
-    k: Tensor  # [B*H, L, d]
-    v: Tensor  # [B*H, L, d]
-    lr_gate: Tensor  # [B*H, L, 1] fp32
-    lr_up: Tensor
-    lr_down: Tensor
-    momentum: Tensor | None  # [B*H, L, 1] fp32 in (0, 1), or None
 
 
 class LaCTLayer(nn.Module):
@@ -48,7 +152,8 @@ class LaCTLayer(nn.Module):
         schedule: "causal" (LM), "bidirectional" (NVS; pass `update_len` to forward) or "interleaved" (video).
         chunk_size: tokens per update (causal, interleaved); for bidirectional, None updates on all input
             tokens at once.
-        base_lr: the inner learning rate at initialisation (1e-3 LM / video, 1e-2 NVS).
+        base_lr: the inner learning rate at initialisation (1e-3 LM / video, 1e-2 NVS). The rates are
+            LR_FLOOR + softplus(...), so they never reach 0 whatever the lr projection learns.
         qk_silu: silu before the L2 normalisation of q and k.
         momentum: learn a per-token momentum coefficient (causal and interleaved only).
         muon: None, "fixed" or "schedule" (Newton-Schulz on every update).
@@ -90,6 +195,8 @@ class LaCTLayer(nn.Module):
             raise ValueError("momentum is defined for the causal and interleaved schedules only")
         if output_gate not in ("silu", "zero", None):
             raise ValueError(f"output_gate must be 'silu', 'zero' or None, got {output_gate!r}")
+        if not base_lr > LR_FLOOR:
+            raise ValueError(f"base_lr must exceed the inner lr floor LR_FLOOR={LR_FLOOR:g}, got {base_lr!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.hidden = int(inter_multi * self.head_dim)
         self.schedule, self.chunk_size, self.muon = schedule, chunk_size, muon
@@ -107,8 +214,25 @@ class LaCTLayer(nn.Module):
         self.zero_gate = output_gate == "zero"
         self.o_proj = nn.Linear(dim, dim, bias=False) if out_proj else None
         self.reset_fast_weights()
-        if self.zero_gate:
-            nn.init.zeros_(self.gate_proj.weight)
+        self.reset_owned()
+
+    @classmethod
+    def from_config(cls, dim: int, config: LaCTConfig, *, schedule: Schedule, **options) -> LaCTLayer:
+        """The layer a network builds from its `lact: LaCTConfig`; `options` are the remaining keyword
+        arguments of __init__ (qk_silu, rope_base, own_qkv, out_proj)."""
+        return cls(
+            dim,
+            config.heads,
+            schedule=schedule,
+            chunk_size=config.chunk_size,
+            inter_multi=config.inter_multi,
+            base_lr=config.base_lr,
+            momentum=config.momentum,
+            muon=config.muon,
+            output_gate=config.output_gate,
+            rotary=config.rotary,
+            **options,
+        )
 
     def reset_fast_weights(self) -> None:
         """W_gate, W_up ~ N(0, 1/d), W_down ~ N(0, 1/h) (DESIGN §2.4); the lr bias starts at zero."""
@@ -116,6 +240,15 @@ class LaCTLayer(nn.Module):
         nn.init.normal_(self.w_up, std=self.head_dim**-0.5)
         nn.init.normal_(self.w_down, std=self.hidden**-0.5)
         nn.init.zeros_(self.lr_proj.bias)
+
+    def reset_owned(self) -> None:
+        """Re-apply the parts of the initialisation that belong to the layer and that a network's blanket
+        init (every nn.Linear drawn by one rule) would otherwise overwrite: the lr bias at zero (the inner lr
+        starts at base_lr) and, with output_gate="zero", the zero gate (the branch starts switched off).
+        Draws no random numbers, so calling it after a network's init changes nothing else."""
+        nn.init.zeros_(self.lr_proj.bias)
+        if self.zero_gate:
+            nn.init.zeros_(self.gate_proj.weight)
 
     @property
     def state_size(self) -> int:
@@ -146,7 +279,8 @@ class LaCTLayer(nn.Module):
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         v = F.silu(v)
-        lr = F.softplus(self.lr_proj(x).float() + inverse_softplus(self.base_lr))  # [B, L, 3H]
+        # the floor keeps every rate > 0 (the operator's requirement) even where softplus underflows to 0
+        lr = LR_FLOOR + F.softplus(self.lr_proj(x).float() + inverse_softplus(self.base_lr - LR_FLOOR))
         lr_gate, lr_up, lr_down = (self.to_heads(t) for t in lr.chunk(3, dim=-1))
         momentum = None
         if self.momentum_proj is not None:
@@ -178,28 +312,19 @@ class LaCTLayer(nn.Module):
         """x [B, L, D] -> [B, L, D]. `update_len` (bidirectional only): the first update_len tokens write the
         memory, all L tokens read it."""
         inputs = self.fast_weight_inputs(x, qkv, positions)
-        weights = self.initial_weights(x.shape[0])
-        weights = tuple(w.to(inputs.q.dtype) for w in weights)
-        lrs = (inputs.lr_gate, inputs.lr_up, inputs.lr_down)
+        weights = tuple(w.to(inputs.q.dtype) for w in self.initial_weights(x.shape[0]))
         if self.schedule == "causal":
-            o = causal_lact(
-                *weights, inputs.q, inputs.k, inputs.v, *lrs,
-                chunk_size=self.chunk_size, momentum=inputs.momentum, muon=self.muon,
-            )  # fmt: skip
+            o = run_causal(weights, inputs, chunk_size=self.chunk_size, muon=self.muon)
         elif self.schedule == "bidirectional":
             if update_len is None:
                 raise ValueError(
                     "the bidirectional schedule needs update_len (the number of input-view tokens)"
                 )
-            o, _ = bidirectional_lact(
-                *weights, inputs.q, inputs.k, inputs.v, *lrs,
-                update_len=update_len, chunk_size=self.chunk_size, muon=self.muon,
-            )  # fmt: skip
+            o, _ = run_bidirectional(
+                weights, inputs, update_len=update_len, chunk_size=self.chunk_size, muon=self.muon
+            )
         else:
-            o, _ = interleaved_lact(
-                *weights, inputs.q, inputs.k, inputs.v, *lrs,
-                chunk_size=self.chunk_size, momentum=inputs.momentum, muon=self.muon,
-            )  # fmt: skip
+            o, _ = run_interleaved(weights, inputs, chunk_size=self.chunk_size, muon=self.muon)
         return self.read_out(o, x)
 
     def reconstruct(self, x: Tensor) -> tuple[Tensor, FastWeights]:
@@ -207,10 +332,9 @@ class LaCTLayer(nn.Module):
         updated fast weights), which `render` applies to any other tokens."""
         inputs = self.fast_weight_inputs(x)
         weights = tuple(w.to(inputs.q.dtype) for w in self.initial_weights(x.shape[0]))
-        o, weights = bidirectional_lact(
-            *weights, inputs.q, inputs.k, inputs.v, inputs.lr_gate, inputs.lr_up, inputs.lr_down,
-            update_len=x.shape[1], chunk_size=self.chunk_size, muon=self.muon,
-        )  # fmt: skip
+        o, weights = run_bidirectional(
+            weights, inputs, update_len=x.shape[1], chunk_size=self.chunk_size, muon=self.muon
+        )
         return self.read_out(o, x), weights
 
     def render(self, x: Tensor, weights: FastWeights) -> Tensor:

@@ -1,13 +1,33 @@
-"""Small building blocks shared by the networks: SwiGLU MLP, rotary position embedding, short convolution.
+"""Small building blocks shared by the networks: SwiGLU MLP, rotary position embedding, short convolution,
+the block loop's optional activation checkpointing, and the ignore index of token losses.
 
 RMSNorm is torch.nn.RMSNorm; these are the pieces torch does not ship.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# Label of a position that takes no token loss (torch's cross_entropy default ignore_index); every task's
+# labels and losses use this one constant.
+IGNORE_INDEX = -100
+
+
+def run_block(fn: Callable, *args, checkpointing: bool):
+    """fn(*args) for one block of a network's block loop; with `checkpointing` (and grad enabled) the block's
+    activations are recomputed in the backward pass instead of being kept.
+
+    fn: the block module itself for its forward, so that the call goes through nn.Module.__call__ and module
+    hooks (FSDP2's parameter gathering) run; or a bound method of the block (e.g. NVS reconstruct/render).
+    """
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 class SwiGLUMLP(nn.Module):

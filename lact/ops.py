@@ -16,6 +16,7 @@ gradient itself is the closed form of `swiglu_update`, never autograd of the inn
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -34,6 +35,32 @@ MUON_SCHEDULE = (
 MUON_COEFFICIENTS = {"fixed": MUON_FIXED, "schedule": MUON_SCHEDULE}
 
 FastWeights = tuple[Tensor, Tensor, Tensor]  # (w_gate [B,h,d], w_up [B,h,d], w_down [B,d,h])
+
+
+class FastWeightInputs(NamedTuple):
+    """The per-token inputs of a schedule, in operator layout (B = batch x heads first)."""
+
+    q: Tensor  # [B, L, d] queries (read)
+    k: Tensor  # [B, L, d] keys (write)
+    v: Tensor  # [B, L, d] values (write)
+    lr_gate: Tensor  # [B, L, 1] fp32, > 0
+    lr_up: Tensor
+    lr_down: Tensor
+    momentum: Tensor | None = None  # [B, L, 1] in (0, 1), or None for no momentum
+
+    @property
+    def length(self) -> int:
+        return self.q.shape[1]
+
+    def slice(self, start: int, end: int) -> FastWeightInputs:
+        """Tokens [start, end) of every field."""
+        return FastWeightInputs(*(None if t is None else t[:, start:end] for t in self))
+
+    def cat(self, other: FastWeightInputs) -> FastWeightInputs:
+        """These tokens followed by `other`'s (the same fields present in both)."""
+        return FastWeightInputs(
+            *(None if a is None else torch.cat([a, b], dim=1) for a, b in zip(self, other))
+        )
 
 
 class FastWeightState(NamedTuple):
@@ -134,24 +161,17 @@ def renormalize_rows(w: Tensor, target_norms: Tensor) -> Tensor:
 
 
 def update_step(
-    state: FastWeightState,
-    k: Tensor,
-    v: Tensor,
-    lr_gate: Tensor,
-    lr_up: Tensor,
-    lr_down: Tensor,
-    *,
-    beta: Tensor | None = None,
-    muon: str | None = None,
+    state: FastWeightState, chunk: FastWeightInputs, *, muon: str | None = None
 ) -> FastWeightState:
     """One chunk's update: closed-form step, then momentum, Muon, step and weight norm, in that order.
 
-    k, v [B, b, d]; lr_* [B, b, 1]; beta [B, 1, 1] (this chunk's momentum coefficient) or None for no momentum.
+    chunk: the chunk's inputs ([B, b, .]; q is not used). With chunk.momentum, the chunk's momentum coefficient
+    is the mean of its per-token beta, [B, 1, 1]; None means no momentum.
     """
-    delta = swiglu_update(*state.weights, k, v, lr_gate, lr_up, lr_down)
+    delta = swiglu_update(*state.weights, chunk.k, chunk.v, chunk.lr_gate, chunk.lr_up, chunk.lr_down)
     momentum = state.momentum
-    if beta is not None:
-        beta = beta.to(delta[0].dtype)
+    if chunk.momentum is not None:
+        beta = chunk.momentum.mean(dim=1, keepdim=True).to(delta[0].dtype)
         if momentum is not None:
             delta = tuple(d + beta * m for d, m in zip(delta, momentum))
         momentum = delta
@@ -161,15 +181,78 @@ def update_step(
     return FastWeightState(weights, state.row_norms, momentum)
 
 
-def chunk_beta(momentum: Tensor | None, start: int, end: int) -> Tensor | None:
-    """The momentum coefficient of tokens [start, end): the mean of their per-token beta, [B, 1, 1]."""
-    if momentum is None:
-        return None
-    return momentum[:, start:end].mean(dim=1, keepdim=True)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Schedules
+
+
+def run_causal(
+    weights: FastWeights, inputs: FastWeightInputs, *, chunk_size: int, muon: str | None = None
+) -> Tensor:
+    """`causal_lact` on an inputs record: apply-then-update over chunks. Returns o [B, L, d]."""
+    check_inputs(weights, inputs, muon=muon)
+    check_chunk_size(chunk_size)
+    state = FastWeightState.initial(*weights)
+    length = inputs.length
+    outputs = []
+    for start in range(0, length, chunk_size):
+        end = min(start + chunk_size, length)
+        chunk = inputs.slice(start, end)
+        outputs.append(swiglu_apply(*state.weights, chunk.q))
+        if end < length:
+            state = update_step(state, chunk, muon=muon)
+    return torch.cat(outputs, dim=1)
+
+
+def run_bidirectional(
+    weights: FastWeights,
+    inputs: FastWeightInputs,
+    *,
+    update_len: int,
+    chunk_size: int | None = None,
+    muon: str | None = None,
+) -> tuple[Tensor, FastWeights]:
+    """`bidirectional_lact` on an inputs record (momentum must be None). Returns (o [B, L, d], weights)."""
+    check_inputs(weights, inputs, muon=muon)
+    if inputs.momentum is not None:
+        raise ValueError("momentum is not defined for the bidirectional schedule: pass None")
+    if not 0 <= update_len <= inputs.length:
+        raise ValueError(f"update_len must be in [0, L={inputs.length}], got {update_len}")
+    if chunk_size is None:
+        chunk_size = max(update_len, 1)
+    check_chunk_size(chunk_size)
+    state = FastWeightState.initial(*weights)
+    for start in range(0, update_len, chunk_size):
+        state = update_step(state, inputs.slice(start, min(start + chunk_size, update_len)), muon=muon)
+    return swiglu_apply(*state.weights, inputs.q), state.weights
+
+
+def run_interleaved(
+    weights: FastWeights,
+    inputs: FastWeightInputs,
+    *,
+    chunk_size: int,
+    muon: str | None = None,
+    state: FastWeightState | None = None,
+) -> tuple[Tensor, FastWeightState]:
+    """`interleaved_lact` on an inputs record. Returns (o [B, L, d], the state after the last clean segment)."""
+    check_inputs(weights, inputs, muon=muon)
+    check_chunk_size(chunk_size)
+    length = inputs.length
+    if length % chunk_size:
+        raise ValueError(f"interleaved_lact: L={length} must be a multiple of chunk_size={chunk_size}")
+    if state is None:
+        state = FastWeightState.initial(*weights)
+    outputs = []
+    for segment, start in enumerate(range(0, length, chunk_size)):
+        chunk = inputs.slice(start, start + chunk_size)
+        if segment % 2 == 1:  # clean: write it into memory first, then read it with the new weights
+            state = update_step(state, chunk, muon=muon)
+        outputs.append(swiglu_apply(*state.weights, chunk.q))
+    return torch.cat(outputs, dim=1), state
+
+
+# The public API: positional tensors and keyword options, as in the published operator. Each packs its
+# tensors into one FastWeightInputs record and runs the record-based schedule above.
 
 
 def causal_lact(
@@ -192,26 +275,8 @@ def causal_lact(
     o[c] = f_{W_c}(q[c]), then W_{c+1} = update(W_c; k[c], v[c]). Token t never sees memory written by its own
     or later chunks; the last chunk (which may be partial) is apply-only. Returns o [B, L, d].
     """
-    check_inputs(w_gate, w_up, w_down, q, k, v, lr_gate, lr_up, lr_down, momentum=momentum, muon=muon)
-    check_chunk_size(chunk_size)
-    state = FastWeightState.initial(w_gate, w_up, w_down)
-    length = q.shape[1]
-    outputs = []
-    for start in range(0, length, chunk_size):
-        end = min(start + chunk_size, length)
-        outputs.append(swiglu_apply(*state.weights, q[:, start:end]))
-        if end < length:
-            state = update_step(
-                state,
-                k[:, start:end],
-                v[:, start:end],
-                lr_gate[:, start:end],
-                lr_up[:, start:end],
-                lr_down[:, start:end],
-                beta=chunk_beta(momentum, start, end),
-                muon=muon,
-            )
-    return torch.cat(outputs, dim=1)
+    inputs = FastWeightInputs(q, k, v, lr_gate, lr_up, lr_down, momentum)
+    return run_causal((w_gate, w_up, w_down), inputs, chunk_size=chunk_size, muon=muon)
 
 
 def bidirectional_lact(
@@ -235,25 +300,10 @@ def bidirectional_lact(
     updated weights to all L tokens. Returns (o [B, L, d], updated (w_gate, w_up, w_down)); applying those
     weights later to other queries with `swiglu_apply` gives the same outputs (reconstruct once, render many).
     """
-    check_inputs(w_gate, w_up, w_down, q, k, v, lr_gate, lr_up, lr_down, muon=muon)
-    if not 0 <= update_len <= q.shape[1]:
-        raise ValueError(f"update_len must be in [0, L={q.shape[1]}], got {update_len}")
-    if chunk_size is None:
-        chunk_size = max(update_len, 1)
-    check_chunk_size(chunk_size)
-    state = FastWeightState.initial(w_gate, w_up, w_down)
-    for start in range(0, update_len, chunk_size):
-        end = min(start + chunk_size, update_len)
-        state = update_step(
-            state,
-            k[:, start:end],
-            v[:, start:end],
-            lr_gate[:, start:end],
-            lr_up[:, start:end],
-            lr_down[:, start:end],
-            muon=muon,
-        )
-    return swiglu_apply(*state.weights, q), state.weights
+    inputs = FastWeightInputs(q, k, v, lr_gate, lr_up, lr_down)
+    return run_bidirectional(
+        (w_gate, w_up, w_down), inputs, update_len=update_len, chunk_size=chunk_size, muon=muon
+    )
 
 
 def interleaved_lact(
@@ -283,29 +333,8 @@ def interleaved_lact(
     initial ones and their row norms the weight-norm targets. Returns (o [B, L, d], the state after the last
     clean segment), so sampling can run noisy_i alone, then the finished clean_i, then noisy_{i+1}, ...
     """
-    check_inputs(w_gate, w_up, w_down, q, k, v, lr_gate, lr_up, lr_down, momentum=momentum, muon=muon)
-    check_chunk_size(chunk_size)
-    length = q.shape[1]
-    if length % chunk_size:
-        raise ValueError(f"interleaved_lact: L={length} must be a multiple of chunk_size={chunk_size}")
-    if state is None:
-        state = FastWeightState.initial(w_gate, w_up, w_down)
-    outputs = []
-    for segment, start in enumerate(range(0, length, chunk_size)):
-        end = start + chunk_size
-        if segment % 2 == 1:  # clean: write it into memory first, then read it with the new weights
-            state = update_step(
-                state,
-                k[:, start:end],
-                v[:, start:end],
-                lr_gate[:, start:end],
-                lr_up[:, start:end],
-                lr_down[:, start:end],
-                beta=chunk_beta(momentum, start, end),
-                muon=muon,
-            )
-        outputs.append(swiglu_apply(*state.weights, q[:, start:end]))
-    return torch.cat(outputs, dim=1), state
+    inputs = FastWeightInputs(q, k, v, lr_gate, lr_up, lr_down, momentum)
+    return run_interleaved((w_gate, w_up, w_down), inputs, chunk_size=chunk_size, muon=muon, state=state)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,20 +346,12 @@ def check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def check_inputs(
-    w_gate: Tensor,
-    w_up: Tensor,
-    w_down: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lr_gate: Tensor,
-    lr_up: Tensor,
-    lr_down: Tensor,
-    *,
-    momentum: Tensor | None = None,
-    muon: str | None = None,
-) -> None:
+def check_inputs(weights: FastWeights, inputs: FastWeightInputs, *, muon: str | None = None) -> None:
+    """Shapes, dtypes and the positivity of the learning rates. The positivity check reads the values, which
+    on an accelerator would cost a host sync on every call: there it is skipped (the layer floors its
+    rates, see lact/layer.py) unless LACT_CHECK_LR=1 in the environment asks for it."""
+    w_gate, w_up, w_down = weights
+    q = inputs.q
     if q.dim() != 3:
         raise ValueError(f"q must be [B, L, d], got shape {tuple(q.shape)}")
     batch, length, dim = q.shape
@@ -340,26 +361,36 @@ def check_inputs(
     expected = {
         "w_up": (w_up, (batch, hidden, dim)),
         "w_down": (w_down, (batch, dim, hidden)),
-        "k": (k, (batch, length, dim)),
-        "v": (v, (batch, length, dim)),
-        "lr_gate": (lr_gate, (batch, length, 1)),
-        "lr_up": (lr_up, (batch, length, 1)),
-        "lr_down": (lr_down, (batch, length, 1)),
+        "k": (inputs.k, (batch, length, dim)),
+        "v": (inputs.v, (batch, length, dim)),
+        "lr_gate": (inputs.lr_gate, (batch, length, 1)),
+        "lr_up": (inputs.lr_up, (batch, length, 1)),
+        "lr_down": (inputs.lr_down, (batch, length, 1)),
     }
-    if momentum is not None:
-        expected["momentum"] = (momentum, (batch, length, 1))
+    if inputs.momentum is not None:
+        expected["momentum"] = (inputs.momentum, (batch, length, 1))
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {list(shape)} (B, ...), got {tuple(tensor.shape)}")
-    for name, tensor in {"w_gate": w_gate, "w_up": w_up, "w_down": w_down, "q": q, "k": k, "v": v}.items():
+    tensors = {"w_gate": w_gate, "w_up": w_up, "w_down": w_down, "q": q, "k": inputs.k, "v": inputs.v}
+    for name, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
         if tensor.dtype != q.dtype:
             raise ValueError(f"{name} must have q's dtype {q.dtype}, got {tensor.dtype}")
-    for name, lr in {"lr_gate": lr_gate, "lr_up": lr_up, "lr_down": lr_down}.items():
+    for name in ("lr_gate", "lr_up", "lr_down"):
+        lr = getattr(inputs, name)
         if not lr.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor (float32), got {lr.dtype}")
-        if not torch.compiler.is_compiling() and lr.numel() and bool((lr <= 0).any()):
+        if lr.numel() and reads_values_here(lr) and bool((lr <= 0).any()):
             raise ValueError(f"{name} must be positive everywhere (the operator applies no softplus)")
     if muon is not None and muon not in MUON_COEFFICIENTS:
         raise ValueError(f"muon must be None, 'fixed' or 'schedule', got {muon!r}")
+
+
+def reads_values_here(t: Tensor) -> bool:
+    """Whether a value check on t is free of a host sync: on the CPU (outside compilation) it is; on an
+    accelerator only when LACT_CHECK_LR=1 asks for it (debugging)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get("LACT_CHECK_LR") == "1"

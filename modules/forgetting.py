@@ -3,17 +3,19 @@
 Active forgetting (Chen et al., 2023) re-initialises the token embedding after every K-th optimizer step;
 temporary forgetting (Anand et al., 2024) does so only before step N and trains plainly afterwards.
 
-Protocol the LightningModule implements (duck-typed; only what the configuration uses is required)::
+Protocol the LightningModule implements (duck-typed; only what the configuration uses is required). It names
+no parameter paths: the callback finds the parameters through these methods, and names given as targets
+are those of ``named_parameters()`` (``net.*`` in every task module, see modules/task.py)::
 
     def token_embedding(self) -> nn.Embedding
         # the input token embedding; target "input", its ``padding_idx`` row is zeroed after a reset,
         # and probabilistic mode replaces its rows
     def output_embedding(self) -> nn.Parameter | nn.Module   # target "output" (an untied LM head; a
         # module is taken by its ``.weight``); when tied it is the same Parameter and is reset once
-    def init_parameter_(self, name: str, out: Tensor, generator: torch.Generator) -> None
-        # init="model": fill ``out`` (float32, CPU, the full unsharded shape of the parameter called
-        # ``name`` in ``named_parameters()``) in place with a fresh draw of the model's own initialiser,
-        # drawing every random number from ``generator`` so that all ranks draw the same values
+    def init_parameter_(self, param: Tensor, out: Tensor, generator: torch.Generator) -> None
+        # init="model": fill ``out`` (float32, CPU, the full unsharded shape of ``param``, one of the
+        # module's own parameters, identified by identity) in place with a fresh draw of the model's own
+        # initialiser, drawing every random number from ``generator`` so that all ranks draw the same values
 
 Targets may also be parameter names or fnmatch patterns (``"net.embed.weight"``, ``"*.pos"``); one that
 matches nothing fails at fit start, naming it. Parameters are always modified in place under
@@ -28,21 +30,16 @@ import fnmatch
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from datamodules.shards import seeded_generator
+
 INIT_MODES = ("model", "normal", "match")
 OPTIMIZER_STATE_MODES = ("none", "targets", "all")
 _RESET_STREAM, _PROB_STREAM = 0, 1
-
-
-def seeded_generator(*parts: int) -> torch.Generator:
-    """A CPU generator seeded by a well-mixed function of the non-negative integers ``parts``."""
-    seed = int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(seed)
 
 
 def full_value(p: torch.Tensor) -> torch.Tensor:
@@ -228,7 +225,7 @@ class ForgettingSchedule(Callback):
         self._targets = self._resolve_targets(pl_module)
         if self.init == "model" and not callable(getattr(pl_module, "init_parameter_", None)):
             raise ValueError(
-                f"init='model' needs {type(pl_module).__name__}.init_parameter_(name, out, generator); "
+                f"init='model' needs {type(pl_module).__name__}.init_parameter_(param, out, generator); "
                 "implement it or use init='normal'/'match'"
             )
         if self.prob > 0:
@@ -286,7 +283,7 @@ class ForgettingSchedule(Callback):
         """A fresh full-shape float32 CPU value for target ``t`` (pad row zero), identical on every rank."""
         out = torch.empty(t.param.shape, dtype=torch.float32)
         if self.init == "model":
-            pl_module.init_parameter_(t.name, out, g)
+            pl_module.init_parameter_(t.param, out, g)
         elif self.init == "normal":
             out.normal_(0.0, self.std, generator=g)
         else:

@@ -10,72 +10,84 @@ What this module needs from the datamodule (duck-typed, datamodules never import
 trained) and ``vocab_size``.
 
 The forgetting protocol (see ``modules/forgetting.py``) is implemented here: ``token_embedding()`` and
-``init_parameter_(name, out, generator)``.
+``init_parameter_(param, out, generator)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torch import nn
 
-from lact.models.mlm import MaskedLMEncoder
-from modules.forgetting import seeded_generator
+from datamodules.shards import seeded_generator
+from lact.models.mlm import MaskedLMConfig, MaskedLMEncoder
+from lact.nn import IGNORE_INDEX
+from modules.task import OptimConfig, TaskModule, as_config
+
+HOLDOUT_INITS = ("model", "match", "keep")
 
 
-class MaskedLMModule(LightningModule):
+class MaskedLMModule(TaskModule):
     """Args:
-    vocab_size: V, must equal the datamodule's ``vocab_size``.
-    pad_id: padding id (embedding row kept at zero).
-    dim, depth, heads, max_len, init_std, embed_std: the encoder (``lact.models.mlm.MaskedLMEncoder``).
-    lr: peak AdamW learning rate; linear warmup over ``warmup_steps`` optimizer steps, then constant.
-    weight_decay: AdamW decay of the matrices (not biases, norms, positions or the embedding).
-    embedding_weight_decay: AdamW decay of the token embedding (its own parameter group).
-    betas: AdamW betas.
+    net: the encoder (MaskedLMConfig, or a dict of its fields).
+    optim: OptimConfig (lr, betas, weight decay, warmup + cosine, grad_clip, ...). The token embedding is
+        never decayed (modules.task.parameter_groups); list the learned positions in ``optim.no_decay``
+        (``["net.pos"]``) to keep them undecayed too.
     eval_seed: seeds the per-evaluation re-draw of the held-out rows (mixed with the global step).
+    holdout_init: what the never-trained (held-out) rows are at evaluation: ``"model"`` a fresh draw of the
+        token-embedding initialiser, ``"match"`` a fresh normal draw with the current mean and std of the
+        trained rows (pad and held-out rows excluded), ``"keep"`` the rows as the model holds them (never
+        trained as inputs; with a tied output they drift in the softmax, and forgetting resets redraw them).
     """
+
+    throughput_unit = "tokens"
 
     def __init__(
         self,
-        vocab_size: int,
-        pad_id: int = 0,
-        dim: int = 64,
-        depth: int = 4,
-        heads: int = 4,
-        max_len: int = 16,
-        init_std: float = 0.02,
-        embed_std: float = 1.0,
-        lr: float = 1e-3,
-        warmup_steps: int = 100,
-        weight_decay: float = 0.01,
-        embedding_weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.98),
+        net: MaskedLMConfig,
+        optim: OptimConfig | None = None,
         eval_seed: int = 1234,
+        holdout_init: str = "model",
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = MaskedLMEncoder(vocab_size, dim, depth, heads, max_len, pad_id, init_std, embed_std)
+        if holdout_init not in HOLDOUT_INITS:
+            raise ValueError(f"holdout_init={holdout_init!r}: expected one of {HOLDOUT_INITS}")
+        super().__init__(optim)
+        self.net = MaskedLMEncoder(**dataclasses.asdict(as_config(MaskedLMConfig, net)))
         self._saved_rows: torch.Tensor | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.net.embed.num_embeddings
+
+    def throughput_items(self, batch: dict) -> int:
+        return batch["input_ids"].numel()
 
     # ---- forgetting protocol -------------------------------------------------------------------------
     def token_embedding(self) -> nn.Embedding:
         """The input token embedding (its weight is also the tied output projection)."""
         return self.net.embed
 
-    def init_parameter_(self, name: str, out: torch.Tensor, generator: torch.Generator) -> None:
-        """Fill ``out`` (full shape of parameter ``name``) with a fresh draw of its initialiser."""
-        if name != "net.embed.weight":
-            raise ValueError(f"init_parameter_: no model initialiser for {name!r}; only 'net.embed.weight'")
+    def output_embedding(self) -> nn.Parameter:
+        """The output projection's weight [V, D] (the token embedding's own when tied)."""
+        return self.net.head.weight
+
+    def init_parameter_(self, param: torch.Tensor, out: torch.Tensor, generator: torch.Generator) -> None:
+        """Fill ``out`` (full shape of ``param``) with a fresh draw of its initialiser."""
+        if param is not self.net.embed.weight and param is not self.net.head.weight:
+            raise ValueError(
+                "init_parameter_: MaskedLMModule re-draws only the token embedding and the output projection"
+            )
         self.net.init_embedding_(out, generator)
 
     # ---- training ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and getattr(dm, "vocab_size", self.hparams.vocab_size) != self.hparams.vocab_size:
+        if dm is not None and getattr(dm, "vocab_size", self.vocab_size) != self.vocab_size:
             raise ValueError(
-                f"model vocab_size={self.hparams.vocab_size} but the datamodule's vocabulary has "
-                f"{dm.vocab_size} ids: set model.init_args.vocab_size to {dm.vocab_size}"
+                f"model vocab_size={self.vocab_size} but the datamodule's vocabulary has "
+                f"{dm.vocab_size} ids: set model.init_args.net.vocab_size to {dm.vocab_size}"
             )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -93,8 +105,8 @@ class MaskedLMModule(LightningModule):
         """
         ids, labels = batch["input_ids"], batch["labels"]
         logits = self(ids)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        masked = labels != -100
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        masked = labels != IGNORE_INDEX
 
         def acc(lg: torch.Tensor) -> torch.Tensor:
             return ((lg.argmax(-1) == labels) | ~masked).all(1).float()
@@ -113,14 +125,22 @@ class MaskedLMModule(LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         # Held-out rows were never trained, yet in a tied model they drift (they sit in the output softmax
-        # and decay); evaluate them as truly unseen tokens: a fresh draw of the init distribution.
+        # and decay); by default evaluate them as truly unseen tokens: a fresh draw (holdout_init).
         ids = self._holdout_ids()
-        if ids is None:
+        if ids is None or self.hparams.holdout_init == "keep":
             return
         w = self.net.embed.weight
         self._saved_rows = w.detach()[ids].clone()
         fresh = torch.empty(len(ids), w.shape[1], dtype=torch.float32)
-        self.net.init_embedding_(fresh, seeded_generator(self.hparams.eval_seed, self.global_step))
+        g = seeded_generator(self.hparams.eval_seed, self.global_step)
+        if self.hparams.holdout_init == "model":
+            self.net.init_embedding_(fresh, g)
+        else:
+            trained = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+            trained[ids] = False
+            trained[self.net.embed.padding_idx] = False
+            rows = w.detach()[trained].float()
+            fresh.normal_(rows.mean().item(), rows.std().item(), generator=g)
         with torch.no_grad():
             w[ids] = fresh.to(w.device, w.dtype)
 
@@ -146,24 +166,3 @@ class MaskedLMModule(LightningModule):
         self.log(f"val/{name}_acc", acc.mean(), add_dataloader_idx=False, batch_size=len(acc))
         self.log(f"val/{name}_loss", loss, add_dataloader_idx=False, batch_size=len(acc))
         self.log(f"val/{name}_ctx_acc", ctx_acc.mean(), add_dataloader_idx=False, batch_size=len(acc))
-
-    def configure_optimizers(self):
-        emb = self.net.embed.weight
-        decay, no_decay = [], []
-        for n, p in self.named_parameters():
-            if p is emb:
-                continue
-            (decay if p.ndim == 2 and n.endswith("weight") else no_decay).append(p)
-        hp = self.hparams
-        opt = torch.optim.AdamW(
-            [
-                {"params": [emb], "weight_decay": hp.embedding_weight_decay, "name": "embedding"},
-                {"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
-                {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-            ],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-        )
-        warm = max(1, hp.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

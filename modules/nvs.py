@@ -5,35 +5,32 @@ Batches (from datamodules.nvs) are dicts of
     target_images [B, Vt, 3, H, W], target_intrinsics [B, Vt, 4], target_w2c [B, Vt, 4, 4], key: list[str]
 (OpenCV cameras, see lact/geometry.py).
 
-Loss MSE + lpips_weight * LPIPS from `lpips_start_step` on; PSNR and SSIM with data_range 1; AdamW with weight
-decay on matrices only, linear warmup then cosine; gradient-norm clipping, and the optimizer step is skipped
-(logged as train/skipped_steps) when the norm is non-finite or above `skip_grad_norm`.
+Loss MSE + lpips_weight * LPIPS from `lpips_start_step` on; PSNR and SSIM with data_range 1. Optimisation,
+clipping and step skipping are the shared layer of modules/task.py. `test` scores the held-out views
+(the datamodule's test_dataloader): PSNR, SSIM, LPIPS when its backbone weights are on disk, and the same
+for the nearest-input-view baseline, as test/<metric> and test/<metric>_nearest_view.
 
 Scale (DESIGN §6): under Lightning's `ModelParallelStrategy(tensor_parallel_size=1)`, `configure_model` shards
 the network with FSDP2 (modules/scale.py), one unit per NVSBlock and then the root (tokenizer and decoder);
-`model.checkpointing` recomputes each block in backward, `fsdp_param_dtype: bfloat16` gathers and computes
+`net.activation_checkpointing` recomputes each block in backward, `fsdp_param_dtype: bfloat16` gathers and computes
 in bf16 from fp32 weights (the cameras' rays are still computed in fp32). Without that strategy (one
 device, DDP) nothing is sharded.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict
-
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from lact.geometry import camera_centers, orbit_cameras
 from lact.models.nvs import NVSConfig, NVSNet
-from modules.lpips import load_lpips
+from modules.lpips import backbone_path, load_lpips
 from modules.nvs_outputs import image_grid, to_uint8
-from modules.scale import parse_param_dtype, shard_model
+from modules.task import OptimConfig, TaskModule, as_config
 
 
 def nearest_input_view(input_images: Tensor, input_w2c: Tensor, target_w2c: Tensor) -> Tensor:
@@ -46,46 +43,29 @@ def nearest_input_view(input_images: Tensor, input_w2c: Tensor, target_w2c: Tens
     return input_images[torch.arange(input_images.shape[0], device=nearest.device)[:, None], nearest]
 
 
-class WarmupCosine:
-    """LR multiplier: linear warmup over `warmup` steps, then cosine from 1 down to `min_ratio` at `total`.
-    A callable object rather than a lambda so that LambdaLR saves and restores it in checkpoints."""
-
-    def __init__(self, warmup: int, total: int, min_ratio: float):
-        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class NVSModule(LightningModule):
+class NVSModule(TaskModule):
     """Args:
-    model: the network's sizes (a dict with NVSConfig's fields also works: checkpoints store a dict).
-    lr, weight_decay, betas: AdamW; weight decay on parameters with 2 or more dimensions only.
-    warmup_steps, total_steps, min_lr_ratio: the schedule; total_steps None = the trainer's step budget.
-    grad_clip: clip the global gradient norm to this (0 = no clipping).
-    skip_grad_norm: skip the optimizer step when the (unclipped) gradient norm exceeds it or is not finite.
+    net: the network's sizes (NVSConfig; a dict with its fields also works: checkpoints store a dict).
+    optim: OptimConfig (lr, betas, weight decay, warmup + cosine, grad_clip, skip_grad_norm, ...).
     lpips_weight, lpips_start_step: add lpips_weight * LPIPS to the loss from this global step on.
-    lpips_metric: also report LPIPS in validation. LPIPS needs its backbone weights on disk (modules/lpips.py).
+    lpips_metric: also report LPIPS in validation and test. LPIPS needs its backbone weights on disk
+        (modules/lpips.py); `test` reports it whenever they are there.
     log_images: scenes of the first validation batch shown in TensorBoard (inputs | targets | predictions).
     turntable_frames, render_chunk: predict renders a turntable of this many frames, this many views per call.
     fsdp_param_dtype: under FSDP2 (ModelParallelStrategy), the dtype parameters are gathered and computed in
         ("bfloat16"); None for their own dtype.
     """
 
+    # FSDP2: `reconstruct` and `render` (predict) gather parameters like `forward`; the root's camera
+    # inputs keep their dtype (rays are computed in fp32).
+    forward_methods = ("reconstruct", "render")
+    cast_root_inputs = False
+    throughput_unit = "views"
+
     def __init__(
         self,
-        model: NVSConfig | None = None,
-        lr: float = 4e-4,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        total_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
-        grad_clip: float = 1.0,
-        skip_grad_norm: float = 100.0,
+        net: NVSConfig | None = None,
+        optim: OptimConfig | None = None,
         lpips_weight: float = 0.0,
         lpips_start_step: int = 0,
         lpips_metric: bool = False,
@@ -95,34 +75,20 @@ class NVSModule(LightningModule):
         render_chunk: int = 8,
         fsdp_param_dtype: str | None = None,
     ):
-        super().__init__()
-        parse_param_dtype(fsdp_param_dtype)  # fails here on a bad name, not at sharding time
-        config = NVSConfig(**model) if isinstance(model, dict) else (model or NVSConfig())
-        self.save_hyperparameters()
-        self.hparams["model"] = asdict(config)  # plain data, so checkpoints load with weights_only=True
-        self.net = NVSNet(config)
+        super().__init__(optim, fsdp_param_dtype)
+        self.net = NVSNet(as_config(NVSConfig, net))
         # Built now, so that missing backbone weights fail at start instead of at lpips_start_step. Kept out
         # of the module tree (a list): the frozen metric is neither trained nor saved in checkpoints.
         self._lpips = [load_lpips(lpips_net)] if lpips_weight > 0 or lpips_metric else []
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))  # mean of per-image PSNR
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_psnr_nearest = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
-        self.skipped_steps = 0
-
-    # ------------------------------------------------------------------------------------------ scale
-
-    def configure_model(self) -> None:
-        """FSDP2 under ModelParallelStrategy: one shard unit per block, then the root (tokenizer, decoder).
-        `reconstruct` and `render` (predict) gather parameters like `forward`; the root's camera inputs are
-        not cast to the parameter dtype."""
-        shard_model(
-            self.net,
-            self.net.blocks,
-            self.device_mesh,
-            param_dtype=parse_param_dtype(self.hparams.fsdp_param_dtype),
-            cast_root_inputs=False,
-            forward_methods=("reconstruct", "render"),
-        )
+        self.test_psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
+        self.test_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.test_psnr_nearest = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
+        self.test_ssim_nearest = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.test_lpips = MeanMetric()
+        self.test_lpips_nearest = MeanMetric()
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -135,6 +101,10 @@ class NVSModule(LightningModule):
             batch["target_intrinsics"],
             batch["target_w2c"],
         )
+
+    def throughput_items(self, batch: dict) -> int:
+        """Views per batch: input views read plus target views rendered."""
+        return batch["input_images"].shape[:2].numel() + batch["target_images"].shape[:2].numel()
 
     def lpips(self):
         metric = self._lpips[0]
@@ -164,55 +134,6 @@ class NVSModule(LightningModule):
         )
         return loss
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip to `grad_clip`; drop all gradients (so AdamW leaves parameters and moments untouched) when
-        the norm is non-finite or above `skip_grad_norm`."""
-        if gradient_clip_val:
-            raise ValueError(
-                "NVSModule clips gradients itself (model.init_args.grad_clip, skip_grad_norm): "
-                f"leave trainer.gradient_clip_val unset, got {gradient_clip_val}"
-            )
-        params = [p for p in self.parameters() if p.grad is not None]
-        max_norm = self.hparams.grad_clip if self.hparams.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.log("train/grad_norm", norm)
-        if not torch.isfinite(norm) or norm > self.hparams.skip_grad_norm:
-            for p in params:
-                p.grad = None  # torch optimizers skip parameters without a gradient
-            self.skipped_steps += 1
-            rank_zero_warn(
-                f"step {self.global_step}: gradient norm {norm.item():.4g} is non-finite or above "
-                f"skip_grad_norm={self.hparams.skip_grad_norm}; optimizer step skipped "
-                f"({self.skipped_steps} so far)"
-            )
-        self.log("train/skipped_steps", float(self.skipped_steps))
-
-    def configure_optimizers(self):
-        decay = [p for p in self.net.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.net.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.hparams.lr,
-            betas=tuple(self.hparams.betas),
-        )
-        total = self.hparams.total_steps or self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError(
-                "the cosine schedule needs a length: set model.init_args.total_steps or trainer.max_steps"
-            )
-        schedule = WarmupCosine(self.hparams.warmup_steps, int(total), self.hparams.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["nvs_skipped_steps"] = self.skipped_steps
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.skipped_steps = checkpoint.get("nvs_skipped_steps", 0)
-
     # ------------------------------------------------------------------------------------------ validation
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -233,6 +154,41 @@ class NVSModule(LightningModule):
             self.log("val/lpips", lp, sync_dist=True, batch_size=size)
         if batch_idx == 0:  # the validation loader is deterministic: the same scenes at every validation
             self.log_image_grid(batch, pred)
+
+    # ------------------------------------------------------------------------------------------ test
+
+    def on_test_start(self) -> None:
+        # LPIPS joins the test scores whenever its backbone weights are on disk (never a download).
+        if not self._lpips and backbone_path(self.hparams.lpips_net).is_file():
+            self._lpips = [load_lpips(self.hparams.lpips_net)]
+
+    @torch.no_grad()
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Scores the held-out target views of the batch and the nearest-input-view baseline."""
+        pred = self(batch).float().clamp(0, 1)
+        target = batch["target_images"].float()
+        nearest = nearest_input_view(batch["input_images"], batch["input_w2c"], batch["target_w2c"]).float()
+        flat_target = target.flatten(0, 1)
+        size = len(pred)
+        self.log("test/loss", F.mse_loss(pred, target), sync_dist=True, batch_size=size)
+        for suffix, images, psnr, ssim, lpips in (
+            ("", pred, self.test_psnr, self.test_ssim, self.test_lpips),
+            (
+                "_nearest_view",
+                nearest,
+                self.test_psnr_nearest,
+                self.test_ssim_nearest,
+                self.test_lpips_nearest,
+            ),
+        ):
+            flat = images.flatten(0, 1)
+            psnr(flat, flat_target)
+            ssim(flat, flat_target)
+            self.log(f"test/psnr{suffix}", psnr, batch_size=size)
+            self.log(f"test/ssim{suffix}", ssim, batch_size=size)
+            if self._lpips:
+                lpips(self.lpips().net(flat, flat_target, normalize=True).flatten())
+                self.log(f"test/lpips{suffix}", lpips, batch_size=size)
 
     def log_image_grid(self, batch: dict, pred: Tensor) -> None:
         count = self.hparams.log_images

@@ -2,10 +2,11 @@
 
 1. generates procedural scenes (datamodules.prepare scenes): train, validation and held-out test scenes;
 2. trains configs/nvs/demo.yaml with `python train.py fit` for at most --minutes (progress bar, TensorBoard);
-3. evaluates the last checkpoint on the held-out scenes against the nearest-input-view baseline and writes
+3. scores the last checkpoint on the held-out scenes against the nearest-input-view baseline with
+   `train.py test --data.init_args.test_shards=outputs/demo/data/test` and writes
    outputs/demo/: heldout_grid.png (per scene: inputs | ground truth | prediction | nearest input view),
    turntable.gif (reconstruct once, render an orbit), predict/ (train.py predict: PNGs and a GIF per scene),
-   summary.json, and the TensorBoard run in run/tensorboard.
+   summary.json, and the TensorBoard run in run/ (the run directory).
 
     .venv/bin/python scripts/demo_nvs.py [--minutes 10] [--threads N] [--skip-train]
 
@@ -25,7 +26,17 @@ from pathlib import Path
 
 import torch
 import yaml
-from nvs_eval import ROOT, evaluate, load_net, pick_threads, print_summary, run, write_grid, write_turntable
+from nvs_eval import (
+    ROOT,
+    load_net,
+    pick_threads,
+    print_summary,
+    render,
+    run,
+    test_scores,
+    write_grid,
+    write_turntable,
+)
 
 from datamodules.nvs import NVSDataModule
 
@@ -96,7 +107,11 @@ def main(argv=None) -> None:
         num_target_views=data_args["num_target_views"],
         val_batch_size=16,
     )
-    summary, batches = evaluate(net, test.predict_dataloader())
+    batches = render(net, test.predict_dataloader())
+    test_shards = f"--data.init_args.test_shards={out / 'data' / 'test'}"
+    summary = test_scores(CONFIG, checkpoint, [test_shards, "--data.init_args.val_batch_size=16"])
+    summary["target_views"] = sum(b["target_images"].shape[:2].numel() for b in batches)
+    summary["scenes"] = sum(len(b["key"]) for b in batches)
     write_grid(batches[0], out / "heldout_grid.png")
     write_turntable(net, batches[0], out / "turntable.gif")
     summary.update(
@@ -112,7 +127,7 @@ def main(argv=None) -> None:
     print(f"goal (model >= nearest input view + 3 dB): {'met' if gain >= 3 else 'NOT met'}")
     print(f"wrote {OUT}/heldout_grid.png (rows: inputs | ground truth | prediction | nearest input view), "
           f"{OUT}/turntable.gif, {OUT}/predict/<scene>/, {OUT}/summary.json")  # fmt: skip
-    print(f"TensorBoard: .venv/bin/tensorboard --logdir {OUT}/run/tensorboard")
+    print(f"TensorBoard: .venv/bin/tensorboard --logdir {OUT}/run")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 1. imports ../shared/data/gso_toy (64 renders, opencv_cameras.json) with the data layer's camera-JSON
    importer into outputs/gso_toy/data, resized to --size (the source stays where it is);
 2. trains configs/nvs/gso_toy.yaml: inputs and targets drawn among the 48 training views only;
-3. renders the 16 held-out views (held_out_views in the config) and prints PSNR / SSIM against the
+3. scores the 16 held-out views (held_out_views in the config) with `train.py test`: PSNR / SSIM against the
    nearest-input-view baseline, once from the config's num_input_views inputs (as in training) and once
    from all 48 training views (any number of input views works at run time). Writes outputs/gso_toy/:
    heldout.png (rows: ground truth | prediction | nearest input view), turntable.gif, summary.json.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from nvs_eval import ROOT, evaluate, load_net, pick_threads, print_summary, run, write_turntable
+from nvs_eval import ROOT, load_net, pick_threads, print_summary, render, run, test_scores, write_turntable
 from torch.nn.functional import interpolate
 from torchvision.utils import make_grid
 
@@ -104,7 +104,9 @@ def main(argv=None) -> None:
     held_out = len(data_args["held_out_views"])
     results = {}
     for inputs in (data_args["num_input_views"], 64 - held_out):
-        summary, batches = evaluate(net, held_out_loader(out / "data", data_args, args.size, inputs))
+        batches = render(net, held_out_loader(out / "data", data_args, args.size, inputs))
+        overrides = [f"--data.init_args.image_size={args.size}", f"--data.init_args.num_input_views={inputs}"]
+        summary = test_scores(CONFIG, checkpoint, overrides)  # train.py test: the held-out views
         results[f"{inputs}_inputs"] = summary
         print_summary(
             summary,
@@ -120,7 +122,7 @@ def main(argv=None) -> None:
     results.update(global_step=steps, threads=threads, size=args.size, config=CONFIG)
     (out / "summary.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {OUT}/heldout.png (rows: ground truth | prediction | nearest input view), {OUT}/turntable.gif, "
-          f"{OUT}/summary.json; TensorBoard: .venv/bin/tensorboard --logdir {OUT}/run/tensorboard")  # fmt: skip
+          f"{OUT}/summary.json; TensorBoard: .venv/bin/tensorboard --logdir {OUT}/run")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Evaluation helpers shared by scripts/demo_nvs.py and scripts/gso_toy_nvs.py: load a checkpoint's network,
-score held-out views against the nearest-input-view baseline, write the image grid and a turntable GIF."""
+"""Helpers shared by scripts/demo_nvs.py and scripts/gso_toy_nvs.py. The scores come from `train.py test`
+(NVSModule.test_step: PSNR, SSIM and, with its weights on disk, LPIPS of held-out views and of the
+nearest-input-view baseline); this file only runs it, renders the figures (image grid, turntable GIF) and
+prints the table."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from pathlib import Path
 
 import torch
 from torch.nn.functional import interpolate
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # scripts/ run as files: make the suite's packages importable
@@ -36,7 +37,7 @@ def run(cmd: list[str], threads: int | None = None) -> None:
 def load_net(checkpoint: Path) -> tuple[NVSNet, int]:
     """(the network of a Lightning checkpoint in eval mode, its global step), loaded with weights_only=True."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    net = NVSNet(NVSConfig(**ckpt["hyper_parameters"]["model"]))
+    net = NVSNet(NVSConfig(**ckpt["hyper_parameters"]["net"]))
     net.load_state_dict(
         {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     )
@@ -66,7 +67,7 @@ def pick_threads(requested: int, config: dict) -> tuple[int, float]:
     """(threads, seconds per training step) for the config's model and batch: `requested` threads, or (0) one
     thread when other jobs load the machine, else the faster of 1 thread and all cores (up to 8). On a CPU
     shared with other jobs one thread is often several times faster than two."""
-    net = NVSNet(NVSConfig(**config["model"]["init_args"]["model"]))
+    net = NVSNet(NVSConfig(**config["model"]["init_args"]["net"]))
     cores = min(os.cpu_count() or 1, 8)
     if requested > 0:
         candidates = [requested]
@@ -86,11 +87,27 @@ def pick_threads(requested: int, config: dict) -> tuple[int, float]:
     return best, timings[best]
 
 
+def test_scores(config: str, checkpoint: Path, overrides: list[str]) -> dict:
+    """`train.py test` of `checkpoint` (in this process) -> {"model": {"psnr", "ssim"[, "lpips"]},
+    "nearest_input_view": {...}}, the metrics NVSModule.test_step logs (and Lightning prints)."""
+    import train
+
+    args = ["test", "--config", config, f"--ckpt_path={checkpoint}", "--trainer.logger=false", *overrides]
+    metrics = {k: float(v) for k, v in train.main(args).trainer.callback_metrics.items()}
+    return {
+        name: {
+            m: metrics[f"test/{m}{suffix}"]
+            for m in ("psnr", "ssim", "lpips")
+            if f"test/{m}{suffix}" in metrics
+        }
+        for name, suffix in zip(METHODS, ("", "_nearest_view"))
+    }
+
+
 @torch.no_grad()
-def evaluate(net: NVSNet, loader) -> tuple[dict, list[dict]]:
-    """Mean PSNR (dB) and SSIM over all target views (data_range 1) of the model and of the nearest input
-    view, plus the batches with their `prediction` and `nearest` images [B, Vt, 3, H, W]."""
-    scores = {name: {"psnr": [], "ssim": []} for name in METHODS}
+def render(net: NVSNet, loader) -> list[dict]:
+    """The batches of `loader` with the model's `prediction` and the baseline's `nearest` [B, Vt, 3, H, W]
+    (for the figures; the scores come from `test_scores`)."""
     batches = []
     for batch in loader:
         pred = net(
@@ -98,20 +115,8 @@ def evaluate(net: NVSNet, loader) -> tuple[dict, list[dict]]:
             batch["target_intrinsics"], batch["target_w2c"],
         )  # fmt: skip
         nearest = nearest_input_view(batch["input_images"], batch["input_w2c"], batch["target_w2c"])
-        target = batch["target_images"].flatten(0, 1)
-        for name, images in zip(METHODS, (pred, nearest)):
-            images = images.flatten(0, 1).clamp(0, 1)
-            psnr = peak_signal_noise_ratio(images, target, data_range=1.0, dim=(1, 2, 3), reduction="none")
-            ssim = structural_similarity_index_measure(images, target, data_range=1.0, reduction="none")
-            scores[name]["psnr"].append(psnr)
-            scores[name]["ssim"].append(ssim)
         batches.append({**batch, "prediction": pred, "nearest": nearest})
-    summary = {
-        name: {k: torch.cat(v).mean().item() for k, v in metrics.items()} for name, metrics in scores.items()
-    }
-    summary["target_views"] = int(torch.cat(scores["model"]["psnr"]).numel())
-    summary["scenes"] = sum(len(b["key"]) for b in batches)
-    return summary, batches
+    return batches
 
 
 def write_grid(batch: dict, path: Path, scenes: int = 6, scale: int = 4) -> None:
@@ -145,7 +150,14 @@ def write_turntable(
 def print_summary(summary: dict, title: str) -> None:
     gain = summary["model"]["psnr"] - summary["nearest_input_view"]["psnr"]
     print(f"\n{title}")
-    print("| method | PSNR (dB) | SSIM |\n|---|---:|---:|")
+    lpips = "lpips" in summary["model"]
+    print(
+        "| method | PSNR (dB) | SSIM |"
+        + (" LPIPS |" if lpips else "")
+        + "\n|---|---:|---:|"
+        + ("---:|" if lpips else "")
+    )
     for name in METHODS:
-        print(f"| {name.replace('_', ' ')} | {summary[name]['psnr']:.2f} | {summary[name]['ssim']:.3f} |")
+        row = f"| {name.replace('_', ' ')} | {summary[name]['psnr']:.2f} | {summary[name]['ssim']:.3f} |"
+        print(row + (f" {summary[name]['lpips']:.3f} |" if lpips else ""))
     print(f"model - nearest input view: {gain:+.2f} dB PSNR")

@@ -35,3 +35,39 @@ def test_torchrun_launcher_runs_two_processes(tmp_path):
 def test_slurm_script_is_valid_bash():
     out = subprocess.run(["bash", "-n", "scripts/slurm.sbatch"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def fake_slurm(tmp_path: Path, status: int) -> tuple[dict, Path]:
+    """`srun` and `scontrol` stand-ins on PATH: srun records its arguments and exits with `status`."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    for name, body in (
+        ("srun", f'echo "srun $*" >> {calls}; exit {status}'),
+        ("scontrol", f'echo "scontrol $*" >> {calls}'),
+    ):
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(
+        os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(ROOT)
+    )
+    return env, calls
+
+
+def test_slurm_script_requeues_after_the_time_limit_signal_only(tmp_path):
+    """Exit status 138 (tasks stopped by SIGUSR1 with a checkpoint) requeues the job; 143 (SIGTERM: preempted
+    or cancelled) and 0 do not; fit resumes with last_or_fresh unless given a --ckpt_path."""
+    for status, requeued in ((138, True), (143, False), (0, False)):
+        run_dir = tmp_path / str(status)
+        run_dir.mkdir()
+        env, calls = fake_slurm(run_dir, status)
+        out = subprocess.run(["bash", "scripts/slurm.sbatch", "fit", "--config", "c.yaml"], cwd=ROOT, env=env)
+        assert out.returncode == status
+        log = calls.read_text()
+        assert "--ckpt_path=last_or_fresh" in log
+        assert ("scontrol requeue 4242" in log) == requeued, log
+    (tmp_path / "explicit").mkdir()
+    env, calls = fake_slurm(tmp_path / "explicit", 0)
+    subprocess.run(
+        ["bash", "scripts/slurm.sbatch", "fit", "--ckpt_path", "x.ckpt"], cwd=ROOT, env=env, check=True
+    )
+    assert "last_or_fresh" not in calls.read_text()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import Callback
 
@@ -57,3 +58,45 @@ def test_resume_from_last_continues_the_same_run(tmp_path):
     )
     assert RecordStartStep.started_at == [3], "resumed runs start at the checkpoint's step, not from scratch"
     assert cli.trainer.global_step == 5
+
+
+def test_optimizer_and_lr_scheduler_flags_are_refused(capsys):
+    # They would replace the task's parameter groups and schedule (model.init_args.optim) silently.
+    for flag in ("--optimizer=torch.optim.SGD", "--lr_scheduler=torch.optim.lr_scheduler.StepLR"):
+        with pytest.raises(SystemExit):
+            train.main(["fit", *BORING, flag])
+        assert flag.split("=")[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("base", "overlay", "checks"),
+    [
+        ("icl/base.yaml", "icl/active.yaml", {"trainer.default_root_dir": "outputs/icl/active"}),
+        ("icl/base.yaml", "icl/temporary.yaml", {"trainer.default_root_dir": "outputs/icl/temporary"}),
+        ("icl/base.yaml", "icl/tiny.yaml", {"model.init_args.net.vocab_size": 51}),
+        ("nvs/paper.yaml", "nvs/paper_24l.yaml", {"model.init_args.net.num_layers": 24}),
+        ("nvs/paper.yaml", "nvs/paper_14l.yaml", {"model.init_args.net.num_layers": 14}),
+    ],
+)
+def test_overlay_configs_parse_with_the_cli(base, overlay, checks):
+    args = ["--config", str(ROOT / "configs" / base), "--config", str(ROOT / "configs" / overlay)]
+    if base.startswith("nvs"):
+        # A small width, a CPU trainer and no LPIPS (its weights are not here): this checks the merge.
+        args += [
+            "--model.init_args.net.dim=96", "--trainer.accelerator=cpu", "--trainer.devices=1",
+            "--trainer.strategy=auto", "--trainer.precision=32-true", "--model.init_args.lpips_weight=0",
+            "--model.init_args.lpips_metric=false",
+        ]  # fmt: skip
+    cli = train.main(args, run=False)
+    for key, value in checks.items():
+        assert cli.config[key] == value, key
+    root = cli.config["trainer.default_root_dir"]
+    # Every path of the config derives from the run directory; the base's fields survive the overlay.
+    if base.startswith("nvs"):
+        assert cli.config["model.init_args.net.patch_size"] == 8
+        assert cli.config["data.init_args.train_shards"] == f"{root}/../data/train"
+        assert cli.config["model.init_args.optim.skip_grad_norm"] == 20.0
+    else:
+        assert cli.config["model.init_args.optim.betas"] == (0.9, 0.98)
+        assert cli.config["model.init_args.net.max_len"] == 7
+    assert cli.trainer.logger.log_dir.rstrip("/") == root

@@ -7,8 +7,8 @@ Hybrid block, pre-norm, one qkv projection shared by both token mixers:
     y  = h + SwiGLU_MLP(RMSNorm(h))
 
 SWA is causal sliding-window attention over `num_heads` heads (token t sees t - window < s <= t); the LaCT
-branch (lact/layer.py) reads q', k', v' from the same qkv over `lact_heads` fast-weight heads (silu, L2 norm,
-optional rotary), with apply-then-update chunks of `chunk_size` tokens: token t reads fast weights written
+branch (lact/layer.py) reads q', k', v' from the same qkv over `lact.heads` fast-weight heads (silu, L2 norm,
+optional rotary), with apply-then-update chunks of `lact.chunk_size` tokens: token t reads fast weights written
 by the chunks before its own, and the window covers the rest. `lact_ratio` < 1 drops the LaCT branch from
 some blocks; 0 gives the sliding-window-only baseline from the same code. `short_conv` > 0 adds a causal
 depthwise convolution of that many taps over qkv (identity at init; off in the paper configs), which lets
@@ -20,17 +20,15 @@ Incremental decoding with a state cache is in lact/models/lm_cache.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lact.attention import sliding_window_attention
-from lact.layer import LaCTLayer
-from lact.nn import RotaryEmbedding, ShortConv, SwiGLUMLP
-from lact.ops import MUON_COEFFICIENTS
+from lact.layer import LaCTConfig, LaCTLayer, finish_lact_init, lact_config
+from lact.nn import RotaryEmbedding, ShortConv, SwiGLUMLP, run_block
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:
@@ -43,75 +41,69 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"LMConfig.{name} must be a positive number, got {value!r}")
 
 
+def default_lact() -> LaCTConfig:
+    """The LM's LaCT defaults: 2 heads, chunk 128, inner lr 1e-3, momentum, rotary on the fast q/k."""
+    return LaCTConfig(heads=2, chunk_size=128, base_lr=1e-3, momentum=True, rotary=True)
+
+
 @dataclass
 class LMConfig:
     """Shape and options of the hybrid LM. Checked on construction; every error names the field.
 
     vocab_size: token ids in [0, vocab_size).          dim: model width D.
     num_layers: hybrid blocks N.                        num_heads: attention heads (head dim D / num_heads).
-    lact_heads: fast-weight heads (head dim d = D / lact_heads, hidden h = int(inter_multi * d)).
+    lact: the LaCT branch (lact/layer.py LaCTConfig; a dict of some of its fields overrides the LM defaults
+        of `default_lact`): heads (fast-weight heads, d = D / heads, h = int(inter_multi * d)), inter_multi,
+        chunk_size (tokens per update, required), base_lr, momentum, muon, rotary (on the LaCT q', k'; the
+        attention q, k always get it), output_gate.
     window: sliding-window size W in tokens (the token itself and W - 1 before it).
-    chunk_size: LaCT chunk C in tokens.                 mlp_hidden: SwiGLU MLP width; None = 8D/3 rounded
-                                                         up to a multiple of 64.
-    base_lr: initial inner learning rate (softplus offset, DESIGN §2.4).
-    momentum: learned per-chunk momentum on the fast-weight updates.     muon: None, "fixed" or "schedule".
-    lact_rotary: rotary embedding on the LaCT q', k' too (attention q, k always get it).
+    mlp_hidden: SwiGLU MLP width; None = 8D/3 rounded up to a multiple of 64.
     lact_ratio: fraction of blocks with a LaCT branch, spread evenly (1 = all, 0 = SWA-only baseline).
     tie_embeddings: LM head shares the token-embedding matrix.
     short_conv: taps of the causal depthwise convolution over qkv; 0 = none (the published model).
     init_std: std of every linear and embedding weight at init (fast weights follow DESIGN §2.4).
+    activation_checkpointing: recompute each block's activations in the backward pass (memory for compute).
     """
 
     vocab_size: int = 256
     dim: int = 128
     num_layers: int = 2
     num_heads: int = 4
-    lact_heads: int = 2
+    lact: LaCTConfig = field(default_factory=default_lact)
     window: int = 128
-    chunk_size: int = 128
     mlp_hidden: int | None = None
-    inter_multi: float = 1.0
-    base_lr: float = 1e-3
-    momentum: bool = True
-    muon: str | None = None
-    lact_rotary: bool = True
     lact_ratio: float = 1.0
     tie_embeddings: bool = True
     short_conv: int = 0
     rope_base: float = 10000.0
     init_std: float = 0.02
     norm_eps: float = 1e-5
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "num_layers", "num_heads", "lact_heads", "window", "chunk_size"):
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "window"):
             _check_int(name, getattr(self, name))
         if self.mlp_hidden is not None:
             _check_int("mlp_hidden", self.mlp_hidden)
         _check_int("short_conv", self.short_conv, minimum=0)
         if self.short_conv == 1:
             raise ValueError("LMConfig.short_conv must be 0 (no convolution) or >= 2 taps, got 1")
-        for name in ("inter_multi", "base_lr", "rope_base", "init_std", "norm_eps"):
+        for name in ("rope_base", "init_std", "norm_eps"):
             _check_positive(name, getattr(self, name))
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise ValueError(
                 f"LMConfig.num_heads={self.num_heads} must divide dim={self.dim} into an even head dim "
                 "(rotary rotates pairs)"
             )
-        if self.dim % self.lact_heads:
-            raise ValueError(f"LMConfig.lact_heads={self.lact_heads} must divide dim={self.dim}")
-        if self.lact_rotary and (self.dim // self.lact_heads) % 2:
-            raise ValueError(
-                f"LMConfig.lact_heads={self.lact_heads} gives an odd LaCT head dim {self.dim // self.lact_heads}, "
-                "which rotary (lact_rotary=True) cannot rotate"
-            )
-        if int(self.inter_multi * self.dim // self.lact_heads) < 1:
-            raise ValueError(
-                f"LMConfig.inter_multi={self.inter_multi} leaves the fast-weight MLP no hidden unit"
-            )
-        if self.muon is not None and self.muon not in MUON_COEFFICIENTS:
-            raise ValueError(f"LMConfig.muon must be None, 'fixed' or 'schedule', got {self.muon!r}")
+        self.lact = lact_config(self.lact, default_lact(), "LMConfig", self.dim)
+        if self.lact.chunk_size is None:
+            raise ValueError("LMConfig.lact.chunk_size must be an int >= 1 (the causal schedule), got None")
         if isinstance(self.lact_ratio, bool) or not 0 <= self.lact_ratio <= 1:
             raise ValueError(f"LMConfig.lact_ratio must be a number in [0, 1], got {self.lact_ratio!r}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(
+                f"LMConfig.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}"
+            )
 
     @property
     def mlp_width(self) -> int:
@@ -131,23 +123,24 @@ def parameter_count(cfg: LMConfig) -> int:
     """Number of parameters of `LaCTLM(cfg)`, in closed form.
 
     With V = vocab_size, D = dim, N = num_layers, F = mlp_width, n = blocks with a LaCT branch,
-    H = lact_heads, d = D / H, h = int(inter_multi * d), m = 1 with momentum else 0, t = 1 if tied else 0,
-    K = short_conv:
+    H = lact.heads, d = D / H, h = int(lact.inter_multi * d), m = 1 with momentum else 0, g = 1 with an output
+    gate else 0, t = 1 if tied else 0, K = short_conv:
 
         P = (2 - t) V D + D                                    embedding, LM head, final norm
           + N (4 D^2 + 3 D F + 2 D + 3 D K)                    qkv, o_proj, MLP, two norms, short conv
-          + n (3 H d h + (3 + m) (D + 1) H + D H + d)          fast weights W0, lr (+ momentum) projections
+          + n (3 H d h + (3 + m) (D + 1) H + g D H + d)        fast weights W0, lr (+ momentum) projections
                                                                with bias, output gate, per-head RMSNorm
     """
     vocab, dim, layers, mlp = cfg.vocab_size, cfg.dim, cfg.num_layers, cfg.mlp_width
-    heads = cfg.lact_heads
+    heads = cfg.lact.heads
     d = dim // heads
-    h = int(cfg.inter_multi * d)
-    m = 1 if cfg.momentum else 0
+    h = int(cfg.lact.inter_multi * d)
+    m = 1 if cfg.lact.momentum else 0
+    g = 0 if cfg.lact.output_gate is None else 1
     n = sum(cfg.lact_layers())
     total = (1 if cfg.tie_embeddings else 2) * vocab * dim + dim
     total += layers * (4 * dim * dim + 3 * dim * mlp + 2 * dim + 3 * dim * cfg.short_conv)
-    total += n * (3 * heads * d * h + (3 + m) * (dim + 1) * heads + dim * heads + d)
+    total += n * (3 * heads * d * h + (3 + m) * (dim + 1) * heads + g * dim * heads + d)
     return total
 
 
@@ -164,20 +157,8 @@ class HybridBlock(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim, cfg.rope_base)
         self.lact = None
         if use_lact:
-            self.lact = LaCTLayer(
-                dim,
-                cfg.lact_heads,
-                schedule="causal",
-                chunk_size=cfg.chunk_size,
-                inter_multi=cfg.inter_multi,
-                base_lr=cfg.base_lr,
-                momentum=cfg.momentum,
-                muon=cfg.muon,
-                output_gate="silu",
-                rotary=cfg.lact_rotary,
-                rope_base=cfg.rope_base,
-                own_qkv=False,
-                out_proj=False,
+            self.lact = LaCTLayer.from_config(
+                dim, cfg.lact, schedule="causal", rope_base=cfg.rope_base, own_qkv=False, out_proj=False
             )
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.mlp_norm = nn.RMSNorm(dim, eps=cfg.norm_eps)
@@ -219,8 +200,8 @@ class HybridBlock(nn.Module):
 class LaCTLM(nn.Module):
     """The hybrid LM: tokens [B, L] (int64) -> logits [B, L, vocab_size] (next-token scores).
 
-    `token_embedding` is the input nn.Embedding (also the LM head's weight when tied); set
-    `checkpoint_blocks = True` to recompute each block's activations in the backward pass.
+    `token_embedding` is the input nn.Embedding (also the LM head's weight when tied); with
+    `cfg.activation_checkpointing` each block's activations are recomputed in the backward pass.
     """
 
     def __init__(self, cfg: LMConfig):
@@ -230,12 +211,11 @@ class LaCTLM(nn.Module):
         self.blocks = nn.ModuleList(HybridBlock(cfg, use) for use in cfg.lact_layers())
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.checkpoint_blocks = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Linear and embedding weights N(0, init_std), biases 0, norms 1, short convolutions the identity;
-        fast weights as DESIGN §2.4."""
+        fast weights as DESIGN §2.4; then each LaCT layer's own init (lr bias, zero gate) is re-applied."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.cfg.init_std)
@@ -247,6 +227,7 @@ class LaCTLM(nn.Module):
                 module.reset_fast_weights()
             elif isinstance(module, ShortConv):
                 module.reset_parameters()
+        finish_lact_init(self)  # last: the layer's own choices (zero gate) survive the blanket init
 
     def head(self, x: Tensor) -> Tensor:
         """Final norm and LM head: [B, L, D] -> logits [B, L, vocab_size]."""
@@ -263,8 +244,5 @@ class LaCTLM(nn.Module):
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.token_embedding(tokens)
         for block in self.blocks:
-            if self.checkpoint_blocks and torch.is_grad_enabled():
-                x = checkpoint(block, x, positions, use_reentrant=False)
-            else:
-                x = block(x, positions)
+            x = run_block(block, x, positions, checkpointing=self.cfg.activation_checkpointing)
         return self.head(x)

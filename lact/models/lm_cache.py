@@ -5,8 +5,8 @@ Per block the cache holds
   - the attention keys/values (rotary applied) of the last window - 1 tokens: the next token sees itself and
     those, exactly the training-time window;
   - the LaCT state: the fast weights after the last completed chunk, their momentum buffer and the row
-    norms the weight norm restores (one `FastWeightState`), plus the keys, values, learning rates and
-    momentum coefficients of the current unfinished chunk.
+    norms the weight norm restores (one `FastWeightState`), plus the inputs of the current unfinished chunk
+    (one `FastWeightInputs`: queries, keys, values, learning rates, momentum coefficients).
 New tokens read the fast weights of the last completed chunk (apply-then-update); when the pending chunk
 reaches chunk_size tokens it updates the fast weights with `update_step` on exactly the tensors the training
 schedule (`causal_lact`) would use for that chunk, so cached logits equal the full forward's logits.
@@ -16,35 +16,33 @@ schedule (`causal_lact`) would use for that chunk, so cached logits equal the fu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lact.attention import sliding_window_attention
-from lact.layer import FastWeightInputs, LaCTLayer
+from lact.layer import LaCTLayer
 from lact.models.lm import HybridBlock, LaCTLM
-from lact.ops import FastWeightState, chunk_beta, swiglu_apply, update_step
+from lact.ops import FastWeightInputs, FastWeightState, swiglu_apply, update_step
 
 
 @dataclass
 class LaCTCache:
-    """One block's fast-weight state and pending chunk (operator layout: B * lact_heads first).
+    """One block's fast-weight state and pending chunk (operator layout: B * lact.heads first).
 
     state: weights after the last completed chunk (+ momentum buffer, row norms of the initial weights);
     None until the first token, when the slow weights are copied in the compute dtype, as in training.
-    pending: the FastWeightInputs fields k, v, lr_gate, lr_up, lr_down, momentum of the tokens of the
-    unfinished chunk, each [B*H, n, .] with n < chunk_size (q is not kept: it is read at once).
+    pending: the inputs of the tokens of the unfinished chunk ([B*H, n, .] with n < chunk_size), or None.
     """
 
     state: FastWeightState | None = None
-    pending: dict[str, Tensor | None] = field(default_factory=dict)
+    pending: FastWeightInputs | None = None
 
     @property
     def pending_len(self) -> int:
-        k = self.pending.get("k")
-        return 0 if k is None else k.shape[1]
+        return 0 if self.pending is None else self.pending.length
 
 
 @dataclass
@@ -64,9 +62,6 @@ class LMCache:
 
     blocks: list[BlockCache]
     position: int = 0
-
-
-PENDING_FIELDS = ("k", "v", "lr_gate", "lr_up", "lr_down", "momentum")
 
 
 def init_cache(model: LaCTLM) -> LMCache:
@@ -114,26 +109,12 @@ def cached_lact(layer: LaCTLayer, inputs: FastWeightInputs, cache: LaCTCache) ->
     outputs, start = [], 0
     while start < n:
         end = min(n, start + chunk - cache.pending_len)
-        outputs.append(swiglu_apply(*cache.state.weights, inputs.q[:, start:end]))
-        for name in PENDING_FIELDS:
-            new = getattr(inputs, name)
-            if new is not None:
-                new = new[:, start:end]
-                old = cache.pending.get(name)
-                cache.pending[name] = new if old is None else torch.cat([old, new], dim=1)
+        new = inputs.slice(start, end)
+        outputs.append(swiglu_apply(*cache.state.weights, new.q))
+        cache.pending = new if cache.pending is None else cache.pending.cat(new)
         if cache.pending_len == chunk:
-            p = cache.pending
-            cache.state = update_step(
-                cache.state,
-                p["k"],
-                p["v"],
-                p["lr_gate"],
-                p["lr_up"],
-                p["lr_down"],
-                beta=chunk_beta(p.get("momentum"), 0, chunk),
-                muon=layer.muon,
-            )
-            cache.pending = {}
+            cache.state = update_step(cache.state, cache.pending, muon=layer.muon)
+            cache.pending = None
         start = end
     return torch.cat(outputs, dim=1)
 

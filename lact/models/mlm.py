@@ -8,9 +8,28 @@ the context: that is what "structural" in-context learning means here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class MaskedLMConfig:
+    """The arguments of `MaskedLMEncoder` as a config, so that YAML overlays merge field by
+    field (see MaskedLMEncoder for their meaning). vocab_size must equal the datamodule's ``vocab_size``."""
+
+    vocab_size: int
+    dim: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    max_len: int = 16
+    pad_id: int = 0
+    init_std: float = 0.02
+    embed_std: float = 1.0
+    tie_embeddings: bool = True
+    dropout: float = 0.0
 
 
 class EncoderBlock(nn.Module):
@@ -18,15 +37,16 @@ class EncoderBlock(nn.Module):
 
     Args:
         dim: model width D.
-        heads: attention heads (D must be divisible by it).
+        num_heads: attention heads (D must be divisible by it).
         mlp_ratio: hidden width of the MLP as a multiple of D.
+        dropout: probability of dropping attention weights and each branch's output in training (BERT's).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
-        self.heads = heads
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads, self.dropout = num_heads, dropout
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -36,10 +56,12 @@ class EncoderBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, L, D] -> [B, L, D]."""
         b, l, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, D/heads], no mask: encoder
-        x = x + self.proj(a.transpose(1, 2).reshape(b, l, d))
-        return x + self.mlp(self.norm2(x))
+        heads = self.num_heads
+        q, k, v = self.qkv(self.norm1(x)).view(b, l, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # [B, heads, L, D/heads], no mask: encoder
+        x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(b, l, d)), p, self.training)
+        return x + F.dropout(self.mlp(self.norm2(x)), p, self.training)
 
 
 class MaskedLMEncoder(nn.Module):
@@ -49,12 +71,15 @@ class MaskedLMEncoder(nn.Module):
         vocab_size: V, the number of token ids (specials, content and held-out tokens together).
         dim: model width D.
         depth: number of blocks.
-        heads: attention heads per block.
+        num_heads: attention heads per block.
         max_len: longest sequence (positions are learned).
         pad_id: the padding id; its embedding row is zero and gets no gradient.
         init_std: standard deviation of every Linear weight and the positions; biases start at zero.
         embed_std: standard deviation of the token-embedding initialiser N(0, embed_std²) (default 1.0,
             torch's own); its scale decides how long freshly drawn rows look like trained ones.
+        dropout: training-time dropout of every block (attention weights and branch outputs); 0 = none.
+        tie_embeddings: the output projection is the token embedding (default); False gives it its own
+            ``[V, D]`` weight, drawn like the token embedding.
     """
 
     def __init__(
@@ -62,11 +87,13 @@ class MaskedLMEncoder(nn.Module):
         vocab_size: int,
         dim: int = 64,
         depth: int = 4,
-        heads: int = 4,
+        num_heads: int = 4,
         max_len: int = 16,
         pad_id: int = 0,
         init_std: float = 0.02,
         embed_std: float = 1.0,
+        tie_embeddings: bool = True,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0 <= pad_id < vocab_size:
@@ -74,15 +101,17 @@ class MaskedLMEncoder(nn.Module):
         self.init_std, self.embed_std = init_std, embed_std
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
         self.pos = nn.Parameter(torch.zeros(max_len, dim))
-        self.blocks = nn.ModuleList(EncoderBlock(dim, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(EncoderBlock(dim, num_heads, dropout=dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
-        self.head.weight = self.embed.weight  # tied: one Parameter, two uses
+        if tie_embeddings:
+            self.head.weight = self.embed.weight  # tied: one Parameter, two uses
+        self.tie_embeddings = tie_embeddings
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m is not self.head:
                 nn.init.normal_(m.weight, 0.0, self.init_std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -90,6 +119,8 @@ class MaskedLMEncoder(nn.Module):
         with torch.no_grad():
             self.init_embedding_(self.embed.weight)
             self.embed.weight[self.embed.padding_idx].zero_()
+            if not self.tie_embeddings:
+                self.init_embedding_(self.head.weight)
 
     def init_embedding_(self, out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Fill ``out`` in place with a fresh draw of the token-embedding initialiser N(0, embed_std²).

@@ -19,21 +19,26 @@ result as the full forward pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lact.geometry import patchify, plucker_rays, unpatchify
-from lact.layer import LaCTLayer
-from lact.nn import SwiGLUMLP
+from lact.layer import LaCTConfig, LaCTLayer, finish_lact_init, lact_config
+from lact.nn import SwiGLUMLP, run_block
 from lact.ops import FastWeights
 
 RAY_CHANNELS = 9
 RGB_CHANNELS = 3
+
+
+def default_lact() -> LaCTConfig:
+    """The NVS LaCT defaults (the published object model): 1 head, h = 4d, one update on all input tokens,
+    inner lr 1e-2, no momentum (the bidirectional schedule has none), no Muon, no rotary."""
+    return LaCTConfig(heads=1, inter_multi=4.0, chunk_size=None, base_lr=1e-2)
 
 
 @dataclass
@@ -41,40 +46,46 @@ class NVSConfig:
     """Sizes of the NVS network. The defaults are the published object-level scale (24 layers, D 768).
 
     patch_size: pixels per patch side; image height and width must be multiples of it.
-    attn_heads: heads of the per-view attention (head dim = dim / attn_heads).
-    lact_heads: fast-weight heads; each holds a SwiGLU MLP of width d = dim / lact_heads and hidden width
-        lact_inter_multi * d, so the fast-weight state is 3 * lact_inter_multi * dim^2 / lact_heads per layer.
-    lact_chunk_size: input-view tokens per fast-weight update; None = one update on all of them.
-    lact_base_lr: the inner learning rate at initialisation.
-    lact_muon: None, "fixed" or "schedule" (Newton-Schulz orthogonalised updates).
+    num_heads: heads of the per-view attention (head dim = dim / num_heads).
+    lact: the LaCT layers (lact/layer.py LaCTConfig; a dict of some of its fields overrides the NVS defaults
+        of `default_lact`): heads (each holds a SwiGLU MLP of width d = dim / heads and hidden width
+        inter_multi * d, so the fast-weight state is 3 * inter_multi * dim^2 / heads per layer), chunk_size
+        (input-view tokens per update; None = one update on all of them), base_lr, muon, output_gate.
+        momentum and rotary must stay off (the update-then-apply schedule has neither).
     mlp_ratio: the SwiGLU MLP has hidden width round(2/3 * mlp_ratio * dim), the parameter count of a
         two-matrix MLP of width mlp_ratio * dim.
     output_bias: initial bias of the output logits, so every pixel starts at sigmoid(output_bias) (0.5 for
         0; 2.0 gives 0.88, near the white background of object renders, which saves the first few hundred
         steps of a short run).
-    checkpointing: recompute each block's activations in the backward pass (saves memory, costs ~1/3 time).
+    activation_checkpointing: recompute each block's activations in the backward pass (saves memory, costs
+        ~1/3 time).
     """
 
     patch_size: int = 8
     dim: int = 768
     num_layers: int = 24
-    attn_heads: int = 12
-    lact_heads: int = 1
-    lact_inter_multi: float = 4.0
-    lact_chunk_size: int | None = None
-    lact_base_lr: float = 1e-2
-    lact_muon: str | None = None
+    num_heads: int = 12
+    lact: LaCTConfig = field(default_factory=default_lact)
     mlp_ratio: float = 4.0
     output_bias: float = 0.0
-    checkpointing: bool = False
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
-        for name in ("patch_size", "dim", "num_layers", "attn_heads", "lact_heads"):
+        for name in ("patch_size", "dim", "num_layers", "num_heads"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"NVSConfig.{name} must be a positive int, got {getattr(self, name)}")
-        for name in ("attn_heads", "lact_heads"):
-            if self.dim % getattr(self, name):
-                raise ValueError(f"NVSConfig.{name}={getattr(self, name)} must divide dim={self.dim}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"NVSConfig.num_heads={self.num_heads} must divide dim={self.dim}")
+        self.lact = lact_config(self.lact, default_lact(), "NVSConfig", self.dim)
+        for name in ("momentum", "rotary"):
+            if getattr(self.lact, name):
+                raise ValueError(
+                    f"NVSConfig.lact.{name} must be false: the bidirectional schedule has no {name}"
+                )
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(
+                f"NVSConfig.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}"
+            )
 
     @property
     def mlp_hidden(self) -> int:
@@ -97,9 +108,9 @@ class ViewAttention(nn.Module):
     """Full self-attention among the tokens of each view separately, with RMS-normalised q and k (keeps the
     logits bounded early in training). x [B, V, N, D] -> [B, V, N, D]."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
@@ -107,7 +118,7 @@ class ViewAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, views, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch * views, tokens, 3, self.heads, self.head_dim)
+        qkv = self.qkv(x).reshape(batch * views, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B*V, heads, N, head_dim] each
         out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
         return self.proj(out.transpose(1, 2).reshape(batch, views, tokens, dim))
@@ -120,17 +131,9 @@ class NVSBlock(nn.Module):
         super().__init__()
         dim = config.dim
         self.attn_norm = nn.LayerNorm(dim)
-        self.attn = ViewAttention(dim, config.attn_heads)
+        self.attn = ViewAttention(dim, config.num_heads)
         self.lact_norm = nn.LayerNorm(dim)
-        self.lact = LaCTLayer(
-            dim,
-            config.lact_heads,
-            schedule="bidirectional",
-            chunk_size=config.lact_chunk_size,
-            inter_multi=config.lact_inter_multi,
-            base_lr=config.lact_base_lr,
-            muon=config.lact_muon,
-        )
+        self.lact = LaCTLayer.from_config(dim, config.lact, schedule="bidirectional")
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = SwiGLUMLP(dim, config.mlp_hidden)
 
@@ -169,6 +172,7 @@ class NVSNet(nn.Module):
         self.out = nn.Linear(dim, RGB_CHANNELS * p * p)
         self.apply(init_linear)
         nn.init.constant_(self.out.bias, config.output_bias)
+        finish_lact_init(self)  # last: the layers' own choices (zero gate) survive init_linear
 
     # ---------------------------------------------------------------------------------------- tokens
 
@@ -195,14 +199,6 @@ class NVSNet(nn.Module):
         """Target tokens [B, V, N, D] -> images [B, V, 3, H, W] in (0, 1)."""
         return unpatchify(torch.sigmoid(self.out(self.out_norm(x))), self.config.patch_size, height, width)
 
-    def run_block(self, block: NVSBlock, method: str, *args):
-        """Calls block.<method>(*args), recomputing its activations in backward when checkpointing.
-        "forward" goes through the module call, so that module hooks (FSDP2's parameter gathering) run."""
-        fn = block if method == "forward" else getattr(block, method)
-        if self.config.checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
     # ---------------------------------------------------------------------------------------- passes
 
     def forward(
@@ -222,7 +218,7 @@ class NVSNet(nn.Module):
         num_inputs = inputs.shape[1]
         x = torch.cat([inputs, targets], dim=1)
         for block in self.blocks:
-            x = self.run_block(block, "forward", x, num_inputs)
+            x = run_block(block, x, num_inputs, checkpointing=self.config.activation_checkpointing)
         return self.decode(x[:, num_inputs:], height, width)
 
     def reconstruct(self, images: Tensor, intrinsics: Tensor, w2c: Tensor) -> NVSState:
@@ -233,7 +229,9 @@ class NVSNet(nn.Module):
             raise ValueError("reconstruct needs at least one input view, got 0")
         weights = []
         for block in self.blocks:
-            x, layer_weights = self.run_block(block, "reconstruct", x)
+            x, layer_weights = run_block(
+                block.reconstruct, x, checkpointing=self.config.activation_checkpointing
+            )
             weights.append(layer_weights)
         return NVSState(weights, int(height), int(width))
 
@@ -251,7 +249,7 @@ class NVSNet(nn.Module):
         height, width = height or state.height, width or state.width
         x = self.tokenize(intrinsics, w2c, None, height, width)
         for block, weights in zip(self.blocks, state.weights, strict=True):
-            x = self.run_block(block, "render", x, weights)
+            x = run_block(block.render, x, weights, checkpointing=self.config.activation_checkpointing)
         return self.decode(x, height, width)
 
 

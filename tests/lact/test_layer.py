@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lact.layer import LaCTLayer, inverse_softplus
+from lact.layer import LR_FLOOR, LaCTConfig, LaCTLayer, inverse_softplus
 
 
 def test_inverse_softplus_round_trips():
@@ -82,3 +82,52 @@ def test_layer_backward_reaches_every_parameter():
 def test_bad_configs_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LaCTLayer(**kwargs)
+
+
+def test_lact_config_from_dict_overrides_the_network_defaults_and_names_bad_fields():
+    from dataclasses import asdict
+
+    from lact.models.lm import LMConfig
+    from lact.models.nvs import NVSConfig
+
+    cfg = LMConfig(dim=32, lact={"heads": 4})
+    assert isinstance(cfg.lact, LaCTConfig)
+    assert (cfg.lact.heads, cfg.lact.momentum, cfg.lact.rotary, cfg.lact.chunk_size) == (4, True, True, 128)
+    assert LMConfig(**asdict(cfg)) == cfg  # the checkpoint round trip: plain dicts back to the dataclass
+    assert NVSConfig(dim=32, num_heads=2, lact={"heads": 2}).lact.chunk_size is None
+    with pytest.raises(ValueError, match=r"LMConfig\.lact has no field 'lact_heads'"):
+        LMConfig(dim=32, lact={"lact_heads": 4})
+    with pytest.raises(ValueError, match=r"NVSConfig\.lact\.muon must be None"):
+        NVSConfig(dim=32, num_heads=2, lact={"muon": "adam"})
+    with pytest.raises(ValueError, match=r"NVSConfig\.lact\.momentum must be false"):
+        NVSConfig(dim=32, num_heads=2, lact=LaCTConfig(momentum=True, chunk_size=None))
+    with pytest.raises(ValueError, match=r"LaCTConfig\.output_gate"):
+        LaCTConfig(output_gate="relu")
+
+
+def test_inner_lr_has_a_floor_so_a_huge_negative_lr_bias_still_runs():
+    torch.manual_seed(0)
+    layer = LaCTLayer(32, 2, schedule="causal", chunk_size=4, momentum=True)
+    with torch.no_grad():
+        layer.lr_proj.bias.fill_(-1e4)  # softplus(-1e4) is exactly 0 in fp32
+    x = torch.randn(2, 12, 32)
+    inputs = layer.fast_weight_inputs(x)
+    for lr in (inputs.lr_gate, inputs.lr_up, inputs.lr_down):
+        assert torch.all(lr == LR_FLOOR)
+    y = layer(x)  # the operator's positivity check passes
+    assert torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="base_lr"):
+        LaCTLayer(32, 2, base_lr=LR_FLOOR / 2)
+
+
+def test_lr_positivity_check_reads_no_values_off_the_cpu():
+    # On an accelerator reading lr values would sync the host on every call; meta tensors have no values at
+    # all, so any read would raise here.
+    from lact.ops import causal_lact
+
+    b, length, d = 2, 8, 4
+    w = [torch.empty(b, d, d, device="meta") for _ in range(3)]
+    qkv = [torch.empty(b, length, d, device="meta") for _ in range(3)]
+    lrs = [torch.empty(b, length, 1, device="meta") for _ in range(3)]
+    out = causal_lact(*w, *qkv, *lrs, chunk_size=4)
+    assert out.shape == (b, length, d) and out.device.type == "meta"

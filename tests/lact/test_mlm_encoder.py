@@ -8,10 +8,28 @@ from lact.models.mlm import MaskedLMEncoder
 
 
 def test_encoder_shapes_tying_and_pad_row():
-    net = MaskedLMEncoder(vocab_size=30, dim=16, depth=2, heads=2, max_len=7, pad_id=0)
+    net = MaskedLMEncoder(vocab_size=30, dim=16, depth=2, num_heads=2, max_len=7, pad_id=0)
     logits = net(torch.randint(0, 30, (3, 7)))
     assert logits.shape == (3, 7, 30)
     assert net.head.weight is net.embed.weight
     assert torch.count_nonzero(net.embed.weight[0]) == 0
     fresh = net.init_embedding_(torch.empty(20000), torch.Generator().manual_seed(0))
     assert abs(fresh.std().item() - net.embed_std) < 0.02 * net.embed_std
+
+
+def test_untied_head_has_its_own_weight_drawn_like_the_embedding():
+    net = MaskedLMEncoder(vocab_size=300, dim=16, depth=1, num_heads=2, tie_embeddings=False, embed_std=0.5)
+    assert net.head.weight is not net.embed.weight and net.head.weight.shape == net.embed.weight.shape
+    assert abs(net.head.weight.std().item() - 0.5) < 0.05
+    net(torch.randint(0, 300, (2, 7))).sum().backward()
+    assert net.head.weight.grad is not None and net.embed.weight.grad is not None
+
+
+def test_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    net = MaskedLMEncoder(vocab_size=30, dim=16, depth=1, num_heads=2, dropout=0.5)
+    ids = torch.randint(1, 30, (2, 7))
+    net.eval()
+    assert torch.equal(net(ids), net(ids))
+    net.train()
+    assert not torch.equal(net(ids), net(ids))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lact.nn import RotaryEmbedding, ShortConv, SwiGLUMLP
+from lact.nn import RotaryEmbedding, ShortConv, SwiGLUMLP, run_block
 
 
 def test_rotary_scores_depend_only_on_relative_position():
@@ -61,3 +61,20 @@ def test_short_conv_is_causal_identity_at_init_and_streams():
 def test_short_conv_rejects_a_single_tap():
     with pytest.raises(ValueError, match="kernel must be >= 2"):
         ShortConv(4, 1)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_run_block_calls_the_module_and_recomputes_only_when_checkpointing(checkpointing):
+    torch.manual_seed(0)
+    block = SwiGLUMLP(8, 16)
+    calls = []
+    block.register_forward_pre_hook(lambda module, args: calls.append(1))  # FSDP2 gathers in such a hook
+    x = torch.randn(3, 8, requires_grad=True)
+    run_block(block, x, checkpointing=checkpointing).square().sum().backward()
+    assert len(calls) == (2 if checkpointing else 1)  # the recompute in backward goes through the hook too
+    expected = torch.autograd.grad(block(x).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+    with torch.no_grad():  # nothing to recompute without grad
+        calls.clear()
+        run_block(block, x, checkpointing=checkpointing)
+    assert len(calls) == 1

@@ -52,7 +52,7 @@ class ShardedLM(LightningModule):
     def token_embedding(self) -> nn.Embedding:
         return self.net.embed
 
-    def init_parameter_(self, name: str, out: torch.Tensor, generator: torch.Generator) -> None:
+    def init_parameter_(self, param: torch.Tensor, out: torch.Tensor, generator: torch.Generator) -> None:
         out.normal_(0.0, 1.0, generator=generator)
 
     def training_step(self, batch, batch_idx):

@@ -26,6 +26,7 @@ from lact.layer import LaCTLayer  # noqa: E402
 from lact.nn import SwiGLUMLP  # noqa: E402
 from modules.nvs import NVSModule  # noqa: E402
 from modules.scale import shard_model  # noqa: E402
+from modules.task import OptimConfig  # noqa: E402
 from tests.modules.nvs_helpers import TINY, make_batch  # noqa: E402
 
 
@@ -109,8 +110,14 @@ def main():
     seed_everything(0)
     data = TensorDataset(torch.randn(8, 12, 16), torch.randn(8, 12, 16))
     if args.task == "nvs":  # same init on every rank (same seed)
-        config = {**TINY, "checkpointing": True}
-        module = NVSModule(model=config, lr=1e-3, warmup_steps=1, total_steps=args.steps, turntable_frames=4)
+        config = {**TINY, "activation_checkpointing": True}
+        module = NVSModule(
+            net=config,
+            optim=OptimConfig(
+                lr=1e-3, weight_decay=0.05, warmup_steps=1, total_steps=args.steps, skip_grad_norm=100.0
+            ),
+            turntable_frames=4,
+        )
     else:
         module = Module()
     record = Record() if args.task == "nvs" else None

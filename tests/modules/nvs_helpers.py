@@ -9,7 +9,7 @@ import torch
 
 from lact.geometry import camera_rays, look_at
 
-TINY = {"patch_size": 4, "dim": 32, "num_layers": 2, "attn_heads": 2, "lact_heads": 1, "mlp_ratio": 2.0}
+TINY = {"patch_size": 4, "dim": 32, "num_layers": 2, "num_heads": 2, "lact": {"heads": 1}, "mlp_ratio": 2.0}
 
 
 def make_batch(seed: int, batch: int = 2, inputs: int = 2, targets: int = 1, size: int = 16) -> dict:

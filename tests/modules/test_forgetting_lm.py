@@ -10,6 +10,7 @@ from datamodules.mqar import MQARDataModule
 from lact.models.lm import LMConfig
 from modules.forgetting import _RESET_STREAM, ForgettingSchedule, seeded_generator
 from modules.lm import LMModule
+from modules.task import OptimConfig
 
 
 class EmbeddingAfterEachStep(Callback):
@@ -31,12 +32,11 @@ def test_forgetting_resets_the_lact_lm_embedding_at_reset_steps(tied):
         dim=32,
         num_layers=1,
         num_heads=4,
-        lact_heads=2,
+        lact={"heads": 2, "chunk_size": 16},
         window=8,
-        chunk_size=16,
         tie_embeddings=tied,
     )
-    module = LMModule(config, lr=1e-2, warmup_steps=0)
+    module = LMModule(config, optim=OptimConfig(lr=1e-2, warmup_steps=0))
     embedding = module.token_embedding().weight
     data = MQARDataModule(vocab_size=64, num_pairs=4, gap=8, seq_len=48, batch_size=4, batches_per_epoch=6)
     forget = ForgettingSchedule(every_k=2, stop_after=5, seed=7)
@@ -57,7 +57,7 @@ def test_forgetting_resets_the_lact_lm_embedding_at_reset_steps(tied):
     for reset_index, step in ((1, 2), (2, 4)):
         expected = torch.empty(embedding.shape)
         generator = seeded_generator(7, _RESET_STREAM, reset_index, 0)  # (seed, stream, reset number, target)
-        module.init_parameter_("model.token_embedding.weight", expected, generator)
+        module.init_parameter_(embedding, expected, generator)
         torch.testing.assert_close(record.rows[step - 1], expected, rtol=0, atol=0)
     # Between resets and after stop_after the embedding trains on: it moves, and is no fresh draw.
     for step in (3, 5, 6):

@@ -16,7 +16,9 @@ import train
 from benchmarks.lm_long_step import measure
 from datamodules.mqar import MQARDataModule
 from lact.models.lm import LMConfig
-from modules.lm import LMModule, bucket_edges, bucket_name, lr_factor
+from modules.lm import LMModule, bucket_edges, bucket_name
+from modules.task import OptimConfig
+from tests.modules.schedule_helpers import lr_factor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,9 +29,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 TINY = str(ROOT / "configs" / "lm" / "tiny.yaml")
 
 
+OPTIM_FIELDS = {f for f in OptimConfig.__dataclass_fields__}
+
+
 def tiny_module(**kwargs) -> LMModule:
-    config = LMConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, lact_heads=2, window=8, chunk_size=16)
-    return LMModule(config, **kwargs)
+    config = LMConfig(
+        vocab_size=64, dim=32, num_layers=2, num_heads=4, lact={"heads": 2, "chunk_size": 16}, window=8
+    )
+    optim = OptimConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in OPTIM_FIELDS})
+    return LMModule(config, optim=optim, **kwargs)
 
 
 def quiet_trainer(**kwargs) -> Trainer:
@@ -141,7 +149,7 @@ def test_checkpoint_hyperparameters_load_weights_only(tmp_path):
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["hyper_parameters"]["config"]["window"] == 8
+    assert ckpt["hyper_parameters"]["net"]["window"] == 8
     restored = LMModule.load_from_checkpoint(path, weights_only=True)
     assert restored.config == module.config
 
@@ -174,7 +182,7 @@ def tiny_args(root: Path, steps: int) -> list[str]:
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         "--trainer.limit_val_batches=0",
-        "--model.init_args.warmup_steps=5",
+        "--model.init_args.optim.warmup_steps=5",
         f"--data.init_args.text=[{ROOT / 'README.md'}, {ROOT / 'lact'}]",
         f"--data.init_args.data_dir={root / 'data'}",
         "--data.init_args.seq_len=64",
@@ -217,7 +225,7 @@ def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(tmp_pat
 @pytest.mark.parametrize(("override", "field"), [("window=0", "window"), ("num_heads=3", "num_heads")])
 def test_bad_config_fails_before_training_naming_the_field(tmp_path, capsys, override, field):
     with pytest.raises((SystemExit, ValueError)) as failure:
-        train.main(["fit", *tiny_args(tmp_path, 5), f"--model.init_args.config.{override}"])
+        train.main(["fit", *tiny_args(tmp_path, 5), f"--model.init_args.net.{override}"])
     message = str(failure.value) + capsys.readouterr().err
     assert f"LMConfig.{field}" in message, message[-2000:]
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "data").exists()
@@ -240,3 +248,44 @@ def test_56k_token_training_step_runs_on_cpu_with_linear_memory():
         if ratios[-1] <= 2.1:
             break
     assert ratios[-1] <= 2.1, f"peak 56K / 28K = {ratios}; last 56K step {step}, 28K step {half}"
+
+
+def test_resume_continues_the_same_tensorboard_run_directory_and_logs_the_lr(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def args(steps: int) -> list[str]:  # the default logger: TensorBoard in the run directory itself
+        return [a for a in tiny_args(tmp_path, steps) if a != "--trainer.logger=false"] + [
+            "--trainer.log_every_n_steps=1"
+        ]
+
+    train.main(["fit", *args(2)])
+    train.main(["fit", *args(4), "--ckpt_path=last"])
+    assert not list(tmp_path.rglob("version_*")), "a resume must not open a new logger version"
+    events = sorted(tmp_path.glob("events.out.tfevents.*"))
+    assert len(events) == 2 and (tmp_path / "checkpoints" / "last.ckpt").exists()
+    run = EventAccumulator(str(tmp_path))
+    run.Reload()
+    scalars = run.Tags()["scalars"]
+    assert [e.step for e in run.Scalars("train/loss")] == [0, 1, 2, 3]  # one curve across the resume
+    lrs = [e.value for e in run.Scalars("lr-AdamW/matrices")]
+    assert len(lrs) == 4 and lrs[0] == pytest.approx(0.003 / 5)  # warmup_steps=5: step 0 at lr / 5
+    assert "train/tokens_per_s" in scalars and "train/grad_norm" in scalars
+
+
+def test_train_py_test_reports_loss_and_perplexity_by_position_bucket(tmp_path, capsys):
+    train.main(["fit", *tiny_args(tmp_path, 2)])
+    args = [a for a in tiny_args(tmp_path, 2) if "limit_val_batches" not in a]
+    test = ["test", *args, "--ckpt_path=last", "--trainer.limit_test_batches=2"]
+    metrics = {
+        k: float(v)
+        for k, v in train.main([*test, "--model.init_args.bucket_size=32"]).trainer.callback_metrics.items()
+    }
+    buckets = {f"test/{m}_pos_{b}" for m in ("loss", "ppl") for b in ("0-32", "32-64")}
+    assert {"test/loss", "test/ppl", "test/accuracy"} | buckets == set(metrics)
+    assert metrics["test/ppl"] == pytest.approx(math.exp(metrics["test/loss"]), rel=1e-4)
+    # two buckets of 32 scored tokens each in every 64-token sequence: they average to the loss
+    mean = (metrics["test/loss_pos_0-32"] + metrics["test/loss_pos_32-64"]) / 2
+    assert mean == pytest.approx(metrics["test/loss"], rel=1e-5)
+    assert metrics["test/ppl_pos_0-32"] == pytest.approx(math.exp(metrics["test/loss_pos_0-32"]), rel=1e-4)
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in buckets | {"test/loss"})

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
 import train
 from datamodules.pos import POSDataModule
 from modules.mlm import MaskedLMModule
+from modules.task import OptimConfig
 
-TINY = ["fit", "--config=configs/icl/tiny.yaml", "--trainer.logger=false"]
+TINY = ["fit", "--config=configs/icl/base.yaml", "--config=configs/icl/tiny.yaml", "--trainer.logger=false"]
 
 
 def test_accuracy_counts_a_sequence_only_when_all_masked_tokens_are_right():
-    m = MaskedLMModule(vocab_size=5, dim=8, depth=1, heads=2, max_len=3)
+    m = MaskedLMModule(net=dict(vocab_size=5, dim=8, depth=1, num_heads=2, max_len=3))
     labels = torch.tensor([[-100, 2, 3], [-100, 2, 3]])
     m.net = Echo()  # predicts its input
     _, acc = m._loss_and_acc({"input_ids": torch.tensor([[1, 2, 3], [1, 2, 4]]), "labels": labels})
@@ -32,7 +34,7 @@ class FavoursZero(torch.nn.Module):
 
 
 def test_context_accuracy_restricts_the_argmax_to_visible_ids():
-    m = MaskedLMModule(vocab_size=5, dim=8, depth=1, heads=2, max_len=3)
+    m = MaskedLMModule(net=dict(vocab_size=5, dim=8, depth=1, num_heads=2, max_len=3))
     m.net = FavoursZero()
     batch = {"input_ids": torch.tensor([[1, 2, 3], [1, 4, 3]]), "labels": torch.tensor([[-100, 2, -100]] * 2)}
     _, acc, ctx = m._loss_and_acc(batch, context_acc=True)
@@ -55,7 +57,7 @@ class SeenHoldoutRows(Callback):
 
 def test_holdout_rows_are_redrawn_for_evaluation_and_restored():
     dm = POSDataModule(class_size=20, holdout_size=10, batch_size=8, eval_size=16)
-    model = MaskedLMModule(vocab_size=dm.vocab_size, dim=16, depth=1, heads=2, max_len=7)
+    model = MaskedLMModule(net=dict(vocab_size=dm.vocab_size, dim=16, depth=1, num_heads=2, max_len=7))
     ids = dm.holdout_token_ids
     with torch.no_grad():
         model.net.embed.weight[ids] = 7.0  # "drifted" rows, far from the init distribution
@@ -89,3 +91,45 @@ def test_train_py_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     ckpt = torch.load(Path(root) / "checkpoints" / "last.ckpt", weights_only=True)
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("ForgettingSchedule")]
     assert state == {"seed": 0, "resets": 2, "last_reset_step": 6}
+
+
+def test_holdout_rows_match_the_trained_rows_statistics_or_are_kept():
+    dm = POSDataModule(class_size=20, holdout_size=10, batch_size=8, eval_size=16)
+    ids = dm.holdout_token_ids
+    for rule in ("match", "keep"):
+        model = MaskedLMModule(
+            net=dict(vocab_size=dm.vocab_size, dim=16, depth=1, num_heads=2, max_len=7), holdout_init=rule
+        )
+        with torch.no_grad():
+            w = model.net.embed.weight
+            w.normal_(3.0, 2.0)  # "trained" rows: far from the N(0, 1) initialiser
+            w[ids] = -7.0  # drifted held-out rows
+            w[0] = 0.0
+        before = w.detach().clone()
+        seen = SeenHoldoutRows(ids)
+        trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[seen])
+        trainer.validate(model, datamodule=dm, verbose=False)
+        rows = seen.rows[0]
+        if rule == "keep":
+            assert (rows == -7.0).all()
+        else:  # the trained rows' statistics, not the initialiser's nor the drifted rows'
+            assert abs(rows.mean().item() - 3.0) < 0.3 and abs(rows.std().item() - 2.0) < 0.3
+        assert torch.equal(model.net.embed.weight, before)
+
+
+def test_unknown_holdout_init_is_named():
+    with pytest.raises(ValueError, match="holdout_init='fresh'"):
+        MaskedLMModule(net=dict(vocab_size=5), holdout_init="fresh")
+
+
+def test_untied_output_embedding_is_a_forgetting_target_and_can_skip_decay():
+    net = dict(vocab_size=40, dim=8, depth=1, num_heads=2, max_len=7, tie_embeddings=False)
+    m = MaskedLMModule(net=net, optim=OptimConfig(no_decay=["net.head.weight"], total_steps=10))
+    assert (
+        m.output_embedding() is m.net.head.weight and m.output_embedding() is not m.token_embedding().weight
+    )
+    out = torch.empty(40, 8)
+    m.init_parameter_(m.net.head.weight, out, torch.Generator().manual_seed(0))
+    assert abs(out.std().item() - m.net.embed_std) < 0.2 * m.net.embed_std
+    groups = {g["name"]: g["params"] for g in m.configure_optimizers()["optimizer"].param_groups}
+    assert not any(p is m.net.head.weight for p in groups["matrices"])  # no_decay: ["net.head.weight"]

@@ -4,6 +4,8 @@ whose colour is a function of the ray direction, so all its views agree."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -12,9 +14,16 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from modules.lpips import backbone_path
-from modules.nvs import NVSModule, WarmupCosine, nearest_input_view
+from modules.nvs import NVSModule, nearest_input_view
 from modules.nvs_outputs import NVSPredictionWriter, to_uint8
+from modules.task import OptimConfig
 from tests.modules.nvs_helpers import TINY, make_batch
+from tests.modules.schedule_helpers import WarmupCosine
+
+
+def nvs_optim(**kwargs) -> OptimConfig:
+    """The NVS settings these tests were written for: weight decay 0.05, skip above a norm of 100."""
+    return OptimConfig(**{"weight_decay": 0.05, "skip_grad_norm": 100.0, "lr": 4e-4, **kwargs})
 
 
 def loader(count: int, **kwargs) -> DataLoader:
@@ -44,7 +53,7 @@ class Losses(Callback):
 
 def test_fit_20_steps_lowers_the_loss(tmp_path):
     torch.manual_seed(0)
-    module = NVSModule(model=TINY, lr=3e-3, warmup_steps=2)
+    module = NVSModule(net=TINY, optim=nvs_optim(lr=3e-3, warmup_steps=2))
     losses = Losses()
     trainer(tmp_path, max_steps=20, callbacks=[losses], limit_val_batches=0).fit(module, loader(4))
     assert len(losses.values) == 20
@@ -54,7 +63,7 @@ def test_fit_20_steps_lowers_the_loss(tmp_path):
 
 def test_predict_writes_renders_equal_to_the_full_forward(tmp_path):
     torch.manual_seed(0)
-    module = NVSModule(model=TINY, turntable_frames=5, render_chunk=2)
+    module = NVSModule(net=TINY, turntable_frames=5, render_chunk=2)
     batches = loader(2, targets=3)
     out = tmp_path / "predict"
     predictions = trainer(tmp_path, callbacks=[NVSPredictionWriter(str(out))]).predict(module, batches)
@@ -74,7 +83,7 @@ def test_predict_writes_renders_equal_to_the_full_forward(tmp_path):
 
 def test_optimizer_step_is_skipped_when_the_gradient_norm_is_too_large_or_not_finite(tmp_path):
     torch.manual_seed(0)
-    module = NVSModule(model=TINY, skip_grad_norm=1e-9)  # every real gradient is "too large"
+    module = NVSModule(net=TINY, optim=nvs_optim(skip_grad_norm=1e-9))  # every real gradient is "too large"
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     with pytest.warns(UserWarning, match="optimizer step skipped"):
         trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, loader(3))
@@ -82,7 +91,7 @@ def test_optimizer_step_is_skipped_when_the_gradient_norm_is_too_large_or_not_fi
     for name, p in module.named_parameters():
         assert torch.equal(p, before[name]), name  # not even weight decay touched them
 
-    module = NVSModule(model=TINY)
+    module = NVSModule(net=TINY)
     bad = loader(2)
     bad.dataset[1]["target_images"] = torch.full_like(bad.dataset[1]["target_images"], float("nan"))
     with pytest.warns(UserWarning, match="non-finite"):
@@ -93,7 +102,7 @@ def test_optimizer_step_is_skipped_when_the_gradient_norm_is_too_large_or_not_fi
 
 def test_trainer_gradient_clipping_is_refused(tmp_path):
     with pytest.raises(ValueError, match="gradient_clip_val"):
-        trainer(tmp_path, max_steps=1, gradient_clip_val=1.0).fit(NVSModule(model=TINY), loader(1))
+        trainer(tmp_path, max_steps=1, gradient_clip_val=1.0).fit(NVSModule(net=TINY), loader(1))
 
 
 def test_lpips_without_backbone_weights_fails_at_start(tmp_path, monkeypatch):
@@ -102,9 +111,9 @@ def test_lpips_without_backbone_weights_fails_at_start(tmp_path, monkeypatch):
     assert backbone_path("alex") == expected
     for kwargs in ({"lpips_weight": 0.5, "lpips_start_step": 1000}, {"lpips_metric": True}):
         with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth") as info:
-            NVSModule(model=TINY, **kwargs)
+            NVSModule(net=TINY, **kwargs)
         assert str(expected) in str(info.value) and "Nothing is downloaded" in str(info.value)
-    NVSModule(model=TINY)  # LPIPS off: nothing to load
+    NVSModule(net=TINY)  # LPIPS off: nothing to load
 
 
 def test_lpips_loads_from_torch_home_and_joins_the_loss(tmp_path, monkeypatch):
@@ -121,9 +130,7 @@ def test_lpips_loads_from_torch_home_and_joins_the_loss(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     torch.manual_seed(0)
-    module = NVSModule(
-        model=TINY, lpips_weight=1.0, lpips_start_step=1, lpips_net="squeeze", lpips_metric=True
-    )
+    module = NVSModule(net=TINY, lpips_weight=1.0, lpips_start_step=1, lpips_net="squeeze", lpips_metric=True)
     assert not any("lpips" in name for name, _ in module.named_parameters())  # frozen, not trained or saved
     batches = loader(2, size=64)  # LPIPS backbones need images of at least ~32 px
     first = batches.dataset[0]
@@ -142,7 +149,7 @@ def test_validation_logs_metrics_and_the_image_grid(tmp_path):
 
     torch.manual_seed(0)
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
-    module = NVSModule(model=TINY, log_images=2)
+    module = NVSModule(net=TINY, log_images=2)
     run = trainer(tmp_path, logger=logger, max_steps=2, limit_val_batches=2, val_check_interval=2)
     run.fit(module, loader(2), loader(2, inputs=3, targets=2))
     for name in ("val/psnr", "val/ssim", "val/psnr_nearest_view"):
@@ -211,8 +218,32 @@ def test_cli_fit_tiny_config_on_scene_shards_then_predict(tmp_path):
 
 def test_bad_fsdp_param_dtype_fails_at_construction():
     with pytest.raises(ValueError, match="fsdp_param_dtype"):
-        NVSModule(model=TINY, fsdp_param_dtype="bf16")
+        NVSModule(net=TINY, fsdp_param_dtype="bf16")
     # One process, no ModelParallelStrategy: configure_model leaves the network unsharded.
-    module = NVSModule(model=TINY, fsdp_param_dtype="bfloat16")
+    module = NVSModule(net=TINY, fsdp_param_dtype="bfloat16")
     module.configure_model()
     assert all(type(p) is torch.nn.Parameter for p in module.net.parameters())
+
+
+def test_train_py_test_scores_held_out_views_against_the_nearest_input_view(tmp_path, monkeypatch, capsys):
+    import train
+    from datamodules.prepare import main as prepare
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no LPIPS weights: no LPIPS score
+    shards, root = tmp_path / "scenes", tmp_path / "run"
+    prepare(["scenes", "--out", str(shards), "--num-scenes", "3", "--views", "4", "--height", "16", "--width", "16"])  # fmt: skip
+    common = [
+        "--config=configs/nvs/tiny.yaml",
+        f"--trainer.default_root_dir={root}",
+        f"--data.init_args.train_shards={shards}",
+        f"--data.init_args.test_shards={shards}",
+    ]
+    train.main(["fit", *common, "--trainer.max_steps=2"])
+    cli = train.main(["test", *common, "--ckpt_path=last"])
+    metrics = cli.trainer.callback_metrics
+    names = {f"test/{m}{s}" for m in ("psnr", "ssim") for s in ("", "_nearest_view")}
+    assert names | {"test/loss"} <= set(metrics) and not any("lpips" in k for k in metrics)
+    assert all(math.isfinite(float(metrics[k])) for k in names)
+    assert 0 < float(metrics["test/ssim_nearest_view"]) <= 1
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in names)

@@ -20,7 +20,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small(**overrides) -> LMConfig:
-    base = dict(vocab_size=40, dim=32, num_layers=2, num_heads=4, lact_heads=2, window=5, chunk_size=7)
+    lact = {"heads": 2, "chunk_size": 7}
+    for name in (
+        "heads",
+        "chunk_size",
+        "base_lr",
+        "inter_multi",
+        "momentum",
+        "muon",
+        "rotary",
+        "output_gate",
+    ):
+        if name in overrides:  # LaCT settings live in the nested `lact` config
+            lact[name] = overrides.pop(name)
+    base = dict(vocab_size=40, dim=32, num_layers=2, num_heads=4, window=5, lact=lact)
     return LMConfig(**{**base, **overrides})
 
 
@@ -29,16 +42,16 @@ def small(**overrides) -> LMConfig:
     [
         ({"num_heads": 5}, "num_heads"),
         ({"num_heads": 32}, "num_heads"),  # head dim 1: odd, rotary cannot rotate it
-        ({"lact_heads": 3}, "lact_heads"),
+        ({"heads": 3}, r"lact\.heads"),
         ({"window": 0}, "window"),
-        ({"chunk_size": -4}, "chunk_size"),
-        ({"chunk_size": 2.5}, "chunk_size"),
+        ({"chunk_size": -4}, r"lact\.chunk_size"),
+        ({"chunk_size": 2.5}, r"lact\.chunk_size"),
         ({"vocab_size": 0}, "vocab_size"),
         ({"num_layers": 0}, "num_layers"),
-        ({"muon": "adam"}, "muon"),
+        ({"muon": "adam"}, r"lact\.muon"),
         ({"lact_ratio": 1.5}, "lact_ratio"),
-        ({"base_lr": 0.0}, "base_lr"),
-        ({"inter_multi": 0.01}, "inter_multi"),
+        ({"base_lr": 0.0}, r"lact\.base_lr"),
+        ({"inter_multi": 0.01}, r"lact\.inter_multi"),
         ({"short_conv": 1}, "short_conv"),
         ({"short_conv": -2}, "short_conv"),
     ],
@@ -77,8 +90,9 @@ def test_lact_ratio_spreads_lact_blocks():
 )
 def test_paper_configs_match_the_formula_on_the_meta_device(name, dim, low, high):
     spec = yaml.safe_load((ROOT / "configs" / "lm" / f"{name}.yaml").read_text())
-    cfg = LMConfig(**spec["model"]["init_args"]["config"])
-    assert (cfg.dim, cfg.num_layers, cfg.lact_heads, cfg.chunk_size, cfg.window) == (dim, 24, 4, 2048, 2048)
+    cfg = LMConfig(**spec["model"]["init_args"]["net"])
+    shape = (cfg.dim, cfg.num_layers, cfg.lact.heads, cfg.lact.chunk_size, cfg.window)
+    assert shape == (dim, 24, 4, 2048, 2048)
     assert spec["data"]["init_args"]["seq_len"] == 32768
     with torch.device("meta"):  # no memory: parameters have shapes only
         model = LaCTLM(cfg)
@@ -89,7 +103,7 @@ def test_paper_configs_match_the_formula_on_the_meta_device(name, dim, low, high
 
 def test_init_follows_the_design():
     torch.manual_seed(0)
-    model = LaCTLM(small(dim=64, num_heads=4, lact_heads=2, vocab_size=500, tie_embeddings=False))
+    model = LaCTLM(small(dim=64, num_heads=4, heads=2, vocab_size=500, tie_embeddings=False))
     block = model.blocks[0]
     for linear in (block.qkv, block.o_proj, model.lm_head, block.lact.lr_proj):
         assert linear.weight.std().item() == pytest.approx(0.02, rel=0.1)
@@ -159,7 +173,7 @@ def test_lact_reaches_past_the_attention_receptive_field():
         ({"momentum": True, "muon": "schedule"}, 3),
         ({"momentum": True, "muon": "fixed", "window": 9, "chunk_size": 4}, 1),
         ({"momentum": False, "lact_ratio": 0.5, "num_layers": 3, "tie_embeddings": False}, 11),
-        ({"momentum": True, "window": 1, "chunk_size": 1, "lact_rotary": False}, 2),
+        ({"momentum": True, "window": 1, "chunk_size": 1, "rotary": False}, 2),
         ({"short_conv": 4, "tie_embeddings": False}, 1),  # fewer carried conv inputs than taps at first
         ({"short_conv": 2, "muon": "schedule"}, 5),
     ],
@@ -200,7 +214,20 @@ def test_block_checkpointing_gives_the_same_gradients():
     model(x).square().mean().backward()
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.checkpoint_blocks = True
+    model.cfg.activation_checkpointing = True
     model(x).square().mean().backward()
     for a, p in zip(plain, model.parameters()):
         torch.testing.assert_close(p.grad, a)
+
+
+def test_zero_output_gate_survives_the_model_init():
+    torch.manual_seed(0)
+    model = LaCTLM(small(output_gate="zero"))
+    for block in model.blocks:
+        assert torch.equal(block.lact.gate_proj.weight, torch.zeros_like(block.lact.gate_proj.weight))
+        xn = block.attn_norm(torch.randn(2, 9, 32))
+        with torch.no_grad():
+            y = block.lact(xn, qkv=block.qkv(xn), positions=torch.arange(9))
+        assert torch.equal(y, torch.zeros_like(y))  # the branch starts switched off
+    default = LaCTLM(small()).blocks[0].lact.gate_proj.weight
+    assert default.std().item() == pytest.approx(0.02, rel=0.2)  # the silu gate keeps the network's init

@@ -15,7 +15,7 @@ from lact.models.nvs import NVSConfig, NVSNet
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = dict(
-    patch_size=4, dim=32, num_layers=2, attn_heads=2, lact_heads=2, lact_inter_multi=2.0, mlp_ratio=2.0
+    patch_size=4, dim=32, num_layers=2, num_heads=2, lact={"heads": 2, "inter_multi": 2.0}, mlp_ratio=2.0
 )
 
 
@@ -49,7 +49,7 @@ def test_forward_shapes_range_and_any_view_count():
     assert out.shape == (2, 2, 3, 24, 24)
 
 
-@pytest.mark.parametrize("lact", [{}, {"lact_chunk_size": 40, "lact_muon": "schedule"}])
+@pytest.mark.parametrize("lact", [{}, {"lact": {**TINY["lact"], "chunk_size": 40, "muon": "schedule"}}])
 def test_reconstruct_once_then_render_equals_the_full_forward(lact):
     torch.manual_seed(0)
     net = NVSNet(NVSConfig(**{**TINY, "num_layers": 3, **lact})).eval()
@@ -80,7 +80,7 @@ def test_backward_reaches_every_parameter_and_checkpointing_matches():
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        net = NVSNet(NVSConfig(**TINY, checkpointing=checkpointing))
+        net = NVSNet(NVSConfig(**TINY, activation_checkpointing=checkpointing))
         images, k_in, w_in, k_out, w_out = scene()
         net(images, k_in, w_in, k_out, w_out).square().mean().backward()
         for name, p in net.named_parameters():
@@ -101,17 +101,17 @@ def test_view_counts_and_shapes_are_checked():
         net(*scene(size=18))
     with pytest.raises(ValueError, match=r"w2c must be \[B, V, 4, 4\]"):
         net(images, k_in, w_in[:, :2], k_out, w_out)
-    with pytest.raises(ValueError, match="lact_heads=3 must divide dim=32"):
-        NVSConfig(**{**TINY, "lact_heads": 3})
+    with pytest.raises(ValueError, match="lact.heads=3 must divide dim=32"):
+        NVSConfig(**{**TINY, "lact": {"heads": 3}})
 
 
 def expected_parameters(c: NVSConfig) -> tuple[int, int]:
     """(total, fast-weight state) parameters of NVSNet(c), counted by hand from DESIGN §3.1 and §2.4."""
     d, p = c.dim, c.patch_size
-    state = int(3 * c.lact_inter_multi * d * d / c.lact_heads)
-    attn = 4 * d * d + 2 * (d // c.attn_heads)  # qkv, proj, q/k RMSNorm
+    state = int(3 * c.lact.inter_multi * d * d / c.lact.heads)
+    attn = 4 * d * d + 2 * (d // c.num_heads)  # qkv, proj, q/k RMSNorm
     lact = (
-        4 * d * d + (d * 3 * c.lact_heads + 3 * c.lact_heads) + state + d // c.lact_heads + d * c.lact_heads
+        4 * d * d + (d * 3 * c.lact.heads + 3 * c.lact.heads) + state + d // c.lact.heads + d * c.lact.heads
     )
     mlp = 3 * d * c.mlp_hidden
     block = 3 * 2 * d + attn + lact + mlp  # three LayerNorms
@@ -124,7 +124,11 @@ def expected_parameters(c: NVSConfig) -> tuple[int, int]:
     [("paper_24l.yaml", 397.3, (0.38, 0.45)), ("paper_14l.yaml", 182.5, (0.24, 0.30))],
 )
 def test_published_configs_parameter_counts_on_meta(config, millions, state_fraction):
-    spec = yaml.safe_load((ROOT / "configs" / "nvs" / config).read_text())["model"]["init_args"]["model"]
+    # configs/nvs/paper.yaml is the base, the size files are overlays of its network fields
+    base, overlay = (
+        yaml.safe_load((ROOT / "configs" / "nvs" / name).read_text()) for name in ("paper.yaml", config)
+    )
+    spec = {**base["model"]["init_args"]["net"], **overlay["model"]["init_args"]["net"]}
     c = NVSConfig(**spec)
     assert (c.patch_size, c.dim) == (8, 768)
     with torch.device("meta"):  # no memory: 400M parameters would take 1.6 GB
@@ -138,7 +142,23 @@ def test_published_configs_parameter_counts_on_meta(config, millions, state_frac
 
 @pytest.mark.parametrize("config", ["tiny.yaml", "demo.yaml"])
 def test_small_configs_build(config):
-    spec = yaml.safe_load((ROOT / "configs" / "nvs" / config).read_text())["model"]["init_args"]["model"]
+    spec = yaml.safe_load((ROOT / "configs" / "nvs" / config).read_text())["model"]["init_args"]["net"]
     with torch.device("meta"):
         net = NVSNet(NVSConfig(**spec))
     assert sum(p.numel() for p in net.parameters()) == expected_parameters(net.config)[0]
+
+
+def test_zero_output_gate_survives_the_network_init():
+    torch.manual_seed(0)
+    net = NVSNet(NVSConfig(**{**TINY, "lact": {**TINY["lact"], "output_gate": "zero"}}))
+    x = torch.randn(2, 12, 32)
+    for block in net.blocks:
+        gate = block.lact.gate_proj.weight
+        assert torch.equal(gate, torch.zeros_like(gate))
+        with torch.no_grad():
+            y = block.lact(x, update_len=8)
+        assert torch.equal(y, torch.zeros_like(y))  # the LaCT branch starts switched off
+    default = NVSNet(NVSConfig(**TINY)).blocks[0].lact.gate_proj.weight
+    assert default.std().item() == pytest.approx(
+        (3 * 32) ** -0.5, rel=0.2
+    )  # init_linear's N(0, 1/(3 fan_in))

@@ -1,0 +1,184 @@
+"""The shared training layer (modules/task.py) in every task: one schedule, one step-skipping policy, plain
+hyperparameters in checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader
+
+from lact.models.lm import LMConfig
+from modules.lm import LMModule
+from modules.mlm import MaskedLMModule
+from modules.nvs import NVSModule
+from modules.resilience import DivergenceError
+from modules.task import OptimConfig, as_config, parameter_groups
+from tests.modules.nvs_helpers import TINY, make_batch
+from tests.modules.schedule_helpers import lr_factors
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TASKS = ("lm", "nvs", "mlm")
+
+
+def build(task: str, optim: OptimConfig) -> torch.nn.Module:
+    if task == "lm":
+        net = LMConfig(
+            vocab_size=32, dim=32, num_layers=1, num_heads=4, lact={"heads": 2, "chunk_size": 8}, window=8
+        )
+        return LMModule(net, optim=optim)
+    if task == "nvs":
+        return NVSModule(net=TINY, optim=optim)
+    return MaskedLMModule(
+        net={"vocab_size": 32, "dim": 16, "depth": 1, "num_heads": 2, "max_len": 8}, optim=optim
+    )
+
+
+def batches(task: str, count: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    if task == "nvs":
+        items = [make_batch(seed) for seed in range(count)]
+    else:
+        items = []
+        for _ in range(count):
+            ids = torch.randint(3, 32, (4, 8), generator=g)
+            items.append({"input_ids": ids, "labels": torch.roll(ids, -1, dims=1)})
+    return DataLoader(items, batch_size=None)
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    return Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, **kwargs,
+    )  # fmt: skip
+
+
+def test_the_same_optim_config_builds_the_same_schedule_in_every_task():
+    optim = OptimConfig(lr=2e-3, warmup_steps=3, total_steps=12, min_lr_ratio=0.2)
+    expected = [2e-3 * f for f in lr_factors(3, 12, 0.2, 16)]
+    # The schedule itself: linear warmup, cosine to lr * min_lr_ratio at total_steps, then flat.
+    assert expected[:3] == pytest.approx([2e-3 / 3, 4e-3 / 3, 2e-3])
+    cosine = [0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (s - 3) / 9)) for s in range(3, 13)]
+    assert expected[3:13] == pytest.approx([2e-3 * c for c in cosine])
+    assert expected[12:] == pytest.approx([2e-3 * 0.2] * 4)
+    for task in TASKS:
+        config = build(task, optim).configure_optimizers()
+        optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+        assert config["lr_scheduler"]["interval"] == "step"
+        seen = []
+        for _ in range(16):
+            assert len({g["lr"] for g in optimizer.param_groups}) == 1, task  # every group follows it
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert seen == pytest.approx(expected, rel=1e-6), task
+
+
+def test_schedule_state_round_trips_through_a_state_dict():
+    module = build("lm", OptimConfig(warmup_steps=2, total_steps=10))
+    first = module.configure_optimizers()
+    for _ in range(5):
+        first["optimizer"].step()
+        first["lr_scheduler"]["scheduler"].step()
+    second = module.configure_optimizers()  # restored as Lightning does: optimizer, then scheduler
+    second["optimizer"].load_state_dict(first["optimizer"].state_dict())
+    second["lr_scheduler"]["scheduler"].load_state_dict(first["lr_scheduler"]["scheduler"].state_dict())
+    for config in (first, second):
+        config["optimizer"].step()
+        config["lr_scheduler"]["scheduler"].step()
+    assert second["optimizer"].param_groups[0]["lr"] == first["optimizer"].param_groups[0]["lr"]
+
+
+def test_total_steps_default_to_the_trainer_and_an_unbounded_run_is_refused():
+    module = build("mlm", OptimConfig(warmup_steps=1))
+    quiet_trainer(max_steps=7).fit(module, batches("mlm", 1))
+    assert module.total_steps() == 7
+    with pytest.raises(ValueError, match="optim.total_steps"):
+        quiet_trainer(max_steps=-1, max_epochs=-1).fit(build("mlm", OptimConfig()), batches("mlm", 1))
+
+
+def test_weight_decay_groups_follow_the_documented_rule():
+    module = build("mlm", OptimConfig(no_decay=["net.pos"]))
+    groups = {g["name"]: g for g in parameter_groups(module, 0.1, ["net.pos"])}
+    assert [p is module.net.embed.weight for p in groups["embeddings"]["params"]] == [True]  # tied head too
+    assert groups["embeddings"]["weight_decay"] == groups["vectors"]["weight_decay"] == 0.0
+    assert any(p is module.net.pos for p in groups["vectors"]["params"])
+    assert groups["matrices"]["weight_decay"] == 0.1
+    assert all(p.ndim >= 2 for p in groups["matrices"]["params"])
+
+
+class Poison(Callback):
+    """Snapshots the parameters around the poisoned batch and after the last one."""
+
+    def __init__(self, poisoned: int):
+        self.poisoned, self.before, self.after, self.final = poisoned, None, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.poisoned:
+            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        snapshot = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        if batch_idx == self.poisoned:
+            self.after = snapshot
+        self.final = snapshot
+
+
+@pytest.mark.parametrize(("task", "poison"), [("lm", "nan"), ("nvs", "inf"), ("mlm", "nan")])
+def test_a_non_finite_loss_skips_the_step_and_training_goes_on(task, poison, tmp_path):
+    """nan: NaN gradients too. inf: a non-finite constant added to the loss, so the gradients stay finite and
+    only the loss tells that the step is bad."""
+    torch.manual_seed(0)
+    module = build(task, OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1))
+    original = module.training_step
+
+    def training_step(batch, batch_idx):
+        loss = original(batch, batch_idx)
+        if batch_idx != 1:
+            return loss
+        return loss * float("nan") if poison == "nan" else loss + float("inf")
+
+    module.training_step = training_step
+    record = Poison(poisoned=1)
+    trainer = quiet_trainer(max_steps=4, callbacks=[record])
+    with pytest.warns(UserWarning, match="optimizer step skipped"):
+        trainer.fit(module, batches(task, 4))
+    assert trainer.global_step == 4 and module.skipped_steps == 1
+    for name, value in record.before.items():
+        assert torch.equal(record.after[name], value), name  # not even weight decay touched them
+    assert any(not torch.equal(record.final[n], record.after[n]) for n in record.after)  # later steps train
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert float(trainer.callback_metrics["train/skipped_steps"]) == 1.0
+
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)  # plain data only: dataclasses are stored as dicts
+    assert ckpt["skipped_steps"] == 1 and ckpt["hyper_parameters"]["optim"]["lr"] == 1e-2
+    restored = type(module).load_from_checkpoint(path, weights_only=True)
+    assert restored.skipped_steps == 1 and restored.optim == module.optim
+
+
+def test_too_many_consecutive_skips_stop_the_run_naming_the_field():
+    module = build("nvs", OptimConfig(skip_grad_norm=1e-9, max_consecutive_skips=2))
+    with pytest.warns(UserWarning), pytest.raises(DivergenceError, match="max_consecutive_skips"):
+        quiet_trainer(max_steps=5).fit(module, batches("nvs", 5))
+    assert module.skipped_steps == 2
+
+
+def test_trainer_gradient_clipping_is_refused_in_every_task():
+    for task in ("lm", "mlm"):
+        with pytest.raises(ValueError, match="optim.grad_clip"):
+            quiet_trainer(max_steps=1, gradient_clip_val=1.0).fit(
+                build(task, OptimConfig()), batches(task, 1)
+            )
+
+
+def test_configs_accept_dicts_and_nested_dataclasses():
+    assert as_config(OptimConfig, {"lr": 0.5, "betas": [0.8, 0.9]}) == OptimConfig(lr=0.5, betas=(0.8, 0.9))
+    with pytest.raises(ValueError, match="no field"):
+        as_config(OptimConfig, {"learning_rate": 0.5})
+    with pytest.raises(ValueError, match="OptimConfig.min_lr_ratio"):
+        OptimConfig(min_lr_ratio=2.0)
