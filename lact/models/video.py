@@ -31,37 +31,23 @@ the keys/values of the last `window` clean chunks and the fast-weight state of e
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lact.attention import interleaved_block_attention
-from lact.layer import LaCTLayer
-from lact.nn import RotaryEmbedding
-from lact.ops import MUON_COEFFICIENTS, FastWeightState, chunk_beta, swiglu_apply, update_step
+from lact.layer import LaCTConfig, LaCTLayer, finish_lact_init, lact_config
+from lact.nn import RotaryEmbedding, run_block
+from lact.ops import FastWeightState, swiglu_apply, update_step
 
 
-@dataclass
-class LaCTConfig:
-    """The LaCT settings of a network, with the field names of lact.layer's shared LaCTConfig.
-
-    heads: fast-weight heads (head dim d = dim / heads, hidden width h = int(inter_multi * d)).
-    chunk_size: tokens per update; for video it is fixed by the clip geometry (the tokens of one chunk), so
-        None (derived) or exactly that number.
-    base_lr: inner learning rate at init.  momentum: learned per-chunk momentum.
-    muon: None, "fixed" or "schedule".      rotary: rotary on the fast q/k by frame index.
-    """
-
-    heads: int = 2
-    inter_multi: float = 2.0
-    chunk_size: int | None = None
-    base_lr: float = 1e-3
-    momentum: bool = False
-    muon: str | None = None
-    rotary: bool = False
+def default_lact() -> LaCTConfig:
+    """The video LaCT defaults: 2 heads, h = 2d, one update per chunk (chunk_size None: the tokens of one chunk,
+    fixed by the clip geometry), inner lr 1e-3, and a zero-initialised output gate, so a new model starts as a
+    window-attention model."""
+    return LaCTConfig(heads=2, inter_multi=2.0, chunk_size=None, base_lr=1e-3, output_gate="zero")
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:
@@ -79,7 +65,10 @@ class VideoConfig:
     dim, num_layers, num_heads (attention heads; head dim must be even and >= 6 for the 3D rotary),
     ffn_dim: FFN hidden width.
     window: clean chunks (before a chunk's own) that attention sees; 1 <= window <= chunks per clip - 1.
-    lact: LaCT settings (a LaCTConfig or dict); None = window attention only (the baseline).
+    lact: the LaCT branches (lact/layer.py LaCTConfig; a dict of some of its fields overrides the video defaults
+        of `default_lact`); None = window attention only (the baseline). lact.chunk_size must be None or the
+        tokens of one chunk (the interleaved schedule updates once per clean chunk); lact.output_gate "zero"
+        (default) starts the branch switched off.
     text_dim: width of caption embeddings for cross-attention; None = unconditional.
     freq_dim: sinusoidal time-embedding width.  rope_base: rotary base.  eps: norm epsilon.
     activation_checkpointing: recompute each block in the backward pass.
@@ -103,8 +92,6 @@ class VideoConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.lact, dict):
-            self.lact = LaCTConfig(**self.lact)
         self.latent_size = tuple(self.latent_size)
         self.patch_size = tuple(self.patch_size)
         for name in ("in_channels", "num_frames", "frames_per_chunk", "dim", "num_layers", "num_heads"):
@@ -154,26 +141,18 @@ class VideoConfig:
             )
         if self.text_dim is not None:
             _check_int("text_dim", self.text_dim)
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(
+                "VideoConfig.activation_checkpointing must be true or false, got "
+                f"{self.activation_checkpointing!r}"
+            )
         if self.lact is not None:
-            lact = self.lact
-            _check_int("lact.heads", lact.heads)
-            if self.dim % lact.heads:
-                raise ValueError(f"VideoConfig.lact.heads={lact.heads} must divide dim={self.dim}")
-            if int(lact.inter_multi * self.dim // lact.heads) < 1:
-                raise ValueError(f"VideoConfig.lact.inter_multi={lact.inter_multi} leaves no hidden unit")
-            if lact.chunk_size is not None and lact.chunk_size != self.tokens_per_chunk:
+            self.lact = lact_config(self.lact, default_lact(), "VideoConfig", self.dim)
+            if self.lact.chunk_size not in (None, self.tokens_per_chunk):
                 raise ValueError(
-                    f"VideoConfig.lact.chunk_size={lact.chunk_size}: video updates once per chunk, so it must be "
-                    f"None or the tokens of one chunk ({self.tokens_per_chunk})"
+                    f"VideoConfig.lact.chunk_size={self.lact.chunk_size}: video updates once per chunk, so it "
+                    f"must be None or the tokens of one chunk ({self.tokens_per_chunk})"
                 )
-            if lact.muon is not None and lact.muon not in MUON_COEFFICIENTS:
-                raise ValueError(
-                    f"VideoConfig.lact.muon must be None, 'fixed' or 'schedule', got {lact.muon!r}"
-                )
-            if not lact.base_lr > 0:
-                raise ValueError(f"VideoConfig.lact.base_lr must be positive, got {lact.base_lr}")
-            if lact.rotary and (self.dim // lact.heads) % 2:
-                raise ValueError(f"VideoConfig.lact.heads={lact.heads} gives an odd head dim for lact.rotary")
 
     @property
     def num_chunks(self) -> int:
@@ -210,9 +189,10 @@ def parameter_count(cfg: VideoConfig) -> int:
            + 2 D F + F + D + 6 D          FFN, modulation
            + 4 D^2 + 4 D + 2 D + 2 D)     cross-attention with q/k RMSNorm and its LayerNorm (with text_dim)
       + D P + P + 2 D                     head and its modulation
-      + N (3 H d h + 3 (D + 1) H + m (D + 1) H + D H + d)   LaCT: W0, lr (and momentum) projections, gate,
-                                                             per-head RMSNorm (H = lact.heads, d = D / H,
-                                                             h = int(inter_multi d), m = 1 with momentum)
+      + N (3 H d h + 3 (D + 1) H + m (D + 1) H + g D H + d)  LaCT: W0, lr (and momentum) projections,
+                                                              gate, per-head RMSNorm (H = lact.heads,
+                                                              d = D / H, h = int(inter_multi d), m = 1 with
+                                                              momentum, g = 1 with an output gate)
 
     Wan 2.1 1.3B (D 1536, F 8960, N 30, E 4096) gives 1.42e9 without LaCT; 14B (D 5120, F 13824, N 40) 14.3e9.
     """
@@ -230,7 +210,8 @@ def parameter_count(cfg: VideoConfig) -> int:
         d = d_model // heads
         h = int(cfg.lact.inter_multi * d)
         m = 1 if cfg.lact.momentum else 0
-        total += layers * (3 * heads * d * h + (3 + m) * (d_model + 1) * heads + d_model * heads + d)
+        g = 1 if cfg.lact.output_gate else 0
+        total += layers * (3 * heads * d * h + (3 + m) * (d_model + 1) * heads + g * d_model * heads + d)
     return total
 
 
@@ -306,18 +287,12 @@ class VideoBlock(nn.Module):
         self.rotary = Rotary3D(self.head_dim, cfg.rope_base)
         self.lact = None
         if cfg.lact is not None:
-            self.lact = LaCTLayer(
+            # the schedule's chunk is always one segment of the interleaved sequence
+            self.lact = LaCTLayer.from_config(
                 dim,
-                cfg.lact.heads,
+                replace(cfg.lact, chunk_size=cfg.tokens_per_chunk),
                 schedule="interleaved",
-                chunk_size=cfg.tokens_per_chunk,
-                inter_multi=cfg.lact.inter_multi,
-                base_lr=cfg.lact.base_lr,
                 qk_silu=False,
-                momentum=cfg.lact.momentum,
-                muon=cfg.lact.muon,
-                output_gate="zero",
-                rotary=cfg.lact.rotary,
                 rope_base=cfg.rope_base,
                 own_qkv=False,
                 out_proj=False,
@@ -391,16 +366,7 @@ class VideoBlock(nn.Module):
             weights = tuple(w.to(inputs.q.dtype) for w in layer.initial_weights(y.shape[0]))
             cache.state = FastWeightState.initial(*weights)
         if clean:
-            cache.state = update_step(
-                cache.state,
-                inputs.k,
-                inputs.v,
-                inputs.lr_gate,
-                inputs.lr_up,
-                inputs.lr_down,
-                beta=chunk_beta(inputs.momentum, 0, inputs.k.shape[1]),
-                muon=layer.muon,
-            )
+            cache.state = update_step(cache.state, inputs, muon=layer.muon)
         return layer.read_out(swiglu_apply(*cache.state.weights, inputs.q), y)
 
 
@@ -432,13 +398,10 @@ class VideoNet(nn.Module):
 
     def reset_parameters(self) -> None:
         """Wan's init: linear weights Xavier-uniform, biases 0, embedding MLPs N(0, 0.02), modulations
-        N(0, 1/D), the output head 0 (the first prediction is 0). The LaCT layers keep their own init (fast
-        weights, zero output gate): they are skipped here."""
-        lact_params = {
-            id(p) for block in self.blocks if block.lact is not None for p in block.lact.parameters()
-        }
+        N(0, 1/D), the output head 0 (the first prediction is 0). The LaCT layers then re-apply what they own
+        (finish_lact_init: lr bias, zero output gate), so the branch still starts switched off."""
         for module in self.modules():
-            if isinstance(module, nn.Linear) and id(module.weight) not in lact_params:
+            if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -450,6 +413,7 @@ class VideoNet(nn.Module):
             nn.init.normal_(block.modulation, std=self.cfg.dim**-0.5)
         nn.init.normal_(self.head_modulation, std=self.cfg.dim**-0.5)
         nn.init.zeros_(self.head.weight)
+        finish_lact_init(self)  # last: the layers' own choices survive the blanket init above
 
     # ---------------------------------------------------------------------------------- tokens
 
@@ -518,12 +482,11 @@ class VideoNet(nn.Module):
     def run_blocks(
         self, x: Tensor, e: Tensor, positions, context, caches=None, clean: bool = False
     ) -> Tensor:
+        # a cache is only used when sampling, where there is nothing to recompute
+        checkpointing = self.cfg.activation_checkpointing and caches is None
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
-            if self.cfg.activation_checkpointing and torch.is_grad_enabled() and cache is None:
-                x = checkpoint(block, x, e, positions, context, use_reentrant=False)
-            else:
-                x = block(x, e, positions, context, cache, clean)
+            x = run_block(block, x, e, positions, context, cache, clean, checkpointing=checkpointing)
         return x
 
     def output(self, x: Tensor, e0: Tensor) -> Tensor:

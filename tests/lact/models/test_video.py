@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from lact.models.video import LaCTConfig, VideoConfig, VideoNet, parameter_count
+from lact.models.video import VideoConfig, VideoNet, default_lact, parameter_count
 from lact.models.video_sampling import SamplerConfig, build_scheduler, sample_video
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -198,10 +198,16 @@ def test_bad_inputs_name_the_shape():
 
 
 def test_parameter_count_formula_matches_the_built_model():
-    for overrides in ({}, {"text_dim": 12}, {"lact": None}, {"lact": dict(heads=4, momentum=False)}):
+    for overrides in (
+        {},
+        {"text_dim": 12},
+        {"lact": None},
+        {"lact": dict(heads=4, momentum=False)},
+        {"lact": dict(output_gate=None)},
+    ):
         cfg = VideoConfig(**{**TINY, **overrides})
         assert parameter_count(cfg) == sum(p.numel() for p in VideoNet(cfg).parameters())
-    assert LaCTConfig().heads == 2
+    assert default_lact().heads == 2 and default_lact().output_gate == "zero"
 
 
 @pytest.mark.parametrize(("name", "billions"), [("wan1_3b", 1.42), ("wan14b", 14.29)])
