@@ -1,10 +1,13 @@
 """An exponential moving average of the network's weights, as a Lightning Callback.
 
-After every optimizer step: ema <- decay * ema + (1 - decay) * weight, for every floating-point parameter and
+After every optimizer step that changed the weights: ema <- decay * ema + (1 - decay) * weight, for every floating-point parameter and
 buffer of `pl_module.net`, kept in fp32 (a DTensor shard under FSDP2: each rank averages its own shard).
 Validation and predict run with the averaged weights swapped in, and the training weights are swapped back
 afterwards, so a task needs no EMA code of its own. The average is saved in checkpoints (the callback's
 state) and restored on resume instead of being restarted from the weights.
+
+Batches without an optimizer step (gradient accumulation) and steps that modules/task.py's policy skipped
+(non-finite loss or gradient norm: the module's `consecutive_skips` is then above 0) leave the average alone.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class EMA(Callback):
         self.averages: dict[str, Tensor] = {}
         self._saved: dict[str, Tensor] | None = None
         self._loaded: dict[str, Tensor] | None = None
+        self._last_step: int | None = None  # trainer.global_step at the last update
 
     @staticmethod
     def tracked(pl_module: LightningModule) -> dict[str, Tensor]:
@@ -54,7 +58,11 @@ class EMA(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx
     ) -> None:
         self.ensure(pl_module)
-        decay = self.decay if trainer.global_step > self.start_step else 0.0
+        step = trainer.global_step
+        stepped, self._last_step = step != self._last_step, step
+        if not stepped or getattr(pl_module, "consecutive_skips", 0) > 0:
+            return  # no optimizer step in this batch, or a skipped one: the weights did not change
+        decay = self.decay if step > self.start_step else 0.0
         for name, t in self.tracked(pl_module).items():
             self.averages[name].lerp_(t.detach().float(), 1 - decay)
 

@@ -17,18 +17,20 @@ sampler, decoded (through the VAE when `vae_dir` is set) and written as GIF file
 under `<log dir>/samples/` and to TensorBoard. An EMA of the weights (modules/ema.py, a callback) is used for
 validation and sampling when the trainer has one. `predict_step` returns generated clips; VideoPredictionWriter
 writes them as GIFs.
+
+Optimisation, clipping and step skipping are the shared layer of modules/task.py (TaskModule); throughput
+is logged in latent frames per second (train/frames_per_s). Under Lightning's ModelParallelStrategy the
+network is sharded with FSDP2, one unit per VideoBlock; the cached sampler's entry points gather parameters
+like `forward`.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import zlib
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
@@ -40,21 +42,7 @@ from datamodules.shards import seeded_generator
 from lact.models.video import VideoConfig, VideoNet
 from lact.models.video_sampling import SamplerConfig, sample_video
 from modules.nvs_outputs import save_gif
-from modules.scale import shard_model
-
-
-@dataclass
-class OptimSettings:
-    """AdamW and its warmup + cosine schedule (the field names of the shared OptimConfig)."""
-
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    total_steps: int | None = None
-    grad_clip: float = 1.0
+from modules.task import OptimConfig, TaskModule, as_config, plain
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
@@ -85,10 +73,10 @@ def add_video_summary(writer, tag: str, frames: Tensor, step: int, fps: float) -
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
-class VideoModule(LightningModule):
+class VideoModule(TaskModule):
     """Args:
     net: the network config (VideoConfig or a dict of its fields).
-    optim: AdamW + warmup-cosine settings (OptimSettings or a dict).
+    optim: OptimConfig (lr, betas, weight decay, warmup + cosine, grad_clip, skip_grad_norm, ...).
     sampler: the sampling scheduler (SamplerConfig or a dict: scheduler "euler"/"unipc", steps, shift,
         guidance_scale).
     shift: the training time shift s.  logit_normal: draw t from sigmoid(N(0, 1)) instead of U(0, 1).
@@ -100,12 +88,20 @@ class VideoModule(LightningModule):
         latents are pixels).
     fps: frame rate of the GIFs.
     seed: seed of the training noise (drawn per clip from seed, step and sample key).
+    fsdp_param_dtype: under FSDP2 (ModelParallelStrategy), the dtype parameters are gathered and computed in
+        ("bfloat16"); None for their own dtype.
     """
+
+    # FSDP2: the cached sampler's entry points gather parameters like `forward`. The root's inputs keep
+    # their dtype: flow times enter the sinusoidal embedding in fp32 (the network casts the rest itself).
+    forward_methods = ("denoise_chunk", "append_clean_chunk")
+    cast_root_inputs = False
+    throughput_unit = "frames"
 
     def __init__(
         self,
-        net: VideoConfig | dict | None = None,
-        optim: OptimSettings | dict | None = None,
+        net: VideoConfig | None = None,
+        optim: OptimConfig | None = None,
         sampler: SamplerConfig | dict | None = None,
         shift: float = 3.0,
         logit_normal: bool = False,
@@ -117,11 +113,14 @@ class VideoModule(LightningModule):
         vae_dir: str | None = None,
         fps: float = 8.0,
         seed: int = 0,
+        fsdp_param_dtype: str | None = None,
     ):
-        super().__init__()
-        net = VideoConfig(**net) if isinstance(net, dict) else (net or VideoConfig())
-        optim = OptimSettings(**optim) if isinstance(optim, dict) else (optim or OptimSettings())
-        sampler = SamplerConfig(**sampler) if isinstance(sampler, dict) else (sampler or SamplerConfig())
+        super().__init__(optim, fsdp_param_dtype)
+        # VideoConfig(**dict) rather than as_config: a `lact` dict then overrides the video defaults
+        net = VideoConfig(**net) if isinstance(net, dict) else as_config(VideoConfig, net)
+        sampler = as_config(SamplerConfig, sampler)
+        # the checked configs as plain data (a partial `lact` dict stored with the defaults it got)
+        self.hparams["net"], self.hparams["sampler"] = plain(net), plain(sampler)
         if not shift > 0:
             raise ValueError(f"VideoModule.shift must be positive, got {shift}")
         if not all(0 < level <= 1 for level in val_noise_levels):
@@ -131,11 +130,8 @@ class VideoModule(LightningModule):
                 f"VideoModule.prefix_chunks={prefix_chunks} must be in [0, {net.num_chunks - 1}] "
                 f"(the clip has {net.num_chunks} chunks)"
             )
-        self.save_hyperparameters()
-        # plain data, so checkpoints load with weights_only=True
-        self.hparams.update(net=asdict(net), optim=asdict(optim), sampler=asdict(sampler))
         self.net = VideoNet(net)
-        self.optim, self.sampler = optim, sampler
+        self.sampler = sampler
         self.val_chunk_loss = torch.nn.ModuleList(MeanMetric() for _ in range(net.num_chunks))
         self.validations = 0
         self._vae = None
@@ -184,15 +180,10 @@ class VideoModule(LightningModule):
 
     # ------------------------------------------------------------------------------------------ training
 
-    def configure_model(self) -> None:
-        """FSDP2 under ModelParallelStrategy: one shard unit per block, then the root. The sampling entry
-        points run outside `forward`, so they gather parameters like it."""
-        shard_model(
-            self.net,
-            self.net.blocks,
-            self.device_mesh,
-            forward_methods=("denoise_chunk", "append_clean_chunk"),
-        )
+    def throughput_items(self, batch: dict) -> int:
+        """Latent frames per batch (clips x frames)."""
+        x = batch["latents"] if "latents" in batch else batch["frames"]
+        return x.shape[0] * self.net.cfg.num_frames
 
     def draw_noise(self, x0: Tensor, keys: list[str] | None) -> tuple[Tensor, Tensor, Tensor]:
         """Per clip: noise like x0, shifted flow times t' [B, N] (one per chunk) and a caption-keep flag [B].
@@ -235,40 +226,12 @@ class VideoModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        max_norm = self.optim.grad_clip if self.optim.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], max_norm)
-        self.log("train/grad_norm", norm)
-
-    def configure_optimizers(self):
-        """AdamW (weight decay on matrices only) with linear warmup then cosine to min_lr_ratio."""
-        o = self.optim
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        total = o.total_steps or self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("the cosine schedule needs a length: set optim.total_steps or trainer.max_steps")
-        warmup = max(1, o.warmup_steps)
-        schedule = torch.optim.lr_scheduler.SequentialLR(
-            optimizer,
-            [
-                torch.optim.lr_scheduler.LinearLR(optimizer, 1 / warmup, 1.0, total_iters=warmup),
-                torch.optim.lr_scheduler.CosineAnnealingLR(
-                    optimizer, max(1, int(total) - warmup), eta_min=o.lr * o.min_lr_ratio
-                ),
-            ],
-            milestones=[warmup],
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["video_validations"] = self.validations
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.validations = checkpoint.get("video_validations", 0)
 
     # ------------------------------------------------------------------------------------------ validation

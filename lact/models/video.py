@@ -68,7 +68,9 @@ class VideoConfig:
     lact: the LaCT branches (lact/layer.py LaCTConfig; a dict of some of its fields overrides the video defaults
         of `default_lact`); None = window attention only (the baseline). lact.chunk_size must be None or the
         tokens of one chunk (the interleaved schedule updates once per clean chunk); lact.output_gate "zero"
-        (default) starts the branch switched off.
+        (default) starts the branch switched off. Through the CLI (jsonargparse), fields a YAML `lact:` block
+        leaves out take LaCTConfig's class defaults (chunk_size 2048, output_gate "silu"), so the configs in
+        configs/video/ spell out chunk_size: null and output_gate: zero.
     text_dim: width of caption embeddings for cross-attention; None = unconditional.
     freq_dim: sinusoidal time-embedding width.  rope_base: rotary base.  eps: norm epsilon.
     activation_checkpointing: recompute each block in the backward pass.
@@ -449,6 +451,11 @@ class VideoNet(nn.Module):
         x = tokens.reshape(b, n, ft, gh, gw, c, pt, ph, pw).permute(0, 5, 1, 2, 6, 3, 7, 4, 8)
         return x.reshape(b, c, n * ft * pt, gh * ph, gw * pw)
 
+    def embed_patches(self, x: Tensor) -> Tensor:
+        """Latents [B, C, n F, h, w] -> tokens [B, n, T, D], computed in the parameters' dtype (bf16 under
+        FSDP2 with fsdp_param_dtype, which leaves the root's inputs in fp32 for the time embedding)."""
+        return self.patch_embedding(self.patchify(x).to(self.patch_embedding.weight.dtype))
+
     def positions(self, chunks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Token positions of segments belonging to video chunks `chunks` [S]: three [S T] tensors (frame,
         row, column), frames counted in tokens from the clip start; a clean chunk and its noisy twin agree."""
@@ -477,7 +484,7 @@ class VideoNet(nn.Module):
                 f"this network is conditioned (VideoConfig.text_dim={self.cfg.text_dim}): pass caption "
                 f"embeddings [B, tokens, {self.cfg.text_dim}], got {got}"
             )
-        return self.text_embedding(context)
+        return self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
 
     def run_blocks(
         self, x: Tensor, e: Tensor, positions, context, caches=None, clean: bool = False
@@ -511,8 +518,8 @@ class VideoNet(nn.Module):
         self.check_latents("clean", clean, (n - 1) * self.cfg.frames_per_chunk)
         if t.shape != (noisy.shape[0], n):
             raise ValueError(f"t must be [B, chunks] = {[noisy.shape[0], n]}, got {tuple(t.shape)}")
-        noisy_tokens = self.patch_embedding(self.patchify(noisy))  # [B, N, T, D]
-        clean_tokens = self.patch_embedding(self.patchify(clean))  # [B, N - 1, T, D]
+        noisy_tokens = self.embed_patches(noisy)  # [B, N, T, D]
+        clean_tokens = self.embed_patches(clean)  # [B, N - 1, T, D]
         x = torch.stack([noisy_tokens[:, :-1], clean_tokens], dim=2).flatten(1, 2)
         x = torch.cat([x, noisy_tokens[:, -1:]], dim=1)  # [B, 2N - 1, T, D]
         segment_t = torch.stack([t[:, :-1], torch.zeros_like(t[:, :-1])], dim=2).flatten(1)
@@ -532,7 +539,7 @@ class VideoNet(nn.Module):
         self, x: Tensor, t: Tensor, cache: VideoCache, context, clean: bool
     ) -> tuple[Tensor, Tensor]:
         self.check_latents("chunk", x, self.cfg.frames_per_chunk)
-        tokens = self.patch_embedding(self.patchify(x))  # [B, 1, T, D]
+        tokens = self.embed_patches(x)  # [B, 1, T, D]
         e0, e = self.time_modulation(t[:, None])
         chunk = torch.tensor([cache.chunks], device=x.device)
         out = self.run_blocks(
