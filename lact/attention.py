@@ -58,21 +58,23 @@ def interleaved_block_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int
     batch, heads, _, dim = q.shape
     segments = length // chunk_size
     qs, ks, vs = (t.reshape(batch, heads, segments, chunk_size, dim) for t in (q, k, v))
-    # The clean segments of chunks c - window .. c - 1: segment 2(c - j) + 1 for j = window .. 1. Those before
-    # the video start are masked out (index clamped to a placeholder).
+    # Segments of chunk c see min(c, window) clean chunks before their own. Grouped by that count (chunks
+    # 0 .. window - 1 alone, then all the rest), every group is one attention call without a mask, so the
+    # fused kernels run and no [T, (window + 1) T] probability matrix is kept for backward.
+    groups = [(2 * c, 2 * c + 2, c) for c in range(window)] + [(2 * window, segments, window)]
+    groups = [(start, min(end, segments), seen) for start, end, seen in groups if start < segments]
     chunk = torch.arange(segments, device=q.device) // 2
-    offsets = torch.arange(window, 0, -1, device=q.device)
-    context_chunk = chunk[:, None] - offsets[None, :]  # [S, window]
-    has_context = context_chunk >= 0
-    context = (2 * context_chunk + 1).clamp(min=0, max=segments - 1)
-    k_ctx = torch.cat([ks[:, :, context].flatten(3, 4), ks], dim=3)  # [B, H, S, (window + 1) T, D]
-    v_ctx = torch.cat([vs[:, :, context].flatten(3, 4), vs], dim=3)
-    key_valid = torch.cat(
-        [
-            has_context[:, :, None].expand(segments, window, chunk_size).flatten(1),
-            torch.ones(segments, chunk_size, dtype=torch.bool, device=q.device),
-        ],
-        dim=1,
-    )  # [S, (window + 1) T]
-    out = F.scaled_dot_product_attention(qs, k_ctx, v_ctx, attn_mask=key_valid[:, None, :])
-    return out.reshape(batch, heads, length, dim)
+    outputs = []
+    for start, end, seen in groups:
+        qg = qs[:, :, start:end]
+        count = qg.shape[2]
+        k_ctx, v_ctx = ks[:, :, start:end], vs[:, :, start:end]
+        if seen:  # the clean segments 2 (c - j) + 1 of chunks c - seen .. c - 1, for every segment's chunk c
+            context = 2 * (chunk[start:end, None] - torch.arange(seen, 0, -1, device=q.device)) + 1
+            k_ctx = torch.cat([ks[:, :, context].flatten(3, 4), k_ctx], dim=3)  # [B, H, n, (seen + 1) T, D]
+            v_ctx = torch.cat([vs[:, :, context].flatten(3, 4), v_ctx], dim=3)
+        out = F.scaled_dot_product_attention(
+            qg.flatten(1, 2), k_ctx.flatten(1, 2), v_ctx.flatten(1, 2)
+        )  # [B, H n, T, D]: 4-d inputs reach the fused kernels
+        outputs.append(out.unflatten(1, (heads, count)))
+    return torch.cat(outputs, dim=2).reshape(batch, heads, length, dim)
