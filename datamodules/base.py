@@ -208,3 +208,9 @@ class VideoShardDataModule(ShardDataModule):
 
     def dataset(self, shards, train: bool, **reader_kwargs) -> ShardReader:
         return video_dataset(shards, train=train, field=self.field, shape=self.shape, **reader_kwargs)
+
+    def predict_dataloader(self):
+        """Predict continues the clips of ``val_shards`` (one exact pass)."""
+        if self.val_shards is None:
+            raise ValueError(f"{type(self).__name__}: predict reads val_shards, which is not set")
+        return self.val_dataloader()

@@ -137,9 +137,12 @@ def encode_tokens(tokens, meta: dict) -> dict[str, bytes]:
     return {"tokens.npy": encode_npy(tokens), "meta.json": encode_json(meta)}
 
 
-def encode_video(frames=None, latents=None, caption: str | None = None) -> dict[str, bytes]:
+def encode_video(
+    frames=None, latents=None, caption: str | None = None, caption_embedding=None
+) -> dict[str, bytes]:
     """Fields of one video sample: exactly one of ``frames`` (uint8 ``[T, H, W, 3]``) and ``latents``
-    (float16 ``[C, T, h, w]``), plus an optional caption."""
+    (float16 ``[C, T, h, w]``), plus an optional caption and optional caption embeddings (float16
+    ``[tokens, width]``, from the user's text encoder, for conditioned video models)."""
     if (frames is None) == (latents is None):
         raise ValueError("give exactly one of frames and latents")
     fields = {}
@@ -157,6 +160,13 @@ def encode_video(frames=None, latents=None, caption: str | None = None) -> dict[
         fields["latents.npy"] = encode_npy(latents)
     if caption is not None:
         fields["caption.txt"] = caption.encode("utf-8")
+    if caption_embedding is not None:
+        embedding = _as_numpy(caption_embedding, "caption_embedding")
+        if embedding.dtype != np.float16 or embedding.ndim != 2:
+            raise ValueError(
+                f"caption_embedding must be float16 [tokens, width], got {embedding.dtype} {list(embedding.shape)}"
+            )
+        fields["caption_embedding.npy"] = encode_npy(embedding)
     return fields
 
 
@@ -350,7 +360,8 @@ def decode_video(sample: dict, field: str = "frames", shape: Sequence[int | None
 
     ``field="frames"`` gives ``frames`` uint8 ``[T, H, W, 3]``; ``field="latents"`` gives ``latents``
     float16 ``[C, T, h, w]``. ``shape`` (None entries = any size) must match. ``caption`` is the
-    caption text, or "" when the sample has none.
+    caption text, or "" when the sample has none; ``caption_embedding`` float16 ``[tokens, width]`` is
+    there when the sample has one.
     """
     if field not in ("frames", "latents"):
         raise ValueError(f"field must be 'frames' or 'latents', got {field!r}")
@@ -362,4 +373,9 @@ def decode_video(sample: dict, field: str = "frames", shape: Sequence[int | None
     else:
         _check_array(sample, "latents.npy", array, (np.float16,), 4, shape)
     caption = decode_text(sample, "caption.txt") if "caption.txt" in sample else ""
-    return {field: array, "caption": caption, "key": sample["__key__"], "shard": sample["__shard__"]}
+    out = {field: array, "caption": caption, "key": sample["__key__"], "shard": sample["__shard__"]}
+    if "caption_embedding.npy" in sample:
+        embedding = decode_npy(sample, "caption_embedding.npy")
+        _check_array(sample, "caption_embedding.npy", embedding, (np.float16,), 2)
+        out["caption_embedding"] = embedding
+    return out

@@ -4,6 +4,7 @@
     python -m datamodules.prepare scenes --out data/gso --from-json ../shared/data/gso_toy --height 256 --width 256
     python -m datamodules.prepare text --out data/text --seq-len 2048 corpus/ extra.jsonl
     python -m datamodules.prepare videos --out data/videos --num-videos 500 --frames 16 --seed 0
+    python -m datamodules.prepare videos --out data/latents --num-videos 500 --frames 17 --vae checkpoints/vae
 
 Every run writes ``DIR/shard-NNNNNN.tar`` and ``DIR/meta.json`` (what was written, with the arguments).
 Procedural data is a pure function of ``--seed`` (sample i of seed s is the same in any run); text has no
@@ -104,6 +105,16 @@ def run_text(args: argparse.Namespace) -> dict:
 
 
 def run_videos(args: argparse.Namespace) -> dict:
+    vae = None
+    if args.vae is not None:
+        if args.format != "frames":
+            raise SystemExit("--vae stores VAE latents: do not combine it with --format pooled-pixels")
+        from datamodules.vae import encode_frames, load_vae
+
+        try:
+            vae = load_vae(args.vae)
+        except (FileNotFoundError, ValueError) as exn:
+            raise SystemExit(str(exn)) from exn
     with (
         shard_folder(args.out, args.overwrite) as tmp,
         VideoWriter(tmp, samples_per_shard=args.samples_per_shard) as writer,
@@ -118,14 +129,18 @@ def run_videos(args: argparse.Namespace) -> dict:
             )
             caption = None if args.no_caption else video["caption"]
             key = f"{args.key_prefix}{args.seed}_{i:07d}"
-            if args.format == "latents":
+            if vae is not None:
+                writer.write(key, latents=encode_frames(vae, video["frames"]), caption=caption)
+            elif args.format == "pooled-pixels":
                 writer.write(
                     key, latents=frames_to_latents(video["frames"], args.latent_downsample), caption=caption
                 )
             else:
                 writer.write(key, frames=video["frames"], caption=caption)
         writer.close()
-        meta = _write_meta(args.out, tmp, "videos", writer, args, field=args.format)
+        field = "frames" if vae is None and args.format == "frames" else "latents"
+        extra = {"vae": type(vae).__name__} if vae is not None else {}
+        meta = _write_meta(args.out, tmp, "videos", writer, args, field=field, **extra)
     return meta
 
 
@@ -191,12 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objects", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"))
     p.add_argument(
         "--format",
-        choices=("frames", "latents"),
+        choices=("frames", "pooled-pixels"),
         default="frames",
-        help="frames: uint8 [T,H,W,3]; latents: float16 [3,T,H/f,W/f] pixels in [-1,1] (no VAE)",
+        help="frames: uint8 [T,H,W,3]; pooled-pixels: no VAE, the latents field holds float16 [3,T,H/f,W/f] "
+        "average-pooled pixels in [-1,1]",
     )
     p.add_argument(
-        "--latent-downsample", type=int, default=1, help="f: average-pooling factor for --format latents"
+        "--latent-downsample",
+        type=int,
+        default=1,
+        help="f: average-pooling factor for --format pooled-pixels",
+    )
+    p.add_argument(
+        "--vae",
+        metavar="DIR",
+        help="a local diffusers VAE folder (AutoencoderKL or AutoencoderKLWan): store its normalised latents "
+        "float16 [C,t,h,w] in the latents field",
     )
     p.add_argument("--no-caption", action="store_true", help="do not store caption.txt")
     p.set_defaults(func=run_videos)

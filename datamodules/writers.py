@@ -163,6 +163,9 @@ class TokenWriter(_ShardSink):
 
 
 class VideoWriter(_ShardSink):
-    def write(self, key: str, frames=None, latents=None, caption: str | None = None) -> None:
-        """One video: ``frames`` uint8 ``[T, H, W, 3]`` or ``latents`` float16 ``[C, T, h, w]``; optional caption."""
-        self._write(key, self._encode(key, encode_video, frames, latents, caption))
+    def write(
+        self, key: str, frames=None, latents=None, caption: str | None = None, caption_embedding=None
+    ) -> None:
+        """One video: ``frames`` uint8 ``[T, H, W, 3]`` or ``latents`` float16 ``[C, T, h, w]``; optional caption
+        and caption embeddings float16 ``[tokens, width]`` (conditioned video models)."""
+        self._write(key, self._encode(key, encode_video, frames, latents, caption, caption_embedding))

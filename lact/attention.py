@@ -43,32 +43,38 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Te
     return out[:, :, :length]
 
 
-def interleaved_block_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int) -> Tensor:
+def interleaved_block_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, window: int = 1) -> Tensor:
     """Block attention for the AR video layout [noisy_0, clean_0, noisy_1, clean_1, ...] of `chunk_size`-token
-    segments: every segment attends bidirectionally to itself and to the latest clean segment before it
-    (noisy_{i+1} -> clean_i; clean_i -> clean_{i-1}); noisy_0 and clean_0 see only themselves.
-    Memory O(L * chunk_size).
+    segments. Segment s belongs to video chunk c = s // 2 (noisy_c = segment 2c, clean_c = segment 2c + 1);
+    it attends bidirectionally to itself and to the clean segments of the `window` chunks before its own,
+    c - window .. c - 1 (so noisy_{i+1} sees clean_{i-window+1} .. clean_i, and clean_i sees the same window
+    shifted by one; a noisy chunk never sees its own clean twin). Memory O(L * window * chunk_size).
     """
     length = q.shape[-2]
     if chunk_size < 1 or length % chunk_size:
         raise ValueError(f"L={length} must be a positive multiple of chunk_size={chunk_size}")
+    if window < 1:
+        raise ValueError(f"window must be a positive number of chunks, got {window}")
     batch, heads, _, dim = q.shape
     segments = length // chunk_size
     qs, ks, vs = (t.reshape(batch, heads, segments, chunk_size, dim) for t in (q, k, v))
-    # The latest clean segment strictly before s, excluding s's own noisy twin: s - 1 for noisy s >= 2,
-    # s - 2 for clean s >= 3, none for segments 0 and 1 (index 0 as a placeholder, masked out).
-    index = torch.arange(segments, device=q.device)
-    previous = torch.where(index % 2 == 0, index - 1, index - 2)
-    has_previous = previous >= 1
-    previous = previous.clamp(min=0)
-    k_ctx = torch.cat([ks[:, :, previous], ks], dim=3)  # [B, H, S, 2T, D]
-    v_ctx = torch.cat([vs[:, :, previous], vs], dim=3)
-    key_valid = torch.cat(
-        [
-            has_previous[:, None].expand(segments, chunk_size),
-            torch.ones(segments, chunk_size, dtype=torch.bool, device=q.device),
-        ],
-        dim=1,
-    )  # [S, 2T]
-    out = F.scaled_dot_product_attention(qs, k_ctx, v_ctx, attn_mask=key_valid[:, None, :])
-    return out.reshape(batch, heads, length, dim)
+    # Segments of chunk c see min(c, window) clean chunks before their own. Grouped by that count (chunks
+    # 0 .. window - 1 alone, then all the rest), every group is one attention call without a mask, so the
+    # fused kernels run and no [T, (window + 1) T] probability matrix is kept for backward.
+    groups = [(2 * c, 2 * c + 2, c) for c in range(window)] + [(2 * window, segments, window)]
+    groups = [(start, min(end, segments), seen) for start, end, seen in groups if start < segments]
+    chunk = torch.arange(segments, device=q.device) // 2
+    outputs = []
+    for start, end, seen in groups:
+        qg = qs[:, :, start:end]
+        count = qg.shape[2]
+        k_ctx, v_ctx = ks[:, :, start:end], vs[:, :, start:end]
+        if seen:  # the clean segments 2 (c - j) + 1 of chunks c - seen .. c - 1, for every segment's chunk c
+            context = 2 * (chunk[start:end, None] - torch.arange(seen, 0, -1, device=q.device)) + 1
+            k_ctx = torch.cat([ks[:, :, context].flatten(3, 4), k_ctx], dim=3)  # [B, H, n, (seen + 1) T, D]
+            v_ctx = torch.cat([vs[:, :, context].flatten(3, 4), v_ctx], dim=3)
+        out = F.scaled_dot_product_attention(
+            qg.flatten(1, 2), k_ctx.flatten(1, 2), v_ctx.flatten(1, 2)
+        )  # [B, H n, T, D]: 4-d inputs reach the fused kernels
+        outputs.append(out.unflatten(1, (heads, count)))
+    return torch.cat(outputs, dim=2).reshape(batch, heads, length, dim)

@@ -43,8 +43,9 @@ from torch import nn
 from lact.layer import LaCTLayer, LowRankFastWeight
 from lact.models.lm import HybridBlock
 from lact.models.nvs import NVSBlock, ViewAttention
+from lact.models.video import VideoBlock
 from lact.nn import GeluMLP, ShortConv, SwiGLUMLP
-from lact.ops import MUON_COEFFICIENTS
+from lact.ops import MUON_COEFFICIENTS, lean_backward_mode
 
 GiB = 1024**3
 FP32 = 4  # bytes of the tensors the code keeps in fp32 whatever the compute dtype
@@ -99,6 +100,8 @@ def parameter_kind(owners: Sequence[nn.Module], name: str, in_block: bool) -> st
     innermost = owners[-1]
     if isinstance(innermost, (nn.RMSNorm, nn.LayerNorm)):
         return "norms"
+    if any(getattr(parent, "ffn", None) is child for parent, child in zip(owners, owners[1:])):
+        return "MLP"  # a block's `ffn` (the video block's Linear-GELU-Linear)
     for module in reversed(owners):
         if isinstance(module, LowRankFastWeight):  # the low-rank factors of an initial fast weight
             return KINDS[0]
@@ -145,12 +148,15 @@ def parameters_by_kind(net: nn.Module) -> dict[str, int]:
 class Workload:
     """One micro-batch: `batch` samples of `seq_len` tokens each. For NVS the tokens of a sample are all its
     views, `view_tokens` = (H / p) (W / p) per view, of which the input views (`input_fraction` of them)
-    write the fast weights."""
+    write the fast weights. For video a sample is one interleaved sequence of segments (noisy and clean
+    chunks) of `chunk_tokens` tokens each, conditioned on `context_tokens` caption tokens."""
 
     batch: int
     seq_len: int
     view_tokens: int | None = None
     input_fraction: float = 1.0
+    chunk_tokens: int | None = None
+    context_tokens: int = 0
 
     @property
     def tokens(self) -> int:
@@ -190,17 +196,29 @@ def lact_operator_bytes(layer: LaCTLayer, batch: int, length: int, update_len: i
         saving X, A = X X^T and bA + cA^2, plus the normalised input:                     n_u B H 3 ((s + 1) m n + 2 s m^2) a
     Causal: L_u = (ceil(L / C) - 1) C tokens, n_u = ceil(L / C) - 1 (the last chunk only reads).
     Bidirectional: L_u = the input tokens, n_u = ceil(L_u / C) (one update when C is None).
+    Under the memory-lean backward (lact.ops.set_lean_backward; by default on for every apply and for updates
+    without Newton-Schulz steps or the pre-norm variant) nothing [L, h]-sized is kept: an apply saves only the
+    weights it read and its queries (held by the layer anyway), so the apply and update terms above vanish;
+    a lean update keeps the same per-update state (W_c, its update before the weight norm, the momentum
+    buffer), with Muon also the update after Newton-Schulz and the s iterates:      n_u B H 3 (1 + s) m n a
     """
     heads, d, h = layer.num_heads, layer.head_dim, layer.hidden
     bh = batch * heads
-    total = 4 * bh * length * h * a
-    total += bh * update_len * (13 * h + 2 * d) * a
+    mode = lean_backward_mode()
+    lean_apply = mode is not False
+    lean_update = mode is not False and (layer.muon is None or mode is True) and not layer.prenorm
+    total = 0 if lean_apply else 4 * bh * length * h * a
+    if not lean_update:
+        total += bh * update_len * (13 * h + 2 * d) * a
     momentum = 1 if layer.momentum_proj is not None else 0
     total += updates * bh * 3 * d * h * (2 + momentum) * a
     if layer.muon is not None:
         m, n = min(d, h), max(d, h)
         steps = len(MUON_COEFFICIENTS[layer.muon])
-        total += updates * bh * 3 * ((steps + 1) * m * n + 2 * steps * m * m) * a
+        if lean_update:
+            total += updates * bh * 3 * (1 + steps) * m * n * a
+        else:
+            total += updates * bh * 3 * ((steps + 1) * m * n + 2 * steps * m * m) * a
     return total
 
 
@@ -220,8 +238,8 @@ def lact_schedule(layer: LaCTLayer, length: int, update_len: int | None) -> tupl
 def lact_layer_bytes(layer: LaCTLayer, batch: int, length: int, update_len: int | None, a: int) -> float:
     """The LaCT layer (lact/layer.py) around the operator, its input x (saved by its consumer) not counted.
 
-    inputs: with its own qkv (NVS), qkv [T, 3D]; q, k before the L2 norm (silu or rotary output) and after
-        it, v = silu(v): 5 T D a (+ 3 T D a with own qkv); lr: pre-softplus and per-head copies 6 T H fp32;
+    inputs: with its own qkv (NVS), qkv [T, 3D]; q, k before the L2 norm (silu or rotary output; without
+        either, views of the qkv counted by its owner) and after it, v = silu(v): 5 T D a (+ 3 T D a with own qkv); lr: pre-softplus and per-head copies 6 T H fp32;
         momentum: sigmoid output and per-head copy 2 T H fp32.
     output: o [T, D], RMSNorm's normalised o and its output (read by the gate product): 3 T D a; with its own
         o_proj, the head-merged copy T D a; the gate's silu input T H a.
@@ -230,6 +248,8 @@ def lact_layer_bytes(layer: LaCTLayer, batch: int, length: int, update_len: int 
     """
     tokens, dim, heads = batch * length, layer.dim, layer.num_heads
     total = 5 * tokens * dim * a + 3 * tokens * dim * a + 6 * tokens * heads * FP32
+    if not layer.qk_silu and layer.rotary is None:
+        total -= 2 * tokens * dim * a  # q, k before the L2 norm are views of qkv, counted by its owner
     if layer.qkv is not None:
         total += 3 * tokens * dim * a
     if layer.momentum_proj is not None:
@@ -292,6 +312,48 @@ def nvs_block_bytes(block: NVSBlock, work: Workload, a: int) -> float:
     return total + mlp_bytes(block.mlp, tokens, a)
 
 
+def video_block_bytes(block: VideoBlock, work: Workload, a: int) -> float:
+    """The video block (lact/models/video.py) over interleaved sequences of S segments of T tokens each
+    (L = S T per sample, N = B L tokens), n_h attention heads of width e = D / n_h, a window of w clean
+    chunks, FFN width F:
+
+    time modulation: the six per-segment modulations 6 B S D a (the gates read them) and 1 + scale twice,
+    2 B S D a; norm1 and norm2 (LayerNorm without weights): input N D a, mean and rstd 8 N, normalised output
+    (read by the scale product) N D a, each; qkv's input N D a and output 3 N D a (q/k RMSNorm read it);
+    RMSNorm of q and k: normalised copies 2 N D a and rstd 8 N; 3D rotary: cos and sin per axis for q and k,
+    2 L e fp32 (per sequence, shared by the batch); window attention (lact/attention.py, grouped by how many
+    clean chunks a segment sees, so without a mask and in fused kernels): query copy and output 2 N D a, keys
+    and values of (w + 1) segments for every segment past the first w chunks, 2 (w + 1) (S - w) B T D a,
+    log-sum-exp 4 N n_h; o_proj's input and output (read by the gate) 2 N D a; FFN: input N D a, GELU's input
+    and output 2 N F a, output (read by the gate) N D a; the LaCT layer (shared qkv, no output projection,
+    one update per clean segment, lact_layer_bytes).
+    Cross-attention (conditioned networks, Lc caption tokens): norm3 input N D a + 8 N and output N D a, q's
+    output and RMSNorm (normalised copy, output) 3 N D a + 4 N, attention output and o's input 2 N D a,
+    log-sum-exp 4 N n_h; the caption side (kv input and output, RMSNorm of k, keys and values) 7 B Lc D a.
+    """
+    tokens, batch, length = work.tokens, work.batch, work.seq_len
+    if not work.chunk_tokens or length % work.chunk_tokens:
+        raise ValueError(f"a video workload needs chunk_tokens dividing seq_len, got {work}")
+    segments, chunk = length // work.chunk_tokens, work.chunk_tokens
+    dim, heads = block.qkv.in_features, block.num_heads
+    ffn = block.ffn[0].out_features
+    total = 8 * batch * segments * dim * a
+    total += 2 * (2 * tokens * dim * a + 2 * FP32 * tokens)  # norm1, norm2
+    total += tokens * dim * a + 3 * tokens * dim * a + 2 * tokens * dim * a + 2 * FP32 * tokens
+    total += 2 * length * block.head_dim * FP32
+    window = min(block.window, (segments - 1) // 2)
+    total += 2 * tokens * dim * a + 2 * (window + 1) * (segments - window) * batch * chunk * dim * a
+    total += FP32 * tokens * heads
+    total += 2 * tokens * dim * a  # o_proj
+    total += 2 * tokens * dim * a + 2 * tokens * ffn * a  # FFN
+    if block.lact is not None:
+        total += lact_layer_bytes(block.lact, batch, length, None, a)
+    if block.cross is not None:
+        total += 7 * tokens * dim * a + 3 * FP32 * tokens + FP32 * tokens * heads
+        total += 7 * batch * work.context_tokens * dim * a
+    return total
+
+
 def attention_heads(attn: nn.Module) -> int:
     for name in ("num_heads", "heads"):
         if isinstance(getattr(attn, name, None), int):
@@ -300,7 +362,7 @@ def attention_heads(attn: nn.Module) -> int:
 
 
 # Block type -> formula. A new task adds its block here with the formula derived from its code.
-BLOCK_FORMULAS = {HybridBlock: lm_block_bytes, NVSBlock: nvs_block_bytes}
+BLOCK_FORMULAS = {HybridBlock: lm_block_bytes, NVSBlock: nvs_block_bytes, VideoBlock: video_block_bytes}
 
 
 def block_bytes(block: nn.Module, work: Workload, a: int) -> float:
@@ -315,13 +377,15 @@ def block_bytes(block: nn.Module, work: Workload, a: int) -> float:
 
 def block_workspace(block: nn.Module, work: Workload, a: int) -> float:
     """Gradients alive at once in a block's backward: those of its output and input (2 T D a) and of the
-    widest intermediate, the MLP's [T, 2F] (2 T F a; a GELU MLP's is [T, F]). Measured on CPU: the peak of a
-    step without checkpointing exceeds what the blocks keep by about this much (tests/modules/test_plan.py)."""
-    widest = max(
+    widest intermediate, the MLP's [T, 2F] (2 T F a; a GELU MLP's is [T, F]; a block with neither, such as the
+    video block's Linear-GELU-Linear FFN, twice its widest linear output). Measured on CPU: the peak of a step without
+    checkpointing exceeds what the blocks keep by about this much (tests/modules/test_plan.py)."""
+    widths = [
         2 * m.down.in_features if isinstance(m, SwiGLUMLP) else m.proj.in_features
         for m in block.modules()
         if isinstance(m, (SwiGLUMLP, GeluMLP))
-    )
+    ]
+    widest = max(widths or [2 * m.out_features for m in block.modules() if isinstance(m, nn.Linear)])
     dim = next(m.normalized_shape[-1] for m in block.modules() if isinstance(m, (nn.RMSNorm, nn.LayerNorm)))
     return work.tokens * (2 * dim + widest) * a
 
@@ -342,6 +406,10 @@ def head_bytes(net: nn.Module, work: Workload, a: int) -> tuple[float, float]:
     and the gradient out of it at once: transient 12 T V (plus the bf16 logits T V a in forward).
     NVS (no token embedding): the tokenizer's input pixels and the decoder's outputs are [T, 12 p^2] and
     [T_target, 3 p^2]: about 16 T p^2 a saved, with a transient of the same size.
+    Video (P = C pt ph pw latent values per token): the last block's output, read by the head on its noisy
+    half (a strided view keeps all of it), T D a; the head's norm and modulated input on the noisy half
+    T D a; the fp32 flow prediction and its error against the target 2 T P fp32 (an upper bound: only the
+    noisy half). Transient: the gradient into the blocks T D a and the loss's 2 T P fp32.
     """
     tokens, dim = work.tokens, block_width(net)
     embedding = next((m for m in net.modules() if isinstance(m, nn.Embedding)), None)
@@ -349,6 +417,10 @@ def head_bytes(net: nn.Module, work: Workload, a: int) -> tuple[float, float]:
         vocab = embedding.num_embeddings
         saved = 3 * tokens * dim * a + FP32 * tokens + FP32 * tokens * vocab
         return saved, 2 * FP32 * tokens * vocab + tokens * vocab * (a if a != FP32 else 0)
+    if isinstance(net.blocks[0], VideoBlock):
+        patch = net.head.out_features
+        saved = 2 * tokens * dim * a + 2 * FP32 * tokens * patch
+        return saved, tokens * dim * a + 2 * FP32 * tokens * patch
     pixels = sum(m.in_features + m.out_features for m in net.children() if isinstance(m, nn.Linear)) - 2 * dim
     return tokens * pixels * a, tokens * pixels * a
 
@@ -467,7 +539,7 @@ def with_work(net: nn.Module, plan: Plan, **changes) -> Plan:
 
 def longest_sequence(net: nn.Module, plan: Plan, limit: int = 1 << 24) -> int:
     """The longest seq_len (tokens per sample) that fits at the plan's micro-batch and setup; 0 if none."""
-    step = plan.work.view_tokens or 1  # NVS: whole views
+    step = plan.work.view_tokens or plan.work.chunk_tokens or 1  # NVS: whole views; video: whole segments
     lo, hi = 0, limit // step
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -600,8 +672,29 @@ def configured_workload(
             f"{inputs}:{targets} as in the data config) writing the fast weights"
         )
         return work, text
+    if isinstance(net.blocks[0], VideoBlock):
+        return video_workload(net.cfg, batch, seq_len)
     seq_len = seq_len or data.get("seq_len") or 2048
     return Workload(batch, seq_len), f"{seq_len} tokens per sample"
+
+
+# Caption tokens a conditioned video network is planned with (Wan 2.1's umT5 text length).
+VIDEO_CONTEXT_TOKENS = 512
+
+
+def video_workload(cfg, batch: int, seq_len: int | None) -> tuple[Workload, str]:
+    """Video: a sample is one interleaved sequence of 2 n - 1 segments of T tokens (n chunks of the clip).
+    Without seq_len, the config's clip; with it, the shortest whole clip of at least seq_len tokens."""
+    chunk = cfg.tokens_per_chunk
+    chunks = cfg.num_chunks if seq_len is None else max(2, math.ceil((math.ceil(seq_len / chunk) + 1) / 2))
+    segments = 2 * chunks - 1
+    context = VIDEO_CONTEXT_TOKENS if cfg.text_dim is not None else 0
+    work = Workload(batch, segments * chunk, chunk_tokens=chunk, context_tokens=context)
+    text = (
+        f"{chunks} chunks of {cfg.frames_per_chunk} latent frames, {chunk} tokens each: {segments} interleaved "
+        f"segments, {work.seq_len} tokens per sample" + (f", {context} caption tokens" if context else "")
+    )
+    return work, text
 
 
 def compute_bytes_of(config) -> int:
@@ -649,6 +742,8 @@ def report(module: nn.Module, plan: Plan, workload_text: str, nodes: int, gpus_p
     best = make_plan(net, work, on) if not plan.fits else plan
     longest = longest_sequence(net, best)
     unit = " tokens" if not work.view_tokens else f" tokens ({longest // work.view_tokens} views)"
+    if work.chunk_tokens:
+        unit = f" tokens ({longest // work.chunk_tokens} segments)"
     out.append(
         f"longest sequence that fits (micro-batch {work.batch}, checkpointing "
         f"{'on' if best.setup.activation_checkpointing else 'off'}): {longest:,}{unit}"

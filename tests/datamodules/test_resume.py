@@ -99,3 +99,20 @@ def test_nvs_tiny_resumes_exactly_with_workers(tmp_path):
 @pytest.mark.slow
 def test_icl_tiny_resumes_exactly(tmp_path):
     check_exact_resume(tmp_path, ["configs/icl/base.yaml", "configs/icl/tiny.yaml"], [])
+
+
+@pytest.mark.slow
+def test_video_tiny_resumes_exactly_with_workers(tmp_path):
+    # The training noise is drawn per clip from (seed, global step, sample key), so it resumes with the data.
+    for split, seed in (("train", 0), ("val", 1)):
+        prepare.main(
+            ["videos", "--out", str(tmp_path / split), "--num-videos", "8", "--frames", "8", "--height", "16",
+             "--width", "16", "--samples-per-shard", "2", "--seed", str(seed)]
+        )  # fmt: skip
+    args = [
+        f"--data.init_args.train_shards={tmp_path / 'train'}", f"--data.init_args.val_shards={tmp_path / 'val'}",
+        "--data.init_args.batch_size=2", "--data.init_args.batches_per_epoch=3", "--data.init_args.num_workers=2",
+        "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--data.init_args.val_batch_size=2",
+        "--model.init_args.sample_every_n_val=0",
+    ]  # fmt: skip
+    check_exact_resume(tmp_path, "configs/video/tiny.yaml", args)

@@ -74,7 +74,8 @@ def test_prepare_videos_round_trip(tmp_path, fmt):
         "--width",
         "24",
     ]
-    args += ["--format", fmt, "--latent-downsample", "2", "--seed", "3", "--samples-per-shard", "2"]
+    fmt_option = {"frames": "frames", "latents": "pooled-pixels"}[fmt]  # the no-VAE latents option
+    args += ["--format", fmt_option, "--latent-downsample", "2", "--seed", "3", "--samples-per-shard", "2"]
     meta = prepare.main(args)
     assert meta["samples"] == 3 and meta["shards"] == ["shard-000000.tar", "shard-000001.tar"]
     samples = list(iter_videos(tmp_path, field=fmt))

@@ -43,12 +43,27 @@ def test_interleaved_block_attention_equals_masked_attention(segments):
     torch.testing.assert_close(interleaved_block_attention(q, k, v, chunk), naive(q, k, v, allowed))
 
 
+@pytest.mark.parametrize(("segments", "window"), [(1, 2), (5, 2), (7, 3), (8, 2), (9, 5)])
+def test_interleaved_block_attention_with_a_window_of_several_chunks(segments, window):
+    chunk = 2
+    length = segments * chunk
+    q, k, v = torch.randn(3, 2, 2, length, 4, dtype=torch.float64).unbind(0)
+    seg = torch.arange(length) // chunk
+    si, sj = seg[:, None], seg[None, :]
+    ci, cj = si // 2, sj // 2
+    # Itself, or a clean segment of one of the `window` chunks before its own.
+    allowed = (si == sj) | ((sj % 2 == 1) & (cj < ci) & (cj >= ci - window))
+    torch.testing.assert_close(interleaved_block_attention(q, k, v, chunk, window), naive(q, k, v, allowed))
+
+
 def test_window_attention_rejects_bad_arguments():
     q = torch.randn(1, 1, 8, 4)
     with pytest.raises(ValueError, match="window"):
         sliding_window_attention(q, q, q, 0)
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         interleaved_block_attention(q, q, q, 3)
+    with pytest.raises(ValueError, match="window"):
+        interleaved_block_attention(q, q, q, 4, window=0)
 
 
 PEAK_SCRIPT = textwrap.dedent(

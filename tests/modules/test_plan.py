@@ -16,6 +16,7 @@ import torch
 
 from lact.models.lm import HybridBlock, LMConfig
 from lact.models.nvs import NVSBlock, NVSConfig
+from lact.models.video import VideoConfig, VideoNet
 from modules import plan as planner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,6 +100,33 @@ def test_nvs_block_formula_counts_what_autograd_saves(one_thread, lact):
     assert planner.block_bytes(block, work, 4) == pytest.approx(saved, rel=0.06)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"window": 2},
+        {"lact": None},
+        {"lact": {"heads": 4, "momentum": False, "muon": "fixed"}},
+        {"text_dim": 16},
+    ],
+)
+def test_video_block_formula_counts_what_autograd_saves(one_thread, overrides):
+    fields = {"in_channels": 3, "num_frames": 8, "frames_per_chunk": 2, "latent_size": (8, 8), "dim": 48}
+    fields |= {"num_layers": 1, "num_heads": 4, "ffn_dim": 80, "freq_dim": 32}
+    fields |= {"lact": {"heads": 2, "inter_multi": 2.0, "momentum": True}}
+    cfg = VideoConfig(**{**fields, **overrides})
+    net = VideoNet(cfg)
+    block, batch, segments = net.blocks[0], 2, 2 * cfg.num_chunks - 1
+    chunk = cfg.tokens_per_chunk
+    x = torch.randn(batch, segments, chunk, 48, requires_grad=True)
+    e = torch.randn(batch, segments, 6, 48, requires_grad=True)
+    context = torch.randn(batch, 10, 48, requires_grad=True) if cfg.text_dim else None
+    positions = net.positions(torch.arange(segments) // 2)
+    saved = saved_bytes(lambda: block(x, e, positions, context), block.parameters())
+    work = planner.Workload(batch, segments * chunk, chunk_tokens=chunk, context_tokens=10)
+    assert planner.block_bytes(block, work, 4) == pytest.approx(saved, rel=0.06)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -151,7 +179,7 @@ def test_14b_lm_config_has_14b_parameters_on_the_meta_device():
 
 # The 14B configs that must train on 8 nodes x 8 GPUs of 80 GB at 56K-token sequences. The video task adds
 # its configs/video/wan14b.yaml here.
-PAPER_14B = ["configs/lm/14b.yaml"]
+PAPER_14B = ["configs/lm/14b.yaml", "configs/video/wan14b.yaml"]
 
 
 @pytest.mark.parametrize("config", PAPER_14B)

@@ -4,24 +4,29 @@ hyperparameters in checkpoints."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader
 
 from lact.models.lm import LMConfig
+from modules.ema import EMA
 from modules.lm import LMModule
 from modules.mlm import MaskedLMModule
 from modules.nvs import NVSModule
 from modules.resilience import DivergenceError
 from modules.task import OptimConfig, as_config, parameter_groups
+from modules.video import VideoModule
 from tests.modules.nvs_helpers import TINY, make_batch
 from tests.modules.schedule_helpers import lr_factors
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-TASKS = ("lm", "nvs", "mlm")
+TASKS = ("lm", "nvs", "mlm", "video")
+VIDEO_TINY = Path(__file__).resolve().parents[2] / "configs" / "video" / "tiny.yaml"
 
 
 def build(task: str, optim: OptimConfig) -> torch.nn.Module:
@@ -32,6 +37,9 @@ def build(task: str, optim: OptimConfig) -> torch.nn.Module:
         return LMModule(net, optim=optim)
     if task == "nvs":
         return NVSModule(net=TINY, optim=optim)
+    if task == "video":
+        net = yaml.safe_load(VIDEO_TINY.read_text())["model"]["init_args"]["net"]
+        return VideoModule(net={**net, "num_layers": 1}, optim=optim)
     return MaskedLMModule(
         net={"vocab_size": 32, "dim": 16, "depth": 1, "num_heads": 2, "max_len": 8}, optim=optim
     )
@@ -41,6 +49,14 @@ def batches(task: str, count: int) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     if task == "nvs":
         items = [make_batch(seed) for seed in range(count)]
+    elif task == "video":  # 8-frame 16x16 clips, as configs/video/tiny.yaml expects
+        items = [
+            {
+                "frames": torch.randint(0, 256, (2, 8, 16, 16, 3), dtype=torch.uint8, generator=g),
+                "key": [f"clip_{b}_{i}" for i in range(2)],
+            }
+            for b in range(count)
+        ]
     else:
         items = []
         for _ in range(count):
@@ -127,7 +143,9 @@ class Poison(Callback):
         self.final = snapshot
 
 
-@pytest.mark.parametrize(("task", "poison"), [("lm", "nan"), ("nvs", "inf"), ("mlm", "nan")])
+@pytest.mark.parametrize(
+    ("task", "poison"), [("lm", "nan"), ("nvs", "inf"), ("mlm", "nan"), ("video", "nan")]
+)
 def test_a_non_finite_loss_skips_the_step_and_training_goes_on(task, poison, tmp_path):
     """nan: NaN gradients too. inf: a non-finite constant added to the loss, so the gradients stay finite and
     only the loss tells that the step is bad."""
@@ -159,6 +177,35 @@ def test_a_non_finite_loss_skips_the_step_and_training_goes_on(task, poison, tmp
     assert ckpt["skipped_steps"] == 1 and ckpt["hyper_parameters"]["optim"]["lr"] == 1e-2
     restored = type(module).load_from_checkpoint(path, weights_only=True)
     assert restored.skipped_steps == 1 and restored.optim == module.optim
+
+
+class EMARecord(Callback):
+    """The EMA callback's averages after every batch (placed after the EMA in the callback list)."""
+
+    def __init__(self, ema: EMA):
+        self.ema, self.averages = ema, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.averages.append({n: t.clone() for n, t in self.ema.averages.items()})
+
+
+def test_the_ema_of_the_weights_ignores_a_skipped_step():
+    torch.manual_seed(0)
+    module = build("video", OptimConfig(lr=1e-2, warmup_steps=0))
+    original = module.training_step
+
+    def training_step(batch, batch_idx):
+        return original(batch, batch_idx) * (float("nan") if batch_idx == 2 else 1.0)
+
+    module.training_step = training_step
+    ema = EMA(decay=0.5)
+    record = EMARecord(ema)
+    with pytest.warns(UserWarning, match="optimizer step skipped"):
+        quiet_trainer(max_steps=4, callbacks=[ema, record]).fit(module, batches("video", 4))
+    assert module.skipped_steps == 1
+    before, skipped, after = record.averages[1], record.averages[2], record.averages[3]
+    assert all(torch.equal(skipped[n], before[n]) for n in before)  # the skipped step left it alone
+    assert any(not torch.equal(after[n], skipped[n]) for n in before)  # the next good step moved it
 
 
 def test_too_many_consecutive_skips_stop_the_run_naming_the_field():
