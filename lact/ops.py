@@ -186,9 +186,15 @@ def update_step(
 
 
 def run_causal(
-    weights: FastWeights, inputs: FastWeightInputs, *, chunk_size: int, muon: str | None = None
-) -> Tensor:
-    """`causal_lact` on an inputs record: apply-then-update over chunks. Returns o [B, L, d]."""
+    weights: FastWeights,
+    inputs: FastWeightInputs,
+    *,
+    chunk_size: int,
+    muon: str | None = None,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, FastWeights]:
+    """`causal_lact` on an inputs record: apply-then-update over chunks. Returns o [B, L, d], or with
+    return_weights (o, the weights after the last update) for diagnostics."""
     check_inputs(weights, inputs, muon=muon)
     check_chunk_size(chunk_size)
     state = FastWeightState.initial(*weights)
@@ -200,7 +206,8 @@ def run_causal(
         outputs.append(swiglu_apply(*state.weights, chunk.q))
         if end < length:
             state = update_step(state, chunk, muon=muon)
-    return torch.cat(outputs, dim=1)
+    o = torch.cat(outputs, dim=1)
+    return (o, state.weights) if return_weights else o
 
 
 def run_bidirectional(
