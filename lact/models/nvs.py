@@ -11,8 +11,11 @@ Images are float in [0, 1], [B, V, 3, H, W]; cameras are OpenCV intrinsics [B, V
 pixels) and world-to-camera matrices [B, V, 4, 4] (see lact/geometry.py). Any number of input and target
 views works at run time.
 
+`NVSConfig.token_mixer: attention` is the LVSM baseline: the LaCT layer is replaced by attention in which
+every token (input or target) attends to all input-view tokens, and never to a target token.
+
 Target views never influence input views: attention stays within a view and only input tokens update the
-fast weights. So a scene can be reconstructed once (`reconstruct`: every layer's fast weights after the
+fast weights (or, for the attention baseline, are attended to). So a scene can be reconstructed once (`reconstruct`: every layer's fast weights after the
 update) and any number of target cameras rendered from that state afterwards (`render`), with the same
 result as the full forward pass.
 """
@@ -33,6 +36,7 @@ from lact.ops import FastWeights
 
 RAY_CHANNELS = 9
 RGB_CHANNELS = 3
+TOKEN_MIXERS = ("lact", "attention")
 
 
 def default_lact() -> LaCTConfig:
@@ -59,6 +63,11 @@ class NVSConfig:
         steps of a short run).
     activation_checkpointing: recompute each block's activations in the backward pass (saves memory, costs
         ~1/3 time).
+    token_mixer: how information crosses views. "lact" (the method): a bidirectional LaCT layer whose fast
+        weights the input views write and every view reads. "attention" (the LVSM baseline): every token
+        attends to all input-view tokens (num_heads heads), targets never attended to; `lact` is then unused.
+        The scene state of `reconstruct` is then each layer's input-view keys and values, which grow with
+        the number of input views where the fast weights do not.
     """
 
     patch_size: int = 8
@@ -69,6 +78,7 @@ class NVSConfig:
     mlp_ratio: float = 4.0
     output_bias: float = 0.0
     activation_checkpointing: bool = False
+    token_mixer: str = "lact"
 
     def __post_init__(self):
         for name in ("patch_size", "dim", "num_layers", "num_heads"):
@@ -82,6 +92,10 @@ class NVSConfig:
                 raise ValueError(
                     f"NVSConfig.lact.{name} must be false: the bidirectional schedule has no {name}"
                 )
+        if self.token_mixer not in TOKEN_MIXERS:
+            raise ValueError(
+                f"NVSConfig.token_mixer must be one of {list(TOKEN_MIXERS)}, got {self.token_mixer!r}"
+            )
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(
                 f"NVSConfig.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}"
@@ -95,8 +109,9 @@ class NVSConfig:
 class NVSState(NamedTuple):
     """A reconstructed scene: the fast weights of every layer after the update on the input views.
 
-    weights[l] = (w_gate [B*H, h, d], w_up [B*H, h, d], w_down [B*H, d, h]) of block l; height and width are
-    the input views' image size in pixels, the default size of rendered views.
+    weights[l] = (w_gate [B*H, h, d], w_up [B*H, h, d], w_down [B*H, d, h]) of block l (for
+    token_mixer="attention": (keys, values) [B, heads, Vi*N, head_dim] of the input-view tokens); height and
+    width are the input views' image size in pixels, the default size of rendered views.
     """
 
     weights: list[FastWeights]
@@ -104,9 +119,9 @@ class NVSState(NamedTuple):
     width: int
 
 
-class ViewAttention(nn.Module):
-    """Full self-attention among the tokens of each view separately, with RMS-normalised q and k (keeps the
-    logits bounded early in training). x [B, V, N, D] -> [B, V, N, D]."""
+class QKNormAttention(nn.Module):
+    """Multi-head attention pieces with RMS-normalised q and k (keeps the logits bounded early in training),
+    shared by the per-view attention and the LVSM baseline's input attention."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -116,16 +131,45 @@ class ViewAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
         self.proj = nn.Linear(dim, dim, bias=False)
 
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, L, D] -> normalised q, k and v [B, heads, L, head_dim]."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q [B, heads, Lq, head_dim] attends to k, v [B, heads, Lk, head_dim] -> [B, Lq, D]."""
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class ViewAttention(QKNormAttention):
+    """Full self-attention among the tokens of each view separately. x [B, V, N, D] -> [B, V, N, D]."""
+
     def forward(self, x: Tensor) -> Tensor:
-        batch, views, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch * views, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B*V, heads, N, head_dim] each
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
-        return self.proj(out.transpose(1, 2).reshape(batch, views, tokens, dim))
+        return self.attend(*self.heads(x.flatten(0, 1))).view_as(x)
+
+
+class InputAttention(QKNormAttention):
+    """The LVSM baseline's token mixer: every token attends to all input-view tokens (and to nothing else).
+    Same interface as the bidirectional LaCTLayer: x [B, L, D] with the `update_len` input tokens first ->
+    [B, L, D]; `reconstruct` returns the inputs' keys and values [B, heads, L, head_dim], which `render`
+    attends to."""
+
+    def forward(self, x: Tensor, *, update_len: int) -> Tensor:
+        q, k, v = self.heads(x)
+        return self.attend(q, k[:, :, :update_len], v[:, :, :update_len])
+
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        q, k, v = self.heads(x)
+        return self.attend(q, k, v), (k, v)
+
+    def render(self, x: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        q, _, _ = self.heads(x)
+        return self.attend(q, *kv)
 
 
 class NVSBlock(nn.Module):
-    """Three pre-norm residual sub-blocks: per-view attention, LaCT over all views, SwiGLU MLP."""
+    """Three pre-norm residual sub-blocks: per-view attention, LaCT (or, for token_mixer="attention",
+    InputAttention) over all views, SwiGLU MLP."""
 
     def __init__(self, config: NVSConfig):
         super().__init__()
@@ -133,7 +177,10 @@ class NVSBlock(nn.Module):
         self.attn_norm = nn.LayerNorm(dim)
         self.attn = ViewAttention(dim, config.num_heads)
         self.lact_norm = nn.LayerNorm(dim)
-        self.lact = LaCTLayer.from_config(dim, config.lact, schedule="bidirectional")
+        if config.token_mixer == "attention":
+            self.lact = InputAttention(dim, config.num_heads)
+        else:
+            self.lact = LaCTLayer.from_config(dim, config.lact, schedule="bidirectional")
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = SwiGLUMLP(dim, config.mlp_hidden)
 
