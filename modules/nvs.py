@@ -51,7 +51,10 @@ class NVSModule(TaskModule):
     lpips_metric: also report LPIPS in validation and test. LPIPS needs its backbone weights on disk
         (modules/lpips.py); `test` reports it whenever they are there.
     log_images: scenes of the first validation batch shown in TensorBoard (inputs | targets | predictions).
-    turntable_frames, render_chunk: predict renders a turntable of this many frames, this many views per call.
+    turntable_frames: predict renders a turntable of this many frames.
+    render_chunk: predict renders this many views per `render` call; None (default) renders all the views of
+        a batch (its targets, then its turntable) in one call each, which is several times cheaper per view
+        than one call per view for small models (benchmarks/nvs_render.py); set it to bound memory.
     fsdp_param_dtype: under FSDP2 (ModelParallelStrategy), the dtype parameters are gathered and computed in
         ("bfloat16"); None for their own dtype.
     """
@@ -72,7 +75,7 @@ class NVSModule(TaskModule):
         lpips_net: str = "alex",
         log_images: int = 4,
         turntable_frames: int = 24,
-        render_chunk: int = 8,
+        render_chunk: int | None = None,
         fsdp_param_dtype: str | None = None,
     ):
         super().__init__(optim, fsdp_param_dtype)
@@ -203,8 +206,9 @@ class NVSModule(TaskModule):
 
     @torch.no_grad()
     def render_views(self, state, intrinsics: Tensor, w2c: Tensor) -> Tensor:
-        """Render cameras [B, V, 4], [B, V, 4, 4] of reconstructed scenes, `render_chunk` views per call."""
-        chunk = max(1, self.hparams.render_chunk)
+        """Render cameras [B, V, 4], [B, V, 4, 4] of reconstructed scenes, `render_chunk` views per call
+        (None: all V at once)."""
+        chunk = max(1, self.hparams.render_chunk or w2c.shape[1])
         return torch.cat(
             [
                 self.net.render(state, intrinsics[:, i : i + chunk], w2c[:, i : i + chunk])
