@@ -353,10 +353,11 @@ class LaCTLayer(nn.Module):
         lr = torch.stack([t.float().mean() for t in (inputs.lr_gate, inputs.lr_up, inputs.lr_down)]).mean()
         self.stats = {"update_ratio": (change / size).sqrt().mean(), "inner_lr": lr}
 
-    def reconstruct(self, x: Tensor) -> tuple[Tensor, FastWeights]:
-        """Bidirectional: update on all tokens of x [B, L, D] and read them back. Returns (y [B, L, D], the
-        updated fast weights), which `render` applies to any other tokens."""
-        inputs = self.fast_weight_inputs(x)
+    def reconstruct(self, x: Tensor, qkv: Tensor | None = None) -> tuple[Tensor, FastWeights]:
+        """Bidirectional: update on all tokens of x [B, L, D] (optionally with a given qkv [B, L, 3D]) and
+        read them back. Returns (y [B, L, D], the updated fast weights), which `render` applies to any other
+        tokens."""
+        inputs = self.fast_weight_inputs(x, qkv)
         initial = tuple(w.to(inputs.q.dtype) for w in self.initial_weights(x.shape[0]))
         o, weights = run_bidirectional(
             initial, inputs, update_len=x.shape[1], chunk_size=self.chunk_size, muon=self.muon

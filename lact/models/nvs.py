@@ -68,6 +68,10 @@ class NVSConfig:
         attends to all input-view tokens (num_heads heads), targets never attended to; `lact` is then unused.
         The scene state of `reconstruct` is then each layer's input-view keys and values, which grow with
         the number of input views where the fast weights do not.
+    colour_values: every LaCT layer also adds a linear projection of the input views' raw patch colours
+        (RGB in [-1, 1]) to the values its fast weights are written with, so the input colours reach the
+        memory directly rather than through the residual stream, where the rays dominate early in training
+        (token_mixer "lact" only).
     """
 
     patch_size: int = 8
@@ -79,6 +83,7 @@ class NVSConfig:
     output_bias: float = 0.0
     activation_checkpointing: bool = False
     token_mixer: str = "lact"
+    colour_values: bool = False
 
     def __post_init__(self):
         for name in ("patch_size", "dim", "num_layers", "num_heads"):
@@ -96,6 +101,8 @@ class NVSConfig:
             raise ValueError(
                 f"NVSConfig.token_mixer must be one of {list(TOKEN_MIXERS)}, got {self.token_mixer!r}"
             )
+        if self.colour_values and self.token_mixer != "lact":
+            raise ValueError("NVSConfig.colour_values feeds the LaCT values: it needs token_mixer='lact'")
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(
                 f"NVSConfig.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}"
@@ -181,20 +188,35 @@ class NVSBlock(nn.Module):
             self.lact = InputAttention(dim, config.num_heads)
         else:
             self.lact = LaCTLayer.from_config(dim, config.lact, schedule="bidirectional")
+        self.colour_values = None
+        if config.colour_values:
+            self.colour_values = nn.Linear(RGB_CHANNELS * config.patch_size**2, dim, bias=False)
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = SwiGLUMLP(dim, config.mlp_hidden)
 
-    def forward(self, x: Tensor, num_inputs: int) -> Tensor:
-        """x [B, V, N, D] with the `num_inputs` input views first -> [B, V, N, D]."""
+    def mixer_kwargs(self, h: Tensor, colour: Tensor | None) -> dict:
+        """The LaCT layer's qkv with the input colours added to its values (colour_values), else nothing.
+        h [B, L, D] normalised tokens; colour [B, Li, 3 p p] the first Li tokens' patch colours."""
+        if self.colour_values is None:
+            return {}
+        qkv = self.lact.qkv(h)
+        values = F.pad(self.colour_values(colour), (2 * h.shape[-1], 0, 0, h.shape[1] - colour.shape[1]))
+        return {"qkv": qkv + values.to(qkv.dtype)}
+
+    def forward(self, x: Tensor, num_inputs: int, colour: Tensor | None = None) -> Tensor:
+        """x [B, V, N, D] with the `num_inputs` input views first -> [B, V, N, D]. colour [B, Vi N, 3 p p]:
+        the input views' patch colours, needed with colour_values."""
         x = x + self.attn(self.attn_norm(x))
         tokens = x.shape[2]
-        x = x + self.lact(self.lact_norm(x).flatten(1, 2), update_len=num_inputs * tokens).view_as(x)
+        h = self.lact_norm(x).flatten(1, 2)
+        x = x + self.lact(h, update_len=num_inputs * tokens, **self.mixer_kwargs(h, colour)).view_as(x)
         return x + self.mlp(self.mlp_norm(x))
 
-    def reconstruct(self, x: Tensor) -> tuple[Tensor, FastWeights]:
+    def reconstruct(self, x: Tensor, colour: Tensor | None = None) -> tuple[Tensor, FastWeights]:
         """Input views only: x [B, Vi, N, D] -> (x [B, Vi, N, D], this layer's updated fast weights)."""
         x = x + self.attn(self.attn_norm(x))
-        y, weights = self.lact.reconstruct(self.lact_norm(x).flatten(1, 2))
+        h = self.lact_norm(x).flatten(1, 2)
+        y, weights = self.lact.reconstruct(h, **self.mixer_kwargs(h, colour))
         x = x + y.view_as(x)
         return x + self.mlp(self.mlp_norm(x)), weights
 
@@ -242,6 +264,14 @@ class NVSNet(nn.Module):
             self.embed(patchify(pixels, self.config.patch_size).to(self.embed.weight.dtype))
         )
 
+    def colour_patches(self, images: Tensor) -> Tensor | None:
+        """With colour_values: input images [B, Vi, 3, H, W] in [0, 1] -> patch colours [B, Vi N, 3 p p] in
+        [-1, 1] (what the LaCT values receive); else None."""
+        if not self.config.colour_values:
+            return None
+        patches = patchify(images * 2 - 1, self.config.patch_size).flatten(1, 2)
+        return patches.to(self.embed.weight.dtype)
+
     def decode(self, x: Tensor, height: int, width: int) -> Tensor:
         """Target tokens [B, V, N, D] -> images [B, V, 3, H, W] in (0, 1)."""
         return unpatchify(torch.sigmoid(self.out(self.out_norm(x))), self.config.patch_size, height, width)
@@ -264,8 +294,9 @@ class NVSNet(nn.Module):
         targets = self.tokenize(target_intrinsics, target_w2c, None, height, width)
         num_inputs = inputs.shape[1]
         x = torch.cat([inputs, targets], dim=1)
+        colour = self.colour_patches(images)
         for block in self.blocks:
-            x = run_block(block, x, num_inputs, checkpointing=self.config.activation_checkpointing)
+            x = run_block(block, x, num_inputs, colour, checkpointing=self.config.activation_checkpointing)
         return self.decode(x[:, num_inputs:], height, width)
 
     def reconstruct(self, images: Tensor, intrinsics: Tensor, w2c: Tensor) -> NVSState:
@@ -275,9 +306,10 @@ class NVSNet(nn.Module):
         if x.shape[1] < 1:
             raise ValueError("reconstruct needs at least one input view, got 0")
         weights = []
+        colour = self.colour_patches(images)
         for block in self.blocks:
             x, layer_weights = run_block(
-                block.reconstruct, x, checkpointing=self.config.activation_checkpointing
+                block.reconstruct, x, colour, checkpointing=self.config.activation_checkpointing
             )
             weights.append(layer_weights)
         return NVSState(weights, int(height), int(width))

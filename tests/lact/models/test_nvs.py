@@ -51,7 +51,12 @@ def test_forward_shapes_range_and_any_view_count():
 
 @pytest.mark.parametrize(
     "lact",
-    [{}, {"lact": {**TINY["lact"], "chunk_size": 40, "muon": "schedule"}}, {"token_mixer": "attention"}],
+    [
+        {},
+        {"lact": {**TINY["lact"], "chunk_size": 40, "muon": "schedule"}},
+        {"token_mixer": "attention"},
+        {"colour_values": True},
+    ],
 )
 def test_reconstruct_once_then_render_equals_the_full_forward(lact):
     torch.manual_seed(0)
