@@ -311,6 +311,9 @@ class LaCTLayer(nn.Module):
         self.gate_proj = nn.Linear(dim, num_heads, bias=output_gate_bias) if output_gate else None
         self.zero_gate = output_gate == "zero"
         self.o_proj = nn.Linear(dim, dim, bias=False) if out_proj else None
+        # Diagnostics (see `record_update_stats`): off by default, so a training step pays nothing for them.
+        self.record_stats = False
+        self.stats: dict[str, Tensor] = {}
         self.reset_fast_weights()
         self.reset_owned()
 
@@ -446,28 +449,59 @@ class LaCTLayer(nn.Module):
         memory, all L tokens read it."""
         inputs = self.fast_weight_inputs(x, qkv, positions)
         weights = tuple(w.to(inputs.q.dtype) for w in self.initial_weights(x.shape[0]))
+        writers = inputs.length
         if self.schedule == "causal":
-            o = run_causal(weights, inputs, chunk_size=self.chunk_size, muon=self.muon, prenorm=self.prenorm)
+            out = run_causal(
+                weights,
+                inputs,
+                chunk_size=self.chunk_size,
+                muon=self.muon,
+                prenorm=self.prenorm,
+                return_weights=self.record_stats,
+            )
+            o, final = out if self.record_stats else (out, None)
         elif self.schedule == "bidirectional":
             if update_len is None:
                 raise ValueError(
                     "the bidirectional schedule needs update_len (the number of input-view tokens)"
                 )
-            o, _ = run_bidirectional(
+            o, final = run_bidirectional(
                 weights, inputs, update_len=update_len, chunk_size=self.chunk_size, muon=self.muon
             )
+            writers = update_len
         else:
-            o, _ = run_interleaved(weights, inputs, chunk_size=self.chunk_size, muon=self.muon)
+            o, state = run_interleaved(weights, inputs, chunk_size=self.chunk_size, muon=self.muon)
+            final = state.weights
+        if self.record_stats:
+            self.record_update_stats(weights, final, inputs.slice(0, writers))
         return self.read_out(o, x)
 
-    def reconstruct(self, x: Tensor) -> tuple[Tensor, FastWeights]:
-        """Bidirectional: update on all tokens of x [B, L, D] and read them back. Returns (y [B, L, D], the
-        updated fast weights), which `render` applies to any other tokens."""
-        inputs = self.fast_weight_inputs(x)
-        weights = tuple(w.to(inputs.q.dtype) for w in self.initial_weights(x.shape[0]))
+    @torch.no_grad()
+    def record_update_stats(self, initial: FastWeights, final: FastWeights, inputs: FastWeightInputs) -> None:
+        """Fast-weight diagnostics of one forward, as detached scalars in `self.stats`:
+
+        update_ratio: ||W_after - W_0|| / ||W_0|| over the three matrices of a head, averaged over sequences
+            and heads (W_0 the slow weights; 0 = the memory is not used; the weight norm keeps it below 2).
+        inner_lr: the mean per-token inner learning rate of the three matrices over `inputs` (the tokens
+            that write: the input views for the bidirectional schedule, all tokens for the others).
+
+        Only computed while `record_stats` is True (a trainer sets it at its logging steps)."""
+        change = sum((a.float() - b.float()).square().sum(dim=(1, 2)) for a, b in zip(final, initial))
+        size = sum(b.float().square().sum(dim=(1, 2)) for b in initial)
+        lr = torch.stack([t.float().mean() for t in (inputs.lr_gate, inputs.lr_up, inputs.lr_down)]).mean()
+        self.stats = {"update_ratio": (change / size).sqrt().mean(), "inner_lr": lr}
+
+    def reconstruct(self, x: Tensor, qkv: Tensor | None = None) -> tuple[Tensor, FastWeights]:
+        """Bidirectional: update on all tokens of x [B, L, D] (optionally with a given qkv [B, L, 3D]) and
+        read them back. Returns (y [B, L, D], the updated fast weights), which `render` applies to any other
+        tokens."""
+        inputs = self.fast_weight_inputs(x, qkv)
+        initial = tuple(w.to(inputs.q.dtype) for w in self.initial_weights(x.shape[0]))
         o, weights = run_bidirectional(
-            weights, inputs, update_len=x.shape[1], chunk_size=self.chunk_size, muon=self.muon
+            initial, inputs, update_len=x.shape[1], chunk_size=self.chunk_size, muon=self.muon
         )
+        if self.record_stats:
+            self.record_update_stats(initial, weights, inputs)
         return self.read_out(o, x), weights
 
     def render(self, x: Tensor, weights: FastWeights) -> Tensor:

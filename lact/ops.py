@@ -445,8 +445,10 @@ def run_causal(
     chunk_size: int,
     muon: str | None = None,
     prenorm: bool = False,
-) -> Tensor:
-    """`causal_lact` on an inputs record: apply-then-update over chunks. Returns o [B, L, d]."""
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, FastWeights]:
+    """`causal_lact` on an inputs record: apply-then-update over chunks. Returns o [B, L, d], or with
+    return_weights (o, the weights after the last update) for diagnostics."""
     check_inputs(weights, inputs, muon=muon)
     check_chunk_size(chunk_size)
     state = FastWeightState.initial(*weights)
@@ -458,7 +460,8 @@ def run_causal(
         outputs.append(apply_weights(*state.weights, chunk.q))
         if end < length:
             state = update_step(state, chunk, muon=muon, prenorm=prenorm)
-    return torch.cat(outputs, dim=1)
+    o = torch.cat(outputs, dim=1)
+    return (o, state.weights) if return_weights else o
 
 
 def run_bidirectional(

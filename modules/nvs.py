@@ -43,6 +43,33 @@ def nearest_input_view(input_images: Tensor, input_w2c: Tensor, target_w2c: Tens
     return input_images[torch.arange(input_images.shape[0], device=nearest.device)[:, None], nearest]
 
 
+def object_mask(images: Tensor, background: float = 1.0, tolerance: float = 0.02) -> Tensor:
+    """Pixels that are not the (white) background: [..., 3, H, W] -> bool [..., 1, H, W]."""
+    return ((images - background).abs() > tolerance).any(dim=-3, keepdim=True)
+
+
+@torch.no_grad()
+def colour_transfer(net, batch: dict) -> float:
+    """How much of the input views' colour reaches the predictions: swap the red and blue channels of the
+    input views and measure the mean absolute change of the predicted target pixels on the object (the
+    targets' non-background pixels) over the mean absolute change of the inputs on their object pixels.
+
+    About 1 for a model that carries colour from its inputs (the swapped scene's targets swap too), 0 for one
+    that predicts the same colours whatever the inputs show. net: an NVSNet (or anything called like it);
+    batch: the NVS batch dict (input_images, input_intrinsics, input_w2c, target_images, target_intrinsics,
+    target_w2c), images in [0, 1] on a white background. Returns nan when no input pixel changes.
+    """
+    inputs, targets = batch["input_images"].float(), batch["target_images"].float()
+    cameras = (batch["input_intrinsics"], batch["input_w2c"], batch["target_intrinsics"], batch["target_w2c"])
+    swapped = inputs.flip(-3)  # RGB -> BGR
+    pred = net(inputs, *cameras[:2], *cameras[2:]).float()
+    pred_swapped = net(swapped, *cameras[:2], *cameras[2:]).float()
+    target_mask, input_mask = object_mask(targets), object_mask(inputs)
+    change = ((pred_swapped - pred).abs() * target_mask).sum() / (3 * target_mask.sum()).clamp(min=1)
+    input_change = ((swapped - inputs).abs() * input_mask).sum() / (3 * input_mask.sum()).clamp(min=1)
+    return (change / input_change).item() if input_change > 0 else float("nan")
+
+
 class NVSModule(TaskModule):
     """Args:
     net: the network's sizes (NVSConfig; a dict with its fields also works: checkpoints store a dict).
@@ -51,7 +78,10 @@ class NVSModule(TaskModule):
     lpips_metric: also report LPIPS in validation and test. LPIPS needs its backbone weights on disk
         (modules/lpips.py); `test` reports it whenever they are there.
     log_images: scenes of the first validation batch shown in TensorBoard (inputs | targets | predictions).
-    turntable_frames, render_chunk: predict renders a turntable of this many frames, this many views per call.
+    turntable_frames: predict renders a turntable of this many frames.
+    render_chunk: predict renders this many views per `render` call; None (default) renders all the views of
+        a batch (its targets, then its turntable) in one call each, which is several times cheaper per view
+        than one call per view for small models (benchmarks/nvs_render.py); set it to bound memory.
     fsdp_param_dtype: under FSDP2 (ModelParallelStrategy), the dtype parameters are gathered and computed in
         ("bfloat16"); None for their own dtype.
     """
@@ -72,7 +102,7 @@ class NVSModule(TaskModule):
         lpips_net: str = "alex",
         log_images: int = 4,
         turntable_frames: int = 24,
-        render_chunk: int = 8,
+        render_chunk: int | None = None,
         fsdp_param_dtype: str | None = None,
     ):
         super().__init__(optim, fsdp_param_dtype)
@@ -154,6 +184,8 @@ class NVSModule(TaskModule):
             self.log("val/lpips", lp, sync_dist=True, batch_size=size)
         if batch_idx == 0:  # the validation loader is deterministic: the same scenes at every validation
             self.log_image_grid(batch, pred)
+            # two more passes over one batch: whether the inputs' colours reach the predictions
+            self.log("val/colour_transfer", colour_transfer(self.net, batch), batch_size=size)
 
     # ------------------------------------------------------------------------------------------ test
 
@@ -203,8 +235,9 @@ class NVSModule(TaskModule):
 
     @torch.no_grad()
     def render_views(self, state, intrinsics: Tensor, w2c: Tensor) -> Tensor:
-        """Render cameras [B, V, 4], [B, V, 4, 4] of reconstructed scenes, `render_chunk` views per call."""
-        chunk = max(1, self.hparams.render_chunk)
+        """Render cameras [B, V, 4], [B, V, 4, 4] of reconstructed scenes, `render_chunk` views per call
+        (None: all V at once)."""
+        chunk = max(1, self.hparams.render_chunk or w2c.shape[1])
         return torch.cat(
             [
                 self.net.render(state, intrinsics[:, i : i + chunk], w2c[:, i : i + chunk])

@@ -302,6 +302,11 @@ def nvs_block_bytes(block: NVSBlock, work: Workload, a: int) -> float:
     output projection, the input views' tokens writing (bidirectional); mlp_norm T D a + 8 T, its output
     T D a, the MLP.
     """
+    if not isinstance(block.lact, LaCTLayer):
+        raise ValueError(
+            "the memory plan covers NVSConfig.token_mixer='lact' only, not the attention baseline "
+            f"({type(block.lact).__name__})"
+        )
     tokens, dim = work.tokens, block.attn.qkv.in_features
     heads = attention_heads(block.attn)
     total = 3 * (norm_bytes(block.attn_norm, tokens, dim, a) + tokens * dim * a)  # three norms + outputs

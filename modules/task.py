@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
 
+from lact.layer import LaCTLayer
 from modules.resilience import DivergenceError
 from modules.scale import parse_param_dtype, shard_model
 
@@ -290,6 +291,33 @@ class TaskModule(LightningModule):
                 "training has diverged or the data is broken. Resume from the last good checkpoint with a "
                 "lower model.init_args.optim.lr, or raise optim.max_consecutive_skips"
             )
+
+    # ---- fast-weight diagnostics --------------------------------------------------------------------------
+    def lact_layers(self) -> dict[str, LaCTLayer]:
+        """The network's LaCT layers by diagnostic name: `block{i}` for the layer in self.net.blocks[i]
+        (`block{i}.{j}` when a block holds several)."""
+        named = {}
+        for i, block in enumerate(getattr(self.net, "blocks", ())):
+            layers = [m for m in block.modules() if isinstance(m, LaCTLayer)]
+            for j, layer in enumerate(layers):
+                named[f"block{i}" if len(layers) == 1 else f"block{i}.{j}"] = layer
+        return named
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Only at the trainer's logging steps (log_every_n_steps) and with a logger: otherwise the layers
+        # compute nothing extra.
+        record = bool(self.trainer.loggers) and self.trainer._logger_connector.should_update_logs
+        for layer in self.lact_layers().values():
+            layer.record_stats = record
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Logs `lact/block{i}/update_ratio` (||W_after - W_0|| / ||W_0|| of the fast weights) and
+        `lact/block{i}/inner_lr` (mean inner learning rate) of every LaCT layer, every log_every_n_steps
+        (LaCTLayer.record_update_stats). A user sees whether a LaCT model uses its memory."""
+        for name, layer in self.lact_layers().items():
+            for key, value in layer.stats.items():
+                self.log(f"lact/{name}/{key}", value, on_step=True, on_epoch=False)
+            layer.stats, layer.record_stats = {}, False
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -11,8 +11,11 @@ Images are float in [0, 1], [B, V, 3, H, W]; cameras are OpenCV intrinsics [B, V
 pixels) and world-to-camera matrices [B, V, 4, 4] (see lact/geometry.py). Any number of input and target
 views works at run time.
 
+`NVSConfig.token_mixer: attention` is the LVSM baseline: the LaCT layer is replaced by attention in which
+every token (input or target) attends to all input-view tokens, and never to a target token.
+
 Target views never influence input views: attention stays within a view and only input tokens update the
-fast weights. So a scene can be reconstructed once (`reconstruct`: every layer's fast weights after the
+fast weights (or, for the attention baseline, are attended to). So a scene can be reconstructed once (`reconstruct`: every layer's fast weights after the
 update) and any number of target cameras rendered from that state afterwards (`render`), with the same
 result as the full forward pass.
 """
@@ -33,6 +36,7 @@ from lact.ops import FastWeights
 
 RAY_CHANNELS = 9
 RGB_CHANNELS = 3
+TOKEN_MIXERS = ("lact", "attention")
 
 
 def default_lact() -> LaCTConfig:
@@ -67,6 +71,15 @@ class NVSConfig:
         GELU: the published MLP; the same parameter count).
     norm_bias: LayerNorms with a bias (the published ones have none).
     output_bias: None gives the output Linear no bias at all (published).
+    token_mixer: how information crosses views. "lact" (the method): a bidirectional LaCT layer whose fast
+        weights the input views write and every view reads. "attention" (the LVSM baseline): every token
+        attends to all input-view tokens (num_heads heads), targets never attended to; `lact` is then unused.
+        The scene state of `reconstruct` is then each layer's input-view keys and values, which grow with
+        the number of input views where the fast weights do not.
+    colour_values: every LaCT layer also adds a linear projection of the input views' raw patch colours
+        (RGB in [-1, 1]) to the values its fast weights are written with, so the input colours reach the
+        memory directly rather than through the residual stream, where the rays dominate early in training
+        (token_mixer "lact" only).
     """
 
     patch_size: int = 8
@@ -79,6 +92,8 @@ class NVSConfig:
     activation_checkpointing: bool = False
     mlp: str = "swiglu"
     norm_bias: bool = True
+    token_mixer: str = "lact"
+    colour_values: bool = False
 
     def __post_init__(self):
         for name in ("patch_size", "dim", "num_layers", "num_heads"):
@@ -100,6 +115,12 @@ class NVSConfig:
             isinstance(self.output_bias, bool) or not isinstance(self.output_bias, (int, float))
         ):
             raise ValueError(f"NVSConfig.output_bias must be a number or null, got {self.output_bias!r}")
+        if self.token_mixer not in TOKEN_MIXERS:
+            raise ValueError(
+                f"NVSConfig.token_mixer must be one of {list(TOKEN_MIXERS)}, got {self.token_mixer!r}"
+            )
+        if self.colour_values and self.token_mixer != "lact":
+            raise ValueError("NVSConfig.colour_values feeds the LaCT values: it needs token_mixer='lact'")
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(
                 f"NVSConfig.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}"
@@ -115,8 +136,9 @@ class NVSConfig:
 class NVSState(NamedTuple):
     """A reconstructed scene: the fast weights of every layer after the update on the input views.
 
-    weights[l] = (w_gate [B*H, h, d], w_up [B*H, h, d], w_down [B*H, d, h]) of block l; height and width are
-    the input views' image size in pixels, the default size of rendered views.
+    weights[l] = (w_gate [B*H, h, d], w_up [B*H, h, d], w_down [B*H, d, h]) of block l (for
+    token_mixer="attention": (keys, values) [B, heads, Vi*N, head_dim] of the input-view tokens); height and
+    width are the input views' image size in pixels, the default size of rendered views.
     """
 
     weights: list[FastWeights]
@@ -124,9 +146,9 @@ class NVSState(NamedTuple):
     width: int
 
 
-class ViewAttention(nn.Module):
-    """Full self-attention among the tokens of each view separately, with RMS-normalised q and k (keeps the
-    logits bounded early in training). x [B, V, N, D] -> [B, V, N, D]."""
+class QKNormAttention(nn.Module):
+    """Multi-head attention pieces with RMS-normalised q and k (keeps the logits bounded early in training),
+    shared by the per-view attention and the LVSM baseline's input attention."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -136,16 +158,45 @@ class ViewAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
         self.proj = nn.Linear(dim, dim, bias=False)
 
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, L, D] -> normalised q, k and v [B, heads, L, head_dim]."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q [B, heads, Lq, head_dim] attends to k, v [B, heads, Lk, head_dim] -> [B, Lq, D]."""
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class ViewAttention(QKNormAttention):
+    """Full self-attention among the tokens of each view separately. x [B, V, N, D] -> [B, V, N, D]."""
+
     def forward(self, x: Tensor) -> Tensor:
-        batch, views, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch * views, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B*V, heads, N, head_dim] each
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
-        return self.proj(out.transpose(1, 2).reshape(batch, views, tokens, dim))
+        return self.attend(*self.heads(x.flatten(0, 1))).view_as(x)
+
+
+class InputAttention(QKNormAttention):
+    """The LVSM baseline's token mixer: every token attends to all input-view tokens (and to nothing else).
+    Same interface as the bidirectional LaCTLayer: x [B, L, D] with the `update_len` input tokens first ->
+    [B, L, D]; `reconstruct` returns the inputs' keys and values [B, heads, L, head_dim], which `render`
+    attends to."""
+
+    def forward(self, x: Tensor, *, update_len: int) -> Tensor:
+        q, k, v = self.heads(x)
+        return self.attend(q, k[:, :, :update_len], v[:, :, :update_len])
+
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        q, k, v = self.heads(x)
+        return self.attend(q, k, v), (k, v)
+
+    def render(self, x: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        q, _, _ = self.heads(x)
+        return self.attend(q, *kv)
 
 
 class NVSBlock(nn.Module):
-    """Three pre-norm residual sub-blocks: per-view attention, LaCT over all views, SwiGLU MLP."""
+    """Three pre-norm residual sub-blocks: per-view attention, LaCT (or, for token_mixer="attention",
+    InputAttention) over all views, SwiGLU MLP."""
 
     def __init__(self, config: NVSConfig):
         super().__init__()
@@ -153,22 +204,40 @@ class NVSBlock(nn.Module):
         self.attn_norm = nn.LayerNorm(dim, bias=bias)
         self.attn = ViewAttention(dim, config.num_heads)
         self.lact_norm = nn.LayerNorm(dim, bias=bias)
-        self.lact = LaCTLayer.from_config(dim, config.lact, schedule="bidirectional")
+        if config.token_mixer == "attention":
+            self.lact = InputAttention(dim, config.num_heads)
+        else:
+            self.lact = LaCTLayer.from_config(dim, config.lact, schedule="bidirectional")
+        self.colour_values = None
+        if config.colour_values:
+            self.colour_values = nn.Linear(RGB_CHANNELS * config.patch_size**2, dim, bias=False)
         self.mlp_norm = nn.LayerNorm(dim, bias=bias)
         mlp = GeluMLP if config.mlp == "gelu" else SwiGLUMLP
         self.mlp = mlp(dim, config.mlp_hidden)
 
-    def forward(self, x: Tensor, num_inputs: int) -> Tensor:
-        """x [B, V, N, D] with the `num_inputs` input views first -> [B, V, N, D]."""
+    def mixer_kwargs(self, h: Tensor, colour: Tensor | None) -> dict:
+        """The LaCT layer's qkv with the input colours added to its values (colour_values), else nothing.
+        h [B, L, D] normalised tokens; colour [B, Li, 3 p p] the first Li tokens' patch colours."""
+        if self.colour_values is None:
+            return {}
+        qkv = self.lact.qkv(h)
+        values = F.pad(self.colour_values(colour), (2 * h.shape[-1], 0, 0, h.shape[1] - colour.shape[1]))
+        return {"qkv": qkv + values.to(qkv.dtype)}
+
+    def forward(self, x: Tensor, num_inputs: int, colour: Tensor | None = None) -> Tensor:
+        """x [B, V, N, D] with the `num_inputs` input views first -> [B, V, N, D]. colour [B, Vi N, 3 p p]:
+        the input views' patch colours, needed with colour_values."""
         x = x + self.attn(self.attn_norm(x))
         tokens = x.shape[2]
-        x = x + self.lact(self.lact_norm(x).flatten(1, 2), update_len=num_inputs * tokens).view_as(x)
+        h = self.lact_norm(x).flatten(1, 2)
+        x = x + self.lact(h, update_len=num_inputs * tokens, **self.mixer_kwargs(h, colour)).view_as(x)
         return x + self.mlp(self.mlp_norm(x))
 
-    def reconstruct(self, x: Tensor) -> tuple[Tensor, FastWeights]:
+    def reconstruct(self, x: Tensor, colour: Tensor | None = None) -> tuple[Tensor, FastWeights]:
         """Input views only: x [B, Vi, N, D] -> (x [B, Vi, N, D], this layer's updated fast weights)."""
         x = x + self.attn(self.attn_norm(x))
-        y, weights = self.lact.reconstruct(self.lact_norm(x).flatten(1, 2))
+        h = self.lact_norm(x).flatten(1, 2)
+        y, weights = self.lact.reconstruct(h, **self.mixer_kwargs(h, colour))
         x = x + y.view_as(x)
         return x + self.mlp(self.mlp_norm(x)), weights
 
@@ -217,6 +286,14 @@ class NVSNet(nn.Module):
             self.embed(patchify(pixels, self.config.patch_size).to(self.embed.weight.dtype))
         )
 
+    def colour_patches(self, images: Tensor) -> Tensor | None:
+        """With colour_values: input images [B, Vi, 3, H, W] in [0, 1] -> patch colours [B, Vi N, 3 p p] in
+        [-1, 1] (what the LaCT values receive); else None."""
+        if not self.config.colour_values:
+            return None
+        patches = patchify(images * 2 - 1, self.config.patch_size).flatten(1, 2)
+        return patches.to(self.embed.weight.dtype)
+
     def decode(self, x: Tensor, height: int, width: int) -> Tensor:
         """Target tokens [B, V, N, D] -> images [B, V, 3, H, W] in (0, 1)."""
         return unpatchify(torch.sigmoid(self.out(self.out_norm(x))), self.config.patch_size, height, width)
@@ -239,8 +316,9 @@ class NVSNet(nn.Module):
         targets = self.tokenize(target_intrinsics, target_w2c, None, height, width)
         num_inputs = inputs.shape[1]
         x = torch.cat([inputs, targets], dim=1)
+        colour = self.colour_patches(images)
         for block in self.blocks:
-            x = run_block(block, x, num_inputs, checkpointing=self.config.activation_checkpointing)
+            x = run_block(block, x, num_inputs, colour, checkpointing=self.config.activation_checkpointing)
         return self.decode(x[:, num_inputs:], height, width)
 
     def reconstruct(self, images: Tensor, intrinsics: Tensor, w2c: Tensor) -> NVSState:
@@ -250,9 +328,10 @@ class NVSNet(nn.Module):
         if x.shape[1] < 1:
             raise ValueError("reconstruct needs at least one input view, got 0")
         weights = []
+        colour = self.colour_patches(images)
         for block in self.blocks:
             x, layer_weights = run_block(
-                block.reconstruct, x, checkpointing=self.config.activation_checkpointing
+                block.reconstruct, x, colour, checkpointing=self.config.activation_checkpointing
             )
             weights.append(layer_weights)
         return NVSState(weights, int(height), int(width))

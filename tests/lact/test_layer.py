@@ -358,3 +358,42 @@ def test_prenorm_is_refused_by_the_bidirectional_network_config():
 
     with pytest.raises(ValueError, match=r"NVSConfig\.lact\.prenorm must be false"):
         NVSConfig(dim=32, num_heads=2, lact={"prenorm": True})
+
+
+@pytest.mark.parametrize("schedule", ["causal", "bidirectional", "interleaved"])
+def test_update_stats_only_when_recording_and_zero_without_an_update(schedule):
+    torch.manual_seed(0)
+    layer = LaCTLayer(16, 2, schedule=schedule, chunk_size=4, base_lr=0.5)
+    x = torch.randn(2, 8, 16)
+    kwargs = {"update_len": 8} if schedule == "bidirectional" else {}
+    layer(x, **kwargs)
+    assert layer.stats == {}  # off by default: nothing computed
+    layer.record_stats = True
+    out = layer(x, **kwargs)
+    ratio, lr = layer.stats["update_ratio"], layer.stats["inner_lr"]
+    assert not ratio.requires_grad and 0 < ratio.item() < 2
+    assert 0.2 < lr.item() < 1.5  # near base_lr at init (the lr projection's bias starts at 0)
+    layer.record_stats = False
+    assert torch.equal(layer(x, **kwargs), out)  # recording changes nothing in the output
+    # No update at all (one causal chunk is apply-only; zero update tokens): the memory is unchanged.
+    layer.record_stats = True
+    if schedule == "causal":
+        layer.chunk_size = 8
+        layer(x)
+    elif schedule == "bidirectional":
+        layer(x, update_len=0)
+    else:
+        return
+    assert layer.stats["update_ratio"].item() == 0.0
+
+
+def test_update_ratio_grows_with_the_inner_lr():
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+    ratios = []
+    for base_lr in (2e-6, 1e-2, 1.0):
+        torch.manual_seed(0)
+        layer = LaCTLayer(16, 2, schedule="bidirectional", chunk_size=None, base_lr=base_lr)
+        layer.record_stats = True
+        layer.reconstruct(x)
+        ratios.append(layer.stats["update_ratio"].item())
+    assert ratios[0] < 1e-4 < ratios[1] < ratios[2], ratios

@@ -229,3 +229,51 @@ def test_configs_accept_dicts_and_nested_dataclasses():
         as_config(OptimConfig, {"learning_rate": 0.5})
     with pytest.raises(ValueError, match="OptimConfig.min_lr_ratio"):
         OptimConfig(min_lr_ratio=2.0)
+
+
+def lact_scalars(logdir) -> dict[str, list[float]]:
+    """Every `lact/...` scalar the TensorBoard logger wrote under logdir, by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in sorted(logdir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            if tag.startswith("lact/"):
+                values.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+    return values
+
+
+@pytest.mark.parametrize("task", ["lm", "nvs"])
+def test_fast_weight_diagnostics_reach_tensorboard_every_log_step(task, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logged = {}
+    for base_lr in (2e-6, 1.0):
+        torch.manual_seed(0)
+        module = build(task, OptimConfig(lr=1e-3, warmup_steps=0))
+        for layer in module.lact_layers().values():
+            layer.base_lr = base_lr  # the lr projection's offset: inner lr ~ base_lr at init
+            if layer.schedule == "causal":
+                layer.chunk_size = 4  # two chunks of the 8-token batches: one update (the last only reads)
+        logdir = tmp_path / f"{task}_{base_lr}"
+        Trainer(
+            accelerator="cpu", logger=TensorBoardLogger(logdir), enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, max_steps=4,
+            log_every_n_steps=2,
+        ).fit(module, batches(task, 4))  # fmt: skip
+        logged[base_lr] = lact_scalars(logdir)
+        # off again after the logging steps: no layer keeps recording
+        assert not any(layer.record_stats for layer in module.lact_layers().values())
+    blocks = list(build(task, OptimConfig()).lact_layers())
+    assert blocks == [f"block{i}" for i in range(len(blocks))] and blocks
+    for base_lr, values in logged.items():
+        assert sorted(values) == sorted(f"lact/{b}/{k}" for b in blocks for k in ("update_ratio", "inner_lr"))
+        assert all(len(v) == 2 for v in values.values()), values  # steps 2 and 4 of 4
+        for b in blocks:
+            ratio, lr = values[f"lact/{b}/update_ratio"], values[f"lact/{b}/inner_lr"]
+            if base_lr < 1e-5:  # an inner lr near the floor leaves the memory untouched
+                assert max(ratio) < 1e-4 and max(lr) < 1e-5, (ratio, lr)
+            else:
+                assert min(ratio) > 1e-2 and 0.2 < min(lr) < 2, (ratio, lr)

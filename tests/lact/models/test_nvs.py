@@ -50,7 +50,15 @@ def test_forward_shapes_range_and_any_view_count():
     assert out.shape == (2, 2, 3, 24, 24)
 
 
-@pytest.mark.parametrize("lact", [{}, {"lact": {**TINY["lact"], "chunk_size": 40, "muon": "schedule"}}])
+@pytest.mark.parametrize(
+    "lact",
+    [
+        {},
+        {"lact": {**TINY["lact"], "chunk_size": 40, "muon": "schedule"}},
+        {"token_mixer": "attention"},
+        {"colour_values": True},
+    ],
+)
 def test_reconstruct_once_then_render_equals_the_full_forward(lact):
     torch.manual_seed(0)
     net = NVSNet(NVSConfig(**{**TINY, "num_layers": 3, **lact})).eval()
@@ -214,3 +222,33 @@ def test_zero_output_gate_survives_the_network_init():
     assert default.std().item() == pytest.approx(
         (3 * 32) ** -0.5, rel=0.2
     )  # init_linear's N(0, 1/(3 fan_in))
+
+
+@pytest.mark.parametrize("token_mixer", ["lact", "attention"])
+def test_targets_never_influence_the_input_tokens(token_mixer):
+    """Perturbing the target tokens inside a block leaves every input token unchanged; perturbing the input
+    tokens changes the targets (float64, so the first check can be tight)."""
+    torch.manual_seed(0)
+    net = NVSNet(NVSConfig(**{**TINY, "token_mixer": token_mixer})).double()
+    x = torch.randn(2, 5, 16, 32, dtype=torch.float64)  # [B, V, N, D]: 3 input views, then 2 targets
+    noisy_targets, noisy_inputs = x.clone(), x.clone()
+    noisy_targets[:, 3:] += torch.randn_like(x[:, 3:])
+    noisy_inputs[:, :3] += torch.randn_like(x[:, :3])
+    with torch.no_grad():
+        for block in net.blocks:
+            base = block(x, 3)
+            torch.testing.assert_close(block(noisy_targets, 3)[:, :3], base[:, :3], rtol=1e-12, atol=1e-12)
+            assert (block(noisy_inputs, 3)[:, 3:] - base[:, 3:]).abs().max() > 1e-3
+
+
+def test_attention_baseline_replaces_exactly_the_lact_layers():
+    lact = NVSNet(NVSConfig(**TINY))
+    attention = NVSNet(NVSConfig(**{**TINY, "token_mixer": "attention"}))
+    d, heads = TINY["dim"], TINY["num_heads"]
+    per_layer_lact = sum(p.numel() for p in lact.blocks[0].lact.parameters())
+    per_layer_attention = 4 * d * d + 2 * (d // heads)  # qkv, proj, the q and k RMSNorm scales
+    assert sum(p.numel() for p in attention.blocks[0].lact.parameters()) == per_layer_attention
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(attention) == count(lact) + TINY["num_layers"] * (per_layer_attention - per_layer_lact)
+    with pytest.raises(ValueError, match="token_mixer must be one of"):
+        NVSConfig(**{**TINY, "token_mixer": "mamba"})
