@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lact.documents import PackedDocuments
 from lact.nn import RotaryEmbedding
 from lact.ops import (
     MUON_COEFFICIENTS,
@@ -260,7 +261,8 @@ class LaCTLayer(nn.Module):
         return tuple(w.repeat(batch, 1, 1) for w in (self.w_gate, self.w_up, self.w_down))
 
     def fast_weight_inputs(self, x: Tensor, qkv: Tensor | None = None, positions: Tensor | None = None):
-        """x [B, L, D] (and optionally a shared qkv [B, L, 3D]; positions [L] for rotary) -> FastWeightInputs."""
+        """x [B, L, D] (and optionally a shared qkv [B, L, 3D]; positions [L], or [B, L] per row, for rotary)
+        -> FastWeightInputs."""
         if qkv is None:
             if self.qkv is None:
                 raise ValueError(
@@ -308,13 +310,17 @@ class LaCTLayer(nn.Module):
         qkv: Tensor | None = None,
         update_len: int | None = None,
         positions: Tensor | None = None,
+        documents: PackedDocuments | None = None,
     ) -> Tensor:
         """x [B, L, D] -> [B, L, D]. `update_len` (bidirectional only): the first update_len tokens write the
-        memory, all L tokens read it."""
+        memory, all L tokens read it. `documents` (causal only; lact/documents.py): packed sequences, every
+        document processed as if alone (pass its in-document `positions` [B, L] for rotary too)."""
+        if documents is not None and self.schedule != "causal":
+            raise ValueError(f"documents are supported by the causal schedule only, not {self.schedule!r}")
         inputs = self.fast_weight_inputs(x, qkv, positions)
         weights = tuple(w.to(inputs.q.dtype) for w in self.initial_weights(x.shape[0]))
         if self.schedule == "causal":
-            o = run_causal(weights, inputs, chunk_size=self.chunk_size, muon=self.muon)
+            o = run_causal(weights, inputs, chunk_size=self.chunk_size, muon=self.muon, documents=documents)
         elif self.schedule == "bidirectional":
             if update_len is None:
                 raise ValueError(
