@@ -71,7 +71,7 @@ class PackedDocuments(NamedTuple):
         batch, heads = self.batch, t.shape[0] // self.batch
         tokens = t.unflatten(0, (batch, heads)).transpose(1, 2).flatten(0, 1)  # [B*L, H, x]
         tokens = torch.cat([tokens, tokens.new_zeros(1, *tokens.shape[1:])])  # the padding token, B*L
-        slots = tokens[self.gather].unflatten(0, (-1, self.chunk_size))  # [sum n_s, C, H, x]
+        slots = tokens.index_select(0, self.gather).unflatten(0, (-1, self.chunk_size))  # [sum n_s, C, H, x]
         return slots.transpose(1, 2).flatten(0, 1)
 
     def from_chunks(self, o: Tensor) -> Tensor:
@@ -79,7 +79,7 @@ class PackedDocuments(NamedTuple):
         batch, length = self.ids.shape
         heads = o.shape[0] // (self.gather.shape[0] // self.chunk_size)
         slots = o.unflatten(0, (-1, heads)).transpose(1, 2).flatten(0, 1)  # [S, H, x]
-        tokens = slots[self.scatter].unflatten(0, (batch, length))  # [B, L, H, x]
+        tokens = slots.index_select(0, self.scatter).unflatten(0, (batch, length))  # [B, L, H, x]
         return tokens.transpose(1, 2).flatten(0, 1)
 
 
