@@ -65,22 +65,34 @@ class PackedDocuments(NamedTuple):
     def batch(self) -> int:
         return self.ids.shape[0]
 
-    def to_chunks(self, t: Tensor) -> Tensor:
-        """Operator layout [B * H, L, x] -> [(sum n_s) * H, C, x]: step s's documents' chunk s, rows (rank, head)
-        within each step, zeros in padding slots."""
-        batch, heads = self.batch, t.shape[0] // self.batch
-        tokens = t.unflatten(0, (batch, heads)).transpose(1, 2).flatten(0, 1)  # [B*L, H, x]
-        tokens = torch.cat([tokens, tokens.new_zeros(1, *tokens.shape[1:])])  # the padding token, B*L
-        slots = tokens.index_select(0, self.gather).unflatten(0, (-1, self.chunk_size))  # [sum n_s, C, H, x]
-        return slots.transpose(1, 2).flatten(0, 1)
-
-    def from_chunks(self, o: Tensor) -> Tensor:
-        """The inverse of `to_chunks` for outputs: [(sum n_s) * H, C, x] -> [B * H, L, x] (padding dropped)."""
+    def slot_indices(self, heads: int) -> tuple[Tensor, Tensor]:
+        """Row indices for `to_chunks` and `from_chunks` with `heads` rows per token (operator layout, batch
+        x heads first): ([(sum n_s) * heads * C] into [B * heads * L] token rows, [B * heads * L] into slot
+        rows). Padding slots point at token row 0: they are only ever read by an apply whose output is
+        dropped (a document's last chunk never updates), so their content never reaches an output, a weight
+        or a gradient."""
         batch, length = self.ids.shape
-        heads = o.shape[0] // (self.gather.shape[0] // self.chunk_size)
-        slots = o.unflatten(0, (-1, heads)).transpose(1, 2).flatten(0, 1)  # [S, H, x]
-        tokens = slots.index_select(0, self.scatter).unflatten(0, (batch, length))  # [B, L, H, x]
-        return tokens.transpose(1, 2).flatten(0, 1)
+        size = self.chunk_size
+        token = self.gather.masked_fill(self.gather == batch * length, 0)
+        row, col = (token // length).view(-1, 1, size), (token % length).view(-1, 1, size)
+        head = torch.arange(heads, device=token.device).view(1, heads, 1)
+        gather = ((row * heads + head) * length + col).flatten()  # [chunk, head, offset] order
+        chunk, offset = (
+            (self.scatter // size).view(batch, 1, length),
+            (self.scatter % size).view(batch, 1, length),
+        )
+        scatter = ((chunk * heads + head) * size + offset).flatten()  # [row, head, token] order
+        return gather, scatter
+
+    def to_chunks(self, t: Tensor, gather: Tensor) -> Tensor:
+        """Operator layout [B * H, L, x] -> [(sum n_s) * H, C, x]: step s's documents' chunk s, rows (rank, head)
+        within each step; gather: `slot_indices(H)[0]`."""
+        return t.flatten(0, 1).index_select(0, gather).unflatten(0, (-1, self.chunk_size))
+
+    def from_chunks(self, o: Tensor, scatter: Tensor) -> Tensor:
+        """The inverse of `to_chunks` for outputs: [(sum n_s) * H, C, x] -> [B * H, L, x] (padding dropped);
+        scatter: `slot_indices(H)[1]`."""
+        return o.flatten(0, 1).index_select(0, scatter).unflatten(0, (-1, self.ids.shape[1]))
 
 
 def pack_documents(tokens: Tensor, eod_id: int, chunk_size: int) -> PackedDocuments:

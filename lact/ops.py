@@ -251,7 +251,8 @@ def run_causal_documents(
             f"(B x heads) of {inputs.length} tokens"
         )
     heads = inputs.q.shape[0] // batch
-    chunks = FastWeightInputs(*(None if t is None else documents.to_chunks(t) for t in inputs))
+    gather, scatter = documents.slot_indices(heads)
+    chunks = FastWeightInputs(*(None if t is None else documents.to_chunks(t, gather) for t in inputs))
     initial = tuple(w.unflatten(0, (batch, heads))[documents.rows].flatten(0, 1) for w in weights)
     state = FastWeightState.initial(*initial)
     steps = documents.docs_per_step
@@ -264,7 +265,7 @@ def run_causal_documents(
             rows = writing * heads
             state = update_step(state.rows(rows), chunk.rows(0, rows), muon=muon)
         first += running
-    return documents.from_chunks(torch.cat(outputs))
+    return documents.from_chunks(torch.cat(outputs), scatter)
 
 
 def run_bidirectional(

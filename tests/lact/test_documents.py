@@ -55,7 +55,12 @@ def test_layout_holds_every_token_once_and_inverts():
     # chunks per document, most first: 30 -> 5, 15 -> 3, 14 -> 2, 13 -> 2 (cut to 12 by the row end), ...
     assert docs.docs_per_step == (9, 4, 2, 1, 1)
     x = torch.randn(tokens.shape[0] * 3, tokens.shape[1], 4)  # 3 heads
-    assert torch.equal(docs.from_chunks(docs.to_chunks(x)), x)
+    gather, scatter = docs.slot_indices(3)
+    chunks = docs.to_chunks(x, gather)
+    assert chunks.shape == (3 * sum(docs.docs_per_step), 7, 4)
+    assert torch.equal(docs.from_chunks(chunks, scatter), x)
+    # the first step's first document is row 1's (30 tokens): its chunk 0 for head 2 is tokens 0..6
+    assert torch.equal(chunks[2], x[3 + 2, :7])
 
 
 @pytest.mark.parametrize(("momentum", "muon"), [(True, "schedule"), (False, None)])
