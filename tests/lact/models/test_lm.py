@@ -287,11 +287,14 @@ def test_packed_documents_give_each_document_its_own_logits(overrides):
                 torch.testing.assert_close(logits[b : b + 1, start:end], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_documents_gradients_are_the_sum_over_documents():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_documents_gradients_are_the_sum_over_documents(checkpointing):
     torch.manual_seed(0)
     model = with_random_convolutions(LaCTLM(small(eod_id=EOD, momentum=True, short_conv=3)))
     x = packed_rows(PACKED)
+    model.cfg.activation_checkpointing = checkpointing  # the documents pass through the recomputed blocks
     model(x).square().sum().backward()
+    model.cfg.activation_checkpointing = False
     packed = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     for b in range(2):
