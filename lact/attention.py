@@ -11,14 +11,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+def sliding_window_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, documents: Tensor | None = None
+) -> Tensor:
     """Causal attention where token i sees tokens j with i - window < j <= i (itself and window - 1 before).
 
     Queries are cut into blocks of `window` tokens; block c attends to key blocks c - 1 and c under one
     [window, 2 * window] mask shared by all blocks, so memory is O(L * window).
+
+    documents: [B, L] document index of every token (packed sequences, lact/documents.py), or None. When
+    given, token i also needs j in its own document: each block pair gets the band mask and the same-document
+    mask, [B, blocks, window, 2 * window] booleans in all, still O(L * window).
     """
     if window < 1:
         raise ValueError(f"window must be a positive int, got {window}")
+    if documents is not None:
+        return document_window_attention(q, k, v, window, documents)
     length = q.shape[-2]
     if length <= window:  # every causal pair is within the window
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -40,6 +48,42 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Te
     rest = F.scaled_dot_product_attention(qb[:, :, 1:].flatten(1, 2), k_ctx, v_ctx, attn_mask=mask)
     rest = rest.unflatten(1, (heads, blocks - 1))
     out = torch.cat([first.unsqueeze(2), rest], dim=2).reshape(batch, heads, padded, dim)
+    return out[:, :, :length]
+
+
+def document_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, documents: Tensor) -> Tensor:
+    """`sliding_window_attention` with a same-document mask; documents [B, L] int64."""
+    batch, heads, length, dim = q.shape
+    if tuple(documents.shape) != (batch, length):
+        raise ValueError(f"documents must be [B={batch}, L={length}], got {tuple(documents.shape)}")
+    if length <= window:
+        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        same = documents[:, :, None] == documents[:, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(causal & same).unsqueeze(1))
+    pad = (-length) % window
+    if pad:  # padded tokens form a document of their own after every real query: no real query sees them
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        documents = F.pad(documents, (0, pad), value=-1)
+    blocks = q.shape[2] // window
+    qb, kb, vb = (t.reshape(batch, heads, blocks, window, dim) for t in (q, k, v))
+    ids = documents.reshape(batch, blocks, window)
+    causal = torch.ones(window, window, dtype=torch.bool, device=q.device).tril()
+    mask = causal & (ids[:, 0, :, None] == ids[:, 0, None, :])  # [B, W, W]
+    first = F.scaled_dot_product_attention(qb[:, :, 0], kb[:, :, 0], vb[:, :, 0], attn_mask=mask.unsqueeze(1))
+    rows = torch.arange(window, device=q.device)[:, None]
+    cols = torch.arange(2 * window, device=q.device)[None, :]
+    band = (cols > rows) & (cols <= rows + window)
+    ctx_ids = torch.cat([ids[:, :-1], ids[:, 1:]], dim=2)  # [B, n-1, 2W]
+    mask = band & (ids[:, 1:, :, None] == ctx_ids[:, :, None, :])  # [B, n-1, W, 2W]; a query sees itself
+    # block pairs become batch entries (the mask differs per pair and row, not per head)
+    k_ctx = (
+        torch.cat([kb[:, :, :-1], kb[:, :, 1:]], dim=3).transpose(1, 2).flatten(0, 1)
+    )  # [B(n-1), H, 2W, D]
+    v_ctx = torch.cat([vb[:, :, :-1], vb[:, :, 1:]], dim=3).transpose(1, 2).flatten(0, 1)
+    q_rest = qb[:, :, 1:].transpose(1, 2).flatten(0, 1)
+    rest = F.scaled_dot_product_attention(q_rest, k_ctx, v_ctx, attn_mask=mask.flatten(0, 1).unsqueeze(1))
+    rest = rest.unflatten(0, (batch, blocks - 1)).transpose(1, 2)  # [B, H, n-1, W, D]
+    out = torch.cat([first.unsqueeze(2), rest], dim=2).reshape(batch, heads, blocks * window, dim)
     return out[:, :, :length]
 
 

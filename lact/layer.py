@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lact.documents import PackedDocuments
 from lact.nn import RotaryEmbedding
 from lact.ops import (
     MUON_COEFFICIENTS,
@@ -383,7 +384,8 @@ class LaCTLayer(nn.Module):
         return tuple(w() if callable(w) else w for w in (self.w_gate, self.w_up, self.w_down))
 
     def fast_weight_inputs(self, x: Tensor, qkv: Tensor | None = None, positions: Tensor | None = None):
-        """x [B, L, D] (and optionally a shared qkv [B, L, 3D]; positions [L] for rotary) -> FastWeightInputs."""
+        """x [B, L, D] (and optionally a shared qkv [B, L, 3D]; positions [L], or [B, L] per row, for rotary)
+        -> FastWeightInputs."""
         if qkv is None:
             if self.qkv is None:
                 raise ValueError(
@@ -444,22 +446,28 @@ class LaCTLayer(nn.Module):
         qkv: Tensor | None = None,
         update_len: int | None = None,
         positions: Tensor | None = None,
+        documents: PackedDocuments | None = None,
     ) -> Tensor:
         """x [B, L, D] -> [B, L, D]. `update_len` (bidirectional only): the first update_len tokens write the
-        memory, all L tokens read it."""
+        memory, all L tokens read it. `documents` (causal only; lact/documents.py): packed sequences, every
+        document processed as if alone (pass its in-document `positions` [B, L] for rotary too)."""
+        if documents is not None and self.schedule != "causal":
+            raise ValueError(f"documents are supported by the causal schedule only, not {self.schedule!r}")
         inputs = self.fast_weight_inputs(x, qkv, positions)
         weights = tuple(w.to(inputs.q.dtype) for w in self.initial_weights(x.shape[0]))
         writers = inputs.length
         if self.schedule == "causal":
+            stats = self.record_stats and documents is None  # no diagnostics on packed documents
             out = run_causal(
                 weights,
                 inputs,
                 chunk_size=self.chunk_size,
                 muon=self.muon,
                 prenorm=self.prenorm,
-                return_weights=self.record_stats,
+                return_weights=stats,
+                documents=documents,
             )
-            o, final = out if self.record_stats else (out, None)
+            o, final = out if stats else (out, None)
         elif self.schedule == "bidirectional":
             if update_len is None:
                 raise ValueError(
@@ -472,7 +480,7 @@ class LaCTLayer(nn.Module):
         else:
             o, state = run_interleaved(weights, inputs, chunk_size=self.chunk_size, muon=self.muon)
             final = state.weights
-        if self.record_stats:
+        if self.record_stats and final is not None:
             self.record_update_stats(weights, final, inputs.slice(0, writers))
         return self.read_out(o, x)
 

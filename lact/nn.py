@@ -66,12 +66,15 @@ class RotaryEmbedding(nn.Module):
         self.base = base
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x [..., L, dim]; positions [L] integer token positions -> x rotated, same shape and dtype."""
+        """x [..., L, dim]; positions [L] integer token positions, or [B, L] per row for x [B, H, L, dim]
+        (positions within packed documents) -> x rotated, same shape and dtype."""
         inv_freq = self.base ** (
             -torch.arange(0, self.dim, 2, device=x.device, dtype=torch.float32) / self.dim
         )
-        angles = positions.to(torch.float32)[:, None] * inv_freq  # [L, dim/2]
+        angles = positions.to(torch.float32)[..., None] * inv_freq  # [L, dim/2] or [B, L, dim/2]
         cos, sin = angles.cos(), angles.sin()
+        if positions.dim() == 2:  # per row: broadcast over the heads of x [B, H, L, dim]
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         first, second = x.float().chunk(2, dim=-1)
         rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
         return rotated.to(x.dtype)
@@ -87,6 +90,8 @@ class ShortConv(nn.Module):
 
     `forward(x, past)` continues a sequence: past [B, p, channels] are the p <= kernel - 1 inputs right before
     x (fewer only at the start of the sequence); returns y and the last kernel - 1 inputs to pass next time.
+    `forward(x, positions=...)` with the positions [B, L] of x's tokens within packed documents: taps that
+    would reach before a token's document start read zeros, as at the start of a sequence.
     """
 
     def __init__(self, channels: int, kernel: int):
@@ -102,7 +107,13 @@ class ShortConv(nn.Module):
             self.weight.zero_()
             self.weight[:, -1] = 1.0
 
-    def forward(self, x: Tensor, past: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, past: Tensor | None = None, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if positions is not None:
+            if past is not None:
+                raise ValueError("ShortConv: pass past or positions, not both")
+            return self.within_documents(x, positions), x[:, -(self.kernel - 1) :]
         past_len = 0 if past is None else past.shape[1]
         if past is not None:
             x = torch.cat([past.to(x.dtype), x], dim=1)
@@ -110,3 +121,14 @@ class ShortConv(nn.Module):
         padded = F.pad(x.transpose(1, 2), (self.kernel - 1 - past_len, 0))
         y = F.conv1d(padded, self.weight.to(x.dtype).unsqueeze(1), groups=self.weight.shape[0])
         return y.transpose(1, 2), x[:, -(self.kernel - 1) :]
+
+    def within_documents(self, x: Tensor, positions: Tensor) -> Tensor:
+        """y [B, L, channels] for x [B, L, channels] whose tokens sit at `positions` [B, L] in their documents:
+        one shifted, masked multiply-add per tap (kernel - 1 taps back at most), so no tap crosses a start."""
+        weight = self.weight.to(x.dtype)
+        y = x * weight[:, -1]
+        for shift in range(1, self.kernel):
+            shifted = F.pad(x, (0, 0, shift, 0))[:, : x.shape[1]]
+            reaches = (positions >= shift).unsqueeze(-1).to(x.dtype)  # the tap stays in the document
+            y = y + shifted * reaches * weight[:, -1 - shift]
+        return y

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lact.documents import PackedDocuments
+
 # Newton-Schulz coefficients (a, b, c) for X <- aX + (bA + cA^2)X, A = X X^T (DESIGN §2.1).
 MUON_FIXED = ((3.4445, -4.7750, 2.0315),) * 5
 MUON_SCHEDULE = (
@@ -63,6 +65,10 @@ class FastWeightInputs(NamedTuple):
         """Tokens [start, end) of every field."""
         return FastWeightInputs(*(None if t is None else t[:, start:end] for t in self))
 
+    def rows(self, start: int, end: int) -> FastWeightInputs:
+        """Rows [start, end) of the batch dimension of every field."""
+        return FastWeightInputs(*(None if t is None else t[start:end] for t in self))
+
     def cat(self, other: FastWeightInputs) -> FastWeightInputs:
         """These tokens followed by `other`'s (the same fields present in both)."""
         return FastWeightInputs(
@@ -89,6 +95,10 @@ class FastWeightState(NamedTuple):
     def initial(cls, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> FastWeightState:
         weights = (w_gate, w_up, w_down)
         return cls(weights, tuple(row_norms(w) for w in weights))
+
+    def rows(self, end: int) -> FastWeightState:
+        """The first `end` rows (batch x heads) of every tensor."""
+        return FastWeightState(*(None if ws is None else tuple(w[:end] for w in ws) for ws in self))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -446,11 +456,21 @@ def run_causal(
     muon: str | None = None,
     prenorm: bool = False,
     return_weights: bool = False,
+    documents: PackedDocuments | None = None,
 ) -> Tensor | tuple[Tensor, FastWeights]:
     """`causal_lact` on an inputs record: apply-then-update over chunks. Returns o [B, L, d], or with
-    return_weights (o, the weights after the last update) for diagnostics."""
+    return_weights (o, the weights after the last update) for diagnostics.
+
+    With `documents` (the boundaries of packed sequences, lact/documents.py; B = batch x heads), every
+    document runs the schedule as if alone: from the initial weights, in chunks counted from its start
+    (not with prenorm or return_weights).
+    """
     check_inputs(weights, inputs, muon=muon)
     check_chunk_size(chunk_size)
+    if documents is not None:
+        if prenorm or return_weights:
+            raise ValueError("run_causal: packed documents support neither prenorm nor return_weights")
+        return run_causal_documents(weights, inputs, documents, chunk_size=chunk_size, muon=muon)
     state = FastWeightState.initial(*weights)
     length = inputs.length
     outputs = []
@@ -462,6 +482,50 @@ def run_causal(
             state = update_step(state, chunk, muon=muon, prenorm=prenorm)
     o = torch.cat(outputs, dim=1)
     return (o, state.weights) if return_weights else o
+
+
+def run_causal_documents(
+    weights: FastWeights,
+    inputs: FastWeightInputs,
+    documents: PackedDocuments,
+    *,
+    chunk_size: int,
+    muon: str | None = None,
+) -> Tensor:
+    """The causal schedule on every document of packed sequences at once (see `run_causal`).
+
+    Step s applies the current weights of the n_s documents that have a chunk s to those chunks (one batched
+    `swiglu_apply` over [n_s * heads, C, d]), then updates the n_{s+1} documents that have a later chunk; a
+    document's last chunk is apply-only, exactly as when it runs alone. Documents are ordered by chunk count,
+    so the running ones are always a prefix of the state's rows. Returns o [B, L, d].
+    """
+    if documents.chunk_size != chunk_size:
+        raise ValueError(
+            f"documents were laid out in chunks of {documents.chunk_size} tokens, the schedule uses "
+            f"chunk_size={chunk_size}: build them with pack_documents(..., chunk_size={chunk_size})"
+        )
+    batch, length = documents.ids.shape
+    if inputs.q.shape[0] % batch or inputs.length != length:
+        raise ValueError(
+            f"documents are for [B={batch}, L={length}] tokens, the inputs have {inputs.q.shape[0]} rows "
+            f"(B x heads) of {inputs.length} tokens"
+        )
+    heads = inputs.q.shape[0] // batch
+    gather, scatter = documents.slot_indices(heads)
+    chunks = FastWeightInputs(*(None if t is None else documents.to_chunks(t, gather) for t in inputs))
+    initial = tuple(w.unflatten(0, (batch, heads))[documents.rows].flatten(0, 1) for w in weights)
+    state = FastWeightState.initial(*initial)
+    steps = documents.docs_per_step
+    outputs, first = [], 0
+    for s, running in enumerate(steps):
+        chunk = chunks.rows(first * heads, (first + running) * heads)
+        outputs.append(apply_weights(*state.weights, chunk.q))
+        writing = steps[s + 1] if s + 1 < len(steps) else 0
+        if writing:
+            rows = writing * heads
+            state = update_step(state.rows(rows), chunk.rows(0, rows), muon=muon)
+        first += running
+    return documents.from_chunks(torch.cat(outputs), scatter)
 
 
 def run_bidirectional(

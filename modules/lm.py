@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 
 from datamodules.text import bytes_decode
+from lact.documents import document_positions
 from lact.models.lm import LaCTLM, LMConfig
 from lact.models.lm_cache import generate
 from lact.nn import IGNORE_INDEX
@@ -55,6 +56,12 @@ class LMModule(TaskModule):
         fsdp_param_dtype: under FSDP2, the dtype parameters are gathered and computed in ("bfloat16"), None
             for their own dtype.
         max_new_tokens, temperature, top_k, seed: generation in `predict_step` (temperature 0 = greedy).
+        score_after_eod: with net.eod_id (packed documents), whether the end-of-document position is scored
+            on predicting the next document's first token. False (default): not, since every document is
+            processed alone and nothing in it says what the next one is. Without eod_id every position with a
+            label is scored.
+
+    With net.eod_id, validation and test buckets are by position within the document, not in the sequence.
     """
 
     throughput_unit = "tokens"
@@ -69,6 +76,7 @@ class LMModule(TaskModule):
         temperature: float = 0.8,
         top_k: int | None = 40,
         seed: int = 0,
+        score_after_eod: bool = False,
     ):
         if bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
@@ -112,6 +120,9 @@ class LMModule(TaskModule):
         whether the argmax was right [B, L]."""
         logits = self.net(batch["input_ids"])
         labels = batch["labels"]
+        eod_id = self.config.eod_id
+        if eod_id is not None and not self.hparams.score_after_eod:
+            labels = labels.masked_fill(batch["input_ids"] == eod_id, IGNORE_INDEX)
         losses = F.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(labels)
@@ -133,10 +144,15 @@ class LMModule(TaskModule):
         edges = bucket_edges(losses.shape[1], self.hparams.bucket_size)
         # per range: (loss sum, scored tokens, correct tokens); (0, L) is the whole sequence
         ranges = [(0, losses.shape[1]), *zip(edges[:-1], edges[1:])]
+        if self.config.eod_id is not None:  # buckets by position within the document
+            _, positions = document_positions(batch["input_ids"], self.config.eod_id)
         for lo, hi in ranges:
-            row = torch.stack(
-                [losses[:, lo:hi].sum(), scored[:, lo:hi].sum().float(), correct[:, lo:hi].sum().float()]
-            ).detach()
+            if self.config.eod_id is None:
+                parts = losses[:, lo:hi], scored[:, lo:hi], correct[:, lo:hi]
+            else:
+                inside = (positions >= lo) & (positions < hi)
+                parts = losses * inside, scored & inside, correct & inside
+            row = torch.stack([parts[0].sum(), parts[1].sum().float(), parts[2].sum().float()]).detach()
             key = ("all", 0) if (lo, hi) == ranges[0] else (lo, hi)
             self._sums[key] = self._sums.get(key, 0) + row
 

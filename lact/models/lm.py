@@ -14,6 +14,11 @@ some blocks; 0 gives the sliding-window-only baseline from the same code. `short
 depthwise convolution of that many taps over qkv (identity at init; off in the paper configs), which lets
 the LaCT keys of a token carry the tokens just before it (see configs/lm/mqar.yaml).
 
+Packed documents: with `eod_id` set, every document of a sequence (its tokens up to and including the
+end-of-document id) is processed as if alone: attention masked to the document, fast weights restarting
+from W0 with chunks counted from the document start, positions from 0, no convolution tap across a start
+(lact/documents.py; architecture.md, "Packed documents").
+
 Incremental decoding with a state cache is in lact/models/lm_cache.py.
 """
 
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lact.attention import sliding_window_attention
+from lact.documents import PackedDocuments, pack_documents
 from lact.layer import LaCTConfig, LaCTLayer, finish_lact_init, lact_config
 from lact.nn import RotaryEmbedding, ShortConv, SwiGLUMLP, run_block
 
@@ -65,6 +71,8 @@ class LMConfig:
     short_conv: taps of the causal depthwise convolution over qkv; 0 = none (the published model).
     init_std: std of every linear and embedding weight at init (fast weights follow DESIGN §2.4).
     activation_checkpointing: recompute each block's activations in the backward pass (memory for compute).
+    eod_id: the end-of-document id of packed sequences; every document is then processed as if alone (see
+        the module docstring). None: a sequence is one stream (positions, memory and window run across).
     """
 
     vocab_size: int = 256
@@ -81,6 +89,7 @@ class LMConfig:
     init_std: float = 0.02
     norm_eps: float = 1e-5
     activation_checkpointing: bool = False
+    eod_id: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "window"):
@@ -102,6 +111,12 @@ class LMConfig:
             raise ValueError("LMConfig.lact.chunk_size must be an int >= 1 (the causal schedule), got None")
         if isinstance(self.lact_ratio, bool) or not 0 <= self.lact_ratio <= 1:
             raise ValueError(f"LMConfig.lact_ratio must be a number in [0, 1], got {self.lact_ratio!r}")
+        if self.eod_id is not None:
+            _check_int("eod_id", self.eod_id, minimum=0)
+            if self.eod_id >= self.vocab_size:
+                raise ValueError(
+                    f"LMConfig.eod_id={self.eod_id} must be a token id below vocab_size={self.vocab_size}"
+                )
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(
                 f"LMConfig.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}"
@@ -172,16 +187,19 @@ class HybridBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(dim, eps=cfg.norm_eps)
         self.mlp = SwiGLUMLP(dim, cfg.mlp_width)
 
-    def project_qkv(self, xn: Tensor, past: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def project_qkv(
+        self, xn: Tensor, past: Tensor | None = None, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """xn [B, n, D] (normed) -> qkv [B, n, 3D], through the short convolution when there is one; past and
-        the second output are the convolution's carried inputs (ShortConv.forward; None without one)."""
+        the second output are the convolution's carried inputs (ShortConv.forward; None without one);
+        positions [B, n]: in-document positions of packed documents, which the convolution does not cross."""
         qkv = self.qkv(xn)
         if self.qkv_conv is None:
             return qkv, None
-        return self.qkv_conv(qkv, past)
+        return self.qkv_conv(qkv, past, positions)
 
     def attention_inputs(self, qkv: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """qkv [B, L, 3D], positions [L] -> q, k, v [B, heads, L, head_dim], rotary applied to q and k."""
+        """qkv [B, L, 3D], positions [L] or [B, L] -> q, k, v [B, heads, L, head_dim], rotary on q and k."""
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
         return self.rotary(q, positions), self.rotary(k, positions), v
 
@@ -194,14 +212,16 @@ class HybridBlock(nn.Module):
         h = x + self.o_proj(mixed)
         return h + self.mlp(self.mlp_norm(h))
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x [B, L, D], positions [L] (absolute token positions) -> [B, L, D]."""
+    def forward(self, x: Tensor, positions: Tensor, documents: PackedDocuments | None = None) -> Tensor:
+        """x [B, L, D], positions [L] (absolute token positions) -> [B, L, D]. With `documents` (packed
+        sequences), positions are documents.positions [B, L] and every document is processed as if alone."""
         xn = self.attn_norm(x)
-        qkv, _ = self.project_qkv(xn)
+        ids, doc_positions = (None, None) if documents is None else (documents.ids, documents.positions)
+        qkv, _ = self.project_qkv(xn, positions=doc_positions)
         q, k, v = self.attention_inputs(qkv, positions)
-        mixed = self.merge_heads(sliding_window_attention(q, k, v, self.window))
+        mixed = self.merge_heads(sliding_window_attention(q, k, v, self.window, ids))
         if self.lact is not None:
-            mixed = mixed + self.lact(xn, qkv=qkv, positions=positions)
+            mixed = mixed + self.lact(xn, qkv=qkv, positions=positions, documents=documents)
         return self.finish(x, mixed)
 
 
@@ -245,12 +265,21 @@ class LaCTLM(nn.Module):
         return self.lm_head(x)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
-        """tokens [B, L] -> logits [B, L, vocab_size]; positions [L] default to 0..L-1."""
+        """tokens [B, L] -> logits [B, L, vocab_size]; positions [L] default to 0..L-1. With cfg.eod_id the
+        positions are those within each document (give none)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, L], got shape {tuple(tokens.shape)}")
-        if positions is None:
+        documents = None
+        if self.cfg.eod_id is not None:
+            if positions is not None:
+                raise ValueError(
+                    "LaCTLM: positions come from the documents when LMConfig.eod_id is set; pass none"
+                )
+            documents = pack_documents(tokens, self.cfg.eod_id, self.cfg.lact.chunk_size)
+            positions = documents.positions
+        elif positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.token_embedding(tokens)
         for block in self.blocks:
-            x = run_block(block, x, positions, checkpointing=self.cfg.activation_checkpointing)
+            x = run_block(block, x, positions, documents, checkpointing=self.cfg.activation_checkpointing)
         return self.head(x)

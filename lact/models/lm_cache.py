@@ -12,6 +12,11 @@ reaches chunk_size tokens it updates the fast weights with `update_step` on exac
 schedule (`causal_lact`) would use for that chunk, so cached logits equal the full forward's logits.
 
 `extend` takes any number of new tokens: the whole prompt (prefill) or one token at a time (decoding).
+
+With LMConfig.eod_id, the token after an end-of-document id starts from an empty cache (window, fast weights,
+convolution inputs, position 0), as the full forward treats every document as if alone. The rows of a batch
+then need their end-of-document ids at the same columns (one shared cache length); decode rows with
+different boundaries one at a time.
 """
 
 from __future__ import annotations
@@ -58,10 +63,13 @@ class BlockCache:
 
 @dataclass
 class LMCache:
-    """The whole model's decoding state: one BlockCache per block and the number of tokens seen so far."""
+    """The whole model's decoding state: one BlockCache per block and the number of tokens seen so far (of the
+    current document, with LMConfig.eod_id); `ended`: the last token was an end-of-document id, so the next
+    one starts a new document from an empty cache."""
 
     blocks: list[BlockCache]
     position: int = 0
+    ended: bool = False
 
 
 def init_cache(model: LaCTLM) -> LMCache:
@@ -133,7 +141,31 @@ def block_extend(block: HybridBlock, x: Tensor, positions: Tensor, cache: BlockC
 
 def extend(model: LaCTLM, tokens: Tensor, cache: LMCache) -> Tensor:
     """Feed new tokens [B, n] after the cache's tokens; returns their logits [B, n, vocab] and advances the
-    cache in place. n may be the whole prompt (prefill) or 1 (decoding)."""
+    cache in place. n may be the whole prompt (prefill) or 1 (decoding). With model.cfg.eod_id, the tokens
+    are fed document by document, the cache emptied after every end-of-document id."""
+    eod_id = model.cfg.eod_id
+    if eod_id is None:
+        return extend_document(model, tokens, cache)
+    is_eod = tokens == eod_id
+    if not torch.equal(is_eod, is_eod[:1].expand_as(is_eod)):
+        raise ValueError(
+            f"extend: the rows of tokens {tuple(tokens.shape)} have end-of-document ids ({eod_id}) at different "
+            "columns; the cache of a batch restarts all rows at once: decode such rows one at a time"
+        )
+    ends = (is_eod[0].nonzero().squeeze(1) + 1).tolist()
+    pieces, start = [], 0
+    for end in [*ends, tokens.shape[1]]:
+        if end > start:
+            if cache.ended:
+                cache.blocks, cache.position, cache.ended = init_cache(model).blocks, 0, False
+            pieces.append(extend_document(model, tokens[:, start:end], cache))
+            cache.ended = end in ends
+        start = end
+    return torch.cat(pieces, dim=1)
+
+
+def extend_document(model: LaCTLM, tokens: Tensor, cache: LMCache) -> Tensor:
+    """`extend` for new tokens [B, n] of the cache's current document (or of a stream without documents)."""
     n = tokens.shape[1]
     positions = torch.arange(cache.position, cache.position + n, device=tokens.device)
     x = model.token_embedding(tokens)

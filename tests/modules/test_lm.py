@@ -32,9 +32,15 @@ TINY = str(ROOT / "configs" / "lm" / "tiny.yaml")
 OPTIM_FIELDS = {f for f in OptimConfig.__dataclass_fields__}
 
 
-def tiny_module(**kwargs) -> LMModule:
+def tiny_module(eod_id: int | None = None, **kwargs) -> LMModule:
     config = LMConfig(
-        vocab_size=64, dim=32, num_layers=2, num_heads=4, lact={"heads": 2, "chunk_size": 16}, window=8
+        vocab_size=64,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        lact={"heads": 2, "chunk_size": 16},
+        window=8,
+        eod_id=eod_id,
     )
     optim = OptimConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in OPTIM_FIELDS})
     return LMModule(config, optim=optim, **kwargs)
@@ -120,6 +126,35 @@ def test_every_position_bucket_is_logged_and_they_average_to_the_loss():
     mean = sum(metrics[f"val/loss_pos_{k}"] * n for k, n in sizes.items()) / 300
     assert mean == pytest.approx(metrics["val/loss"], rel=1e-5)
     assert metrics["val/loss"] == pytest.approx(math.log(64), rel=0.05)  # untrained: near uniform
+
+
+@pytest.mark.parametrize("score_after_eod", [False, True])
+def test_packed_documents_are_scored_and_bucketed_by_position_in_the_document(score_after_eod):
+    torch.manual_seed(0)
+    eod = 63
+    module = tiny_module(eod_id=eod, bucket_size=32, score_after_eod=score_after_eod)
+    tokens = torch.randint(0, eod, (2, 161))
+    for row, ends in ((0, (20, 21, 99)), (1, (70,))):  # documents of 21, 1 (empty), 78, 61 / 71, 90 tokens
+        tokens[row, list(ends)] = eod
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    metrics = quiet_trainer().validate(
+        module, dataloaders=DataLoader([batch], batch_size=None), verbose=False
+    )[0]
+    # reference: per-token losses of the full forward, positions within documents by a plain loop
+    with torch.no_grad():
+        logits = module.net(batch["input_ids"])
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
+    positions = torch.zeros(2, 160, dtype=torch.long)
+    for b in range(2):
+        for t in range(1, 160):
+            positions[b, t] = 0 if tokens[b, t - 1] == eod else positions[b, t - 1] + 1
+    scored = torch.ones(2, 160, dtype=torch.bool) if score_after_eod else batch["input_ids"] != eod
+    assert scored.sum() == (320 if score_after_eod else 316)
+    assert metrics["val/loss"] == pytest.approx(losses[scored].mean().item(), rel=1e-5)
+    for lo, hi in ((0, 32), (32, 64), (64, 128)):  # no document reaches 128 tokens: no 128-160 bucket
+        inside = scored & (positions >= lo) & (positions < hi)
+        assert metrics[f"val/loss_pos_{lo}-{hi}"] == pytest.approx(losses[inside].mean().item(), rel=1e-5)
+    assert "val/loss_pos_128-160" not in metrics
 
 
 def test_predict_generates_text_with_the_cache():

@@ -60,6 +60,8 @@ def small(**overrides) -> LMConfig:
         ({"inter_multi": 0.01}, r"lact\.inter_multi"),
         ({"short_conv": 1}, "short_conv"),
         ({"short_conv": -2}, "short_conv"),
+        ({"eod_id": 40}, "eod_id"),  # not a token id of the 40-token vocabulary
+        ({"eod_id": -1}, "eod_id"),
     ],
 )
 def test_bad_config_names_the_field(overrides, field):
@@ -283,3 +285,108 @@ def test_zero_output_gate_survives_the_model_init():
         assert torch.equal(y, torch.zeros_like(y))  # the branch starts switched off
     default = LaCTLM(small()).blocks[0].lact.gate_proj.weight
     assert default.std().item() == pytest.approx(0.02, rel=0.2)  # the silu gate keeps the network's init
+
+
+# ---- packed documents (LMConfig.eod_id) ---------------------------------------------------------------------
+
+EOD = 39
+
+
+def packed_rows(lengths: list[list[int]], seed: int = 0) -> torch.Tensor:
+    """Rows of documents of the given lengths, each ending with EOD, cut to the shortest row."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for row in lengths:
+        docs = [torch.cat([torch.randint(0, EOD, (n - 1,), generator=g), torch.tensor([EOD])]) for n in row]
+        rows.append(torch.cat(docs))
+    length = min(len(r) for r in rows)
+    return torch.stack([r[:length] for r in rows])
+
+
+def document_spans(row: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of every document of a row [L], by a plain loop (the reference)."""
+    out, start = [], 0
+    for t, token in enumerate(row.tolist()):
+        if token == EOD:
+            out.append((start, t + 1))
+            start = t + 1
+    return out + ([(start, len(row))] if start < len(row) else [])
+
+
+# chunk 7, window 5: documents shorter than a chunk (3, 2), of several chunks (23, 30), ending exactly on a
+# chunk boundary (14), empty ones (length 1: two end ids in a row), a row's last document cut off; the two
+# rows have different boundaries
+PACKED = [[3, 23, 1, 1, 14, 2, 9], [30, 13, 1, 9]]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"momentum": True, "muon": "schedule", "short_conv": 4},
+        {"momentum": False, "lact_ratio": 0.5, "num_layers": 3, "tie_embeddings": False},
+        {"rotary": False, "window": 9, "chunk_size": 4, "short_conv": 2},
+    ],
+)
+def test_packed_documents_give_each_document_its_own_logits(overrides):
+    torch.manual_seed(0)
+    model = with_random_convolutions(LaCTLM(small(eod_id=EOD, **overrides))).eval()
+    x = packed_rows(PACKED)
+    with torch.no_grad():
+        logits = model(x)
+        for b in range(2):
+            for start, end in document_spans(x[b]):
+                alone = model(x[b : b + 1, start:end])
+                torch.testing.assert_close(logits[b : b + 1, start:end], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_documents_gradients_are_the_sum_over_documents(checkpointing):
+    torch.manual_seed(0)
+    model = with_random_convolutions(LaCTLM(small(eod_id=EOD, momentum=True, short_conv=3)))
+    x = packed_rows(PACKED)
+    model.cfg.activation_checkpointing = checkpointing  # the documents pass through the recomputed blocks
+    model(x).square().sum().backward()
+    model.cfg.activation_checkpointing = False
+    packed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for b in range(2):
+        for start, end in document_spans(x[b]):
+            model(x[b : b + 1, start:end]).square().sum().backward()
+    for a, p in zip(packed, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_without_end_ids_packed_logits_equal_the_plain_stream():
+    torch.manual_seed(0)
+    plain = LaCTLM(small(momentum=True, short_conv=3)).eval()
+    packed = LaCTLM(small(momentum=True, short_conv=3, eod_id=EOD)).eval()
+    packed.load_state_dict(plain.state_dict())
+    x = torch.randint(0, EOD, (2, 30))  # no end-of-document id: one document per row
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), plain(x), rtol=1e-5, atol=1e-5)
+        y = x.clone()
+        y[:, 12] = EOD
+        assert not torch.allclose(packed(y)[:, 13:], plain(y)[:, 13:], atol=1e-3)
+
+
+@pytest.mark.parametrize("prefill", [1, 5, 20])
+def test_cached_decoding_restarts_at_end_ids_as_the_full_forward(prefill):
+    torch.manual_seed(0)
+    model = with_random_convolutions(LaCTLM(small(eod_id=EOD, momentum=True, short_conv=3))).eval()
+    x = packed_rows([[10, 1, 17, 9], [10, 1, 17, 9]], seed=1)
+    x[1, :] = torch.where(x[1] == EOD, EOD, (x[1] + 1) % EOD)  # other tokens, the same boundaries
+    with torch.no_grad():
+        full = model(x)
+        cache = init_cache(model)
+        pieces = [extend(model, x[:, :prefill], cache)]  # 20: a prefill across two boundaries
+        pieces += [extend(model, x[:, i : i + 1], cache) for i in range(prefill, 30)]
+        pieces.append(extend(model, x[:, 30:], cache))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert cache.position == x.shape[1] - 28  # tokens of the last document: the cache restarted at 28
+
+
+def test_cached_decoding_refuses_rows_with_different_boundaries():
+    model = LaCTLM(small(eod_id=EOD)).eval()
+    x = packed_rows(PACKED)[:, :10]
+    with torch.no_grad(), pytest.raises(ValueError, match="one at a time"):
+        extend(model, x, init_cache(model))

@@ -1,0 +1,154 @@
+"""The cost of packed documents (LMConfig.eod_id): one long sequence of many documents against the same
+tokens as one stream (eod_id None), for sliding-window attention, the causal LaCT layer and a whole LM
+training step (forward + backward).
+
+    .venv/bin/python benchmarks/lm_packed.py                       # 56K tokens (57,344), 1 thread
+    .venv/bin/python benchmarks/lm_packed.py --length 16384 --repeats 3
+
+Documents: log-normal lengths, median 1,024 tokens (mu = ln 1024, sigma = 1, so a mean of about 1.7K and
+a long tail), drawn with a fixed seed until the sequence is full, the last one cut. Model: 1 hybrid block of
+the published per-head shapes (D 512, 4 attention heads and 4 LaCT heads of d = h = 128, chunk 2048, window
+2048, momentum), vocabulary 1,024. Times are the best of `--repeats` runs.
+
+Cost model (L tokens, N documents of lengths n_j, chunk C, window W, per LaCT head d x h):
+- Attention: the same [W, 2W] block pairs as the stream, each with a [W, 2W] boolean mask (band and
+  same document) per sequence instead of one shared mask: the FLOPs are equal (SDPA does not skip masked
+  entries); the extra work is building L x 2W booleans per layer, O(L W) like the scores themselves.
+- LaCT: document j takes c_j = ceil(n_j / C) chunks counted from its start. Apply costs 6dh per slot, and
+  the slots are the chunks padded to C: P = C sum_j c_j <= L + N C. Update costs 12dh per token of every
+  chunk but each document's last: U = L - sum_j (last chunk of j) <= L - C (the stream's). Forward FLOPs are
+  6dhP + 12dhU against 6dhL + 12dh(L - C): more apply when documents are much shorter than C, less update.
+  Schedule steps: max_j c_j (one batched matmul over all documents still running per step), at most the
+  stream's L / C. Extra memory traffic: gathering q, k, v, lr into the slot layout and the outputs back,
+  O(P d) per layer, and one copy of the fast-weight state per document-chunk kept for the backward pass
+  (sum_j c_j states against L / C).
+- Bookkeeping: boundaries, positions and the slot layout once per forward (cumsum, one sort, a few host
+  syncs), shared by all layers.
+The benchmark prints P / L and U against the stream's update tokens next to the times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lact.attention import sliding_window_attention  # noqa: E402
+from lact.documents import pack_documents  # noqa: E402
+from lact.models.lm import LaCTLM, LMConfig  # noqa: E402
+
+EOD = 1023
+
+
+def packed_sequence(length: int, median: float, sigma: float, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """tokens [1, length] of log-normal-length documents, each ending with EOD (the last one cut to fit), and
+    the document lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths, total = [], 0
+    while total < length:
+        n = max(1, round(math.exp(math.log(median) + sigma * torch.randn(1, generator=g).item())))
+        n = min(n, length - total)
+        lengths.append(n)
+        total += n
+    tokens = torch.randint(0, EOD, (length,), generator=g)
+    tokens[torch.tensor(lengths).cumsum(0) - 1] = EOD
+    return tokens[None], lengths
+
+
+def best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--length", type=int, default=57344)
+    parser.add_argument("--median", type=float, default=1024.0)
+    parser.add_argument("--sigma", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    tokens, lengths = packed_sequence(args.length, args.median, args.sigma, args.seed)
+    stream_tokens = torch.where(tokens == EOD, 0, tokens)  # the same sequence without boundaries
+    base = dict(vocab_size=1024, dim=512, num_layers=1, num_heads=4, window=2048)
+    lact = dict(heads=4, chunk_size=2048, momentum=True)
+    packed = LaCTLM(LMConfig(**base, lact=lact, eod_id=EOD))
+    stream = LaCTLM(LMConfig(**base, lact=lact))
+    stream.load_state_dict(packed.state_dict())
+    chunk, length = 2048, args.length
+    docs = pack_documents(tokens, EOD, chunk)
+    slots = chunk * sum(docs.docs_per_step)
+    chunks = [math.ceil(n / chunk) for n in lengths]
+    update_tokens = sum((c - 1) * chunk for c in chunks)  # every chunk but each document's last
+    stream_update = (math.ceil(length / chunk) - 1) * chunk
+    print(
+        f"L = {length}, {len(lengths)} documents (median {sorted(lengths)[len(lengths) // 2]}, "
+        f"longest {max(lengths)}), {args.threads} thread(s), best of {args.repeats}"
+    )
+    print(
+        f"LaCT slots P / L = {slots / length:.2f}; update tokens {update_tokens} "
+        f"(stream {stream_update}); schedule steps {len(docs.docs_per_step)} "
+        f"(stream {math.ceil(length / chunk)})"
+    )
+
+    block = packed.blocks[0]
+    x = torch.randn(1, length, 512)
+    q, k, v = torch.randn(3, 1, 4, length, 128).unbind(0)
+    rows = []
+    with torch.no_grad():
+        xn = block.attn_norm(x)
+        qkv = block.qkv(xn)
+        rows.append(
+            (
+                "sliding-window attention, forward",
+                best(lambda: sliding_window_attention(q, k, v, 2048, docs.ids), args.repeats),
+                best(lambda: sliding_window_attention(q, k, v, 2048), args.repeats),
+            )
+        )
+        positions = torch.arange(length)
+
+        def lact_packed():
+            layout = pack_documents(tokens, EOD, chunk)  # its bookkeeping is part of the cost
+            block.lact(xn, qkv=qkv, positions=layout.positions, documents=layout)
+
+        rows.append(
+            (
+                "LaCT layer (causal, momentum), forward",
+                best(lact_packed, args.repeats),
+                best(lambda: block.lact(xn, qkv=qkv, positions=positions), args.repeats),
+            )
+        )
+
+    def step(model, ids):
+        model.zero_grad()
+        model(ids).float().logsumexp(-1).mean().backward()
+
+    rows.append(
+        (
+            "LM step (1 block), forward + backward",
+            best(lambda: step(packed, tokens), args.repeats),
+            best(lambda: step(stream, stream_tokens), args.repeats),
+        )
+    )
+    print("| | packed s | stream s | packed / stream |")
+    print("|---|---:|---:|---:|")
+    for name, a, b in rows:
+        print(f"| {name} | {a:.2f} | {b:.2f} | **{a / b:.2f}** |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Packed documents: where each document of a packed token sequence starts, and the per-document chunk layout
+the causal LaCT schedule runs on (architecture.md, "Packed documents").
+
+A document is its tokens up to and including its end-of-document id; a row also starts a document at its first
+token (packing cuts documents at sequence edges). Everything here is computed with cumulative sums and
+one sort, without a Python loop over documents.
+
+The chunk layout. Document j of length n_j is cut into c_j = ceil(n_j / C) chunks counted from its own start
+(C = chunk_size); only its last chunk can be partial, and the causal schedule never writes with a last chunk,
+so padding never writes. Documents are sorted by c_j, most chunks first, so at schedule step s (chunk s of
+every document) the documents still running are a prefix of that order, n_s = #{j : c_j > s} of them. The
+layout stores, step after step, the n_s documents' chunk s as C slots each:
+
+    slot(token) = C * (n_0 + ... + n_{s-1} + rank(j)) + (p mod C),   s = p div C,  p = position in document j
+
+so step s is one contiguous block of n_s * C slots: one batched matmul over all documents of the batch that
+are still running.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def document_starts(tokens: Tensor, eod_id: int) -> Tensor:
+    """tokens [B, L] -> [B, L] bool: True at the first token of every document (column 0 and after an end id)."""
+    starts = torch.ones_like(tokens, dtype=torch.bool)
+    starts[:, 1:] = tokens[:, :-1] == eod_id
+    return starts
+
+
+def document_positions(tokens: Tensor, eod_id: int) -> tuple[Tensor, Tensor]:
+    """tokens [B, L] -> (ids, positions), both [B, L] int64: the document index of every token within its row
+    (0, 1, ...) and its position within its document (0 at the document's first token)."""
+    starts = document_starts(tokens, eod_id)
+    ids = starts.long().cumsum(dim=1) - 1
+    index = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # the start of each token's document
+    return ids, index - first
+
+
+class PackedDocuments(NamedTuple):
+    """Document boundaries of a batch of packed sequences [B, L] and their chunk layout (module docstring).
+
+    ids, positions: [B, L] int64, as `document_positions`.
+    chunk_size: C of the layout.
+    gather: [S] int64, S = C * sum(docs_per_step): the flat token (b * L + t) in every slot, B * L for padding.
+    scatter: [B * L] int64: the slot of every token.
+    rows: [N] int64: the batch row of every document, in layout order (most chunks first).
+    docs_per_step: (n_0, n_1, ...): documents with more than s chunks; n_0 = N, the number of documents.
+    """
+
+    ids: Tensor
+    positions: Tensor
+    chunk_size: int
+    gather: Tensor
+    scatter: Tensor
+    rows: Tensor
+    docs_per_step: tuple[int, ...]
+
+    @property
+    def batch(self) -> int:
+        return self.ids.shape[0]
+
+    def slot_indices(self, heads: int) -> tuple[Tensor, Tensor]:
+        """Row indices for `to_chunks` and `from_chunks` with `heads` rows per token (operator layout, batch
+        x heads first): ([(sum n_s) * heads * C] into [B * heads * L] token rows, [B * heads * L] into slot
+        rows). Padding slots point at token row 0: they are only ever read by an apply whose output is
+        dropped (a document's last chunk never updates), so their content never reaches an output, a weight
+        or a gradient."""
+        batch, length = self.ids.shape
+        size = self.chunk_size
+        token = self.gather.masked_fill(self.gather == batch * length, 0)
+        row, col = (token // length).view(-1, 1, size), (token % length).view(-1, 1, size)
+        head = torch.arange(heads, device=token.device).view(1, heads, 1)
+        gather = ((row * heads + head) * length + col).flatten()  # [chunk, head, offset] order
+        chunk, offset = (
+            (self.scatter // size).view(batch, 1, length),
+            (self.scatter % size).view(batch, 1, length),
+        )
+        scatter = ((chunk * heads + head) * size + offset).flatten()  # [row, head, token] order
+        return gather, scatter
+
+    def to_chunks(self, t: Tensor, gather: Tensor) -> Tensor:
+        """Operator layout [B * H, L, x] -> [(sum n_s) * H, C, x]: step s's documents' chunk s, rows (rank, head)
+        within each step; gather: `slot_indices(H)[0]`."""
+        return t.flatten(0, 1).index_select(0, gather).unflatten(0, (-1, self.chunk_size))
+
+    def from_chunks(self, o: Tensor, scatter: Tensor) -> Tensor:
+        """The inverse of `to_chunks` for outputs: [(sum n_s) * H, C, x] -> [B * H, L, x] (padding dropped);
+        scatter: `slot_indices(H)[1]`."""
+        return o.flatten(0, 1).index_select(0, scatter).unflatten(0, (-1, self.ids.shape[1]))
+
+
+def pack_documents(tokens: Tensor, eod_id: int, chunk_size: int) -> PackedDocuments:
+    """The documents of tokens [B, L] split at `eod_id` and their layout in chunks of `chunk_size` tokens.
+
+    A few host syncs, once per forward (the number of documents, schedule steps and documents per step are
+    sizes and Python ints, which the schedule's loop and slices need); the network builds it once for all
+    its layers.
+    """
+    batch, length = tokens.shape
+    ids, positions = document_positions(tokens, eod_id)
+    starts = document_starts(tokens, eod_id).flatten()
+    first = starts.nonzero().squeeze(1)  # [N] flat index of every document's first token, row-major
+    ends = torch.cat([first[1:], first.new_tensor([batch * length])])
+    chunks = (ends - first + chunk_size - 1) // chunk_size  # c_j >= 1
+    order = torch.sort(chunks, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.shape[0], device=order.device)
+    sorted_chunks = chunks[order]
+    steps = torch.arange(int(sorted_chunks[0]), device=tokens.device)
+    per_step = (sorted_chunks[None, :] > steps[:, None]).sum(dim=1)  # n_s
+    docs_per_step = tuple(per_step.tolist())
+    before = torch.cumsum(per_step, dim=0) - per_step  # n_0 + ... + n_{s-1}
+    doc = starts.long().cumsum(dim=0) - 1  # global document index of every token
+    flat_positions = positions.flatten()
+    step = flat_positions // chunk_size
+    scatter = chunk_size * (before[step] + rank[doc]) + flat_positions % chunk_size
+    gather = torch.full(
+        (chunk_size * sum(docs_per_step),), batch * length, dtype=torch.long, device=tokens.device
+    )
+    gather[scatter] = torch.arange(batch * length, device=tokens.device)
+    return PackedDocuments(
+        ids=ids,
+        positions=positions,
+        chunk_size=chunk_size,
+        gather=gather,
+        scatter=scatter,
+        rows=(first // length)[order],
+        docs_per_step=docs_per_step,
+    )

@@ -1,0 +1,101 @@
+"""Packed documents: boundaries by cumulative sums, the per-document chunk layout, and the causal schedule and
+window attention on packed sequences against each document run alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lact.attention import sliding_window_attention
+from lact.documents import document_positions, pack_documents
+from lact.ops import FastWeightInputs, run_causal
+from tests.lact.test_ops import make_inputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+EOD = 9
+
+
+def packed(lengths: list[list[int]], seed: int = 0) -> torch.Tensor:
+    """Rows of documents of the given lengths (each ends with EOD; a row's last one may be cut off)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for row in lengths:
+        docs = [torch.cat([torch.randint(0, EOD, (n - 1,), generator=g), torch.tensor([EOD])]) for n in row]
+        rows.append(torch.cat(docs))
+    length = min(len(r) for r in rows)
+    return torch.stack([r[:length] for r in rows])
+
+
+def spans(tokens: torch.Tensor, row: int) -> list[tuple[int, int]]:
+    """The [start, end) of every document of one row, by a plain loop (the reference)."""
+    out, start = [], 0
+    for t, token in enumerate(tokens[row].tolist()):
+        if token == EOD:
+            out.append((start, t + 1))
+            start = t + 1
+    if start < tokens.shape[1]:
+        out.append((start, tokens.shape[1]))
+    return out
+
+
+def test_ids_and_positions_restart_after_every_end_id():
+    tokens = torch.tensor([[1, EOD, EOD, 2, 3, EOD, 4], [EOD, 5, 6, 7, 8, 9 - 1, EOD]])
+    ids, positions = document_positions(tokens, EOD)
+    assert ids.tolist() == [[0, 0, 1, 2, 2, 2, 3], [0, 1, 1, 1, 1, 1, 1]]
+    assert positions.tolist() == [[0, 1, 0, 0, 1, 2, 0], [0, 0, 1, 2, 3, 4, 5]]
+
+
+def test_layout_holds_every_token_once_and_inverts():
+    tokens = packed([[3, 15, 1, 1, 7, 14, 2], [30, 13]])
+    docs = pack_documents(tokens, EOD, chunk_size=7)
+    real = docs.gather[docs.gather < tokens.numel()]
+    assert torch.equal(real.sort().values, torch.arange(tokens.numel()))
+    assert torch.equal(docs.gather[docs.scatter], torch.arange(tokens.numel()))
+    # chunks per document, most first: 30 -> 5, 15 -> 3, 14 -> 2, 13 -> 2 (cut to 12 by the row end), ...
+    assert docs.docs_per_step == (9, 4, 2, 1, 1)
+    x = torch.randn(tokens.shape[0] * 3, tokens.shape[1], 4)  # 3 heads
+    gather, scatter = docs.slot_indices(3)
+    chunks = docs.to_chunks(x, gather)
+    assert chunks.shape == (3 * sum(docs.docs_per_step), 7, 4)
+    assert torch.equal(docs.from_chunks(chunks, scatter), x)
+    # the first step's first document is row 1's (30 tokens): its chunk 0 for head 2 is tokens 0..6
+    assert torch.equal(chunks[2], x[3 + 2, :7])
+
+
+@pytest.mark.parametrize(("momentum", "muon"), [(True, "schedule"), (False, None)])
+def test_causal_schedule_on_packed_documents_equals_each_alone(momentum, muon):
+    # chunk 7: documents shorter than a chunk, of several chunks, ending on a chunk boundary (14), empty (1)
+    tokens = packed([[3, 15, 1, 1, 7, 14, 2], [30, 13]])
+    heads, length = 2, tokens.shape[1]
+    args = make_inputs(batch=2 * heads, length=length)
+    w = args[:3]
+    inputs = FastWeightInputs(*args[3:9], args[9] if momentum else None)
+    docs = pack_documents(tokens, EOD, chunk_size=7)
+    out = run_causal(w, inputs, chunk_size=7, muon=muon, documents=docs)
+    for b in range(2):
+        rows = slice(b * heads, (b + 1) * heads)
+        for start, end in spans(tokens, b):
+            part = FastWeightInputs(*(None if t is None else t[rows, start:end] for t in inputs))
+            alone = run_causal(tuple(t[rows] for t in w), part, chunk_size=7, muon=muon)
+            torch.testing.assert_close(out[rows, start:end], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_schedule_refuses_a_layout_of_another_chunk_size():
+    tokens = packed([[5, 9]])
+    args = make_inputs(batch=1, length=tokens.shape[1])
+    with pytest.raises(ValueError, match="chunk_size=4"):
+        docs = pack_documents(tokens, EOD, chunk_size=7)
+        run_causal(args[:3], FastWeightInputs(*args[3:9]), chunk_size=4, documents=docs)
+
+
+@pytest.mark.parametrize("length", [4, 6, 23])  # within one window, one window and a bit, several windows
+def test_window_attention_never_crosses_a_document(length):
+    tokens = packed([[2, 1, 9, 3, 12], [6, 1, 1, 20]])[:, :length]
+    q, k, v = torch.randn(3, 2, 3, length, 4, dtype=torch.float64).unbind(0)
+    ids, _ = document_positions(tokens, EOD)
+    out = sliding_window_attention(q, k, v, 5, ids)
+    for b in range(2):
+        for start, end in spans(tokens, b):
+            alone = sliding_window_attention(*(t[b : b + 1, :, start:end] for t in (q, k, v)), 5)
+            torch.testing.assert_close(out[b : b + 1, :, start:end], alone)
