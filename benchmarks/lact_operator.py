@@ -83,7 +83,7 @@ def operator_inputs(length: int, dtype: torch.dtype, requires_grad: bool):
 
 
 def operator_flops(length: int, chunk: int, muon: bool) -> float:
-    """Forward FLOPs (DESIGN §2.6): apply 6dhL on every token, update 12dhL on every chunk but the last
+    """Forward FLOPs (docs/architecture.md, The operator: cost): apply 6dhL on every token, update 12dhL on every chunk but the last
     (apply-only), and with Muon 5 (4 m^2 n + 2 m^3) per update and per matrix (m <= n)."""
     d, h = HEAD_DIM, HIDDEN
     updates = -(-length // chunk) - 1  # every chunk but the last writes memory

@@ -1,4 +1,4 @@
-"""The structural in-context-learning toy of "Dual Process Learning" (Anand et al., 2024), DESIGN §4.
+"""The structural in-context-learning toy of "Dual Process Learning" (Anand et al., 2024), docs/architecture.md, Forgetting.
 
 Vocabulary (ids): ``0`` pad, ``1`` mask, ``2`` copula, then the content tokens (nouns and adjectives; a
 fraction ``ambiguous_frac`` of each class is shared by both), then a block of ``holdout_size`` tokens never

@@ -1,4 +1,4 @@
-"""Window attention at O(L * window) cost (DESIGN §2.5): every query block attends to a fixed number of key
+"""Window attention at O(L * window) cost (docs/architecture.md, Attention): every query block attends to a fixed number of key
 blocks through `scaled_dot_product_attention`; no L x L mask is ever built.
 
 Layout: q, k, v [B, H, L, D] (batch, heads, tokens, head dim); outputs [B, H, L, D].

@@ -1,4 +1,4 @@
-"""The layer around the operator (DESIGN §2.4): projections in, fast-weight schedule, normalised gated output.
+"""The layer around the operator (docs/architecture.md, The layer): projections in, fast-weight schedule, normalised gated output.
 
 q, k, v = Linear(D, 3D)(x)                    (or given, when shared with attention)
 q, k    = q * s_q + b_q, k * s_k + b_k        (optional per-channel scale and offset: qk_affine)
@@ -345,7 +345,7 @@ class LaCTLayer(nn.Module):
         )
 
     def reset_fast_weights(self) -> None:
-        """W_gate, W_up ~ N(0, g^2/d), W_down ~ N(0, g^2/h), g = init_gain (DESIGN §2.4: g = 1), or the low-rank
+        """W_gate, W_up ~ N(0, g^2/d), W_down ~ N(0, g^2/h), g = init_gain (g = 1 by default), or the low-rank
         factors' own init; the lr bias, the gate bias and the q/k offsets start at zero, the q/k scales at one."""
         for w in (self.w_gate, self.w_up):
             if isinstance(w, LowRankFastWeight):

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lact.documents import PackedDocuments
 
-# Newton-Schulz coefficients (a, b, c) for X <- aX + (bA + cA^2)X, A = X X^T (DESIGN §2.1).
+# Newton-Schulz coefficients (a, b, c) for X <- aX + (bA + cA^2)X, A = X X^T (docs/architecture.md, The operator).
 MUON_FIXED = ((3.4445, -4.7750, 2.0315),) * 5
 MUON_SCHEDULE = (
     (4.0848, -6.8946, 2.9270),
@@ -122,7 +122,7 @@ def swiglu_update(
     lr_up: Tensor,
     lr_down: Tensor,
 ) -> FastWeights:
-    """The closed-form negative gradient of L(W) = -sum_i lr_i <f_W(k_i), v_i> on one chunk (DESIGN §2.1).
+    """The closed-form negative gradient of L(W) = -sum_i lr_i <f_W(k_i), v_i> on one chunk (docs/architecture.md, The operator).
 
     k, v [B, b, d]; lr_* [B, b, 1]. Returns (dW_gate [B,h,d], dW_up [B,h,d], dW_down [B,d,h]), in k's dtype.
     """
@@ -189,7 +189,7 @@ def row_norms(w: Tensor) -> Tensor:
 
 
 def renormalize_rows(w: Tensor, target_norms: Tensor) -> Tensor:
-    """Rescale every row of w [B, rows, cols] back to target_norms [B, rows, 1] (DESIGN §2.1 step 4)."""
+    """Rescale every row of w [B, rows, cols] back to target_norms [B, rows, 1] (docs/architecture.md, The operator: the weight norm)."""
     return w * (target_norms / (row_norms(w) + 1e-5))
 
 
@@ -342,7 +342,7 @@ class LeanUpdate(torch.autograd.Function):
         iterates = [saved[21 + i * rounds : 21 + (i + 1) * rounds] for i in range(3)]
         weights, norms = (w_gate, w_up, w_down), (n_gate, n_up, n_down)
         lrs = tuple(lr.to(k.dtype) for lr in (lr_gate, lr_up, lr_down))
-        # Recompute the chunk's activations (DESIGN §2.1 notation, row layout: G^T = K^T W_gate^T, ...).
+        # Recompute the chunk's activations (docs/architecture.md notation, row layout: G^T = K^T W_gate^T, ...).
         gate, up = k @ w_gate.mT, k @ w_up.mT  # [B, b, h]
         sig, silu_gate, silu_grad = _silu_parts(gate)
         hidden = silu_gate * up
@@ -596,7 +596,7 @@ def causal_lact(
     muon: str | None = None,
     prenorm: bool = False,
 ) -> Tensor:
-    """Apply-then-update over chunks of `chunk_size` tokens (language model, DESIGN §2.3).
+    """Apply-then-update over chunks of `chunk_size` tokens (language model, docs/architecture.md, Schedules).
 
     o[c] = f_{W_c}(q[c]), then W_{c+1} = update(W_c; k[c], v[c]). Token t never sees memory written by its own
     or later chunks; the last chunk (which may be partial) is apply-only. `prenorm`: see `update_step`.
@@ -621,7 +621,7 @@ def bidirectional_lact(
     chunk_size: int | None = None,
     muon: str | None = None,
 ) -> tuple[Tensor, FastWeights]:
-    """Update-then-apply (novel view synthesis, DESIGN §2.3).
+    """Update-then-apply (novel view synthesis, docs/architecture.md, Schedules).
 
     Updates on tokens [0, update_len) (in chunks of `chunk_size`, all at once when None), then applies the
     updated weights to all L tokens. Returns (o [B, L, d], updated (w_gate, w_up, w_down)); applying those
@@ -649,7 +649,7 @@ def interleaved_lact(
     muon: str | None = None,
     state: FastWeightState | None = None,
 ) -> tuple[Tensor, FastWeightState]:
-    """The autoregressive-video schedule (DESIGN §2.3) over [noisy_0, clean_0, noisy_1, clean_1, ...].
+    """The autoregressive-video schedule (docs/architecture.md, Schedules) over [noisy_0, clean_0, noisy_1, clean_1, ...].
 
     The sequence is cut into segments of `chunk_size` tokens, alternately noisy (even segments) and clean (odd
     segments); L must be a multiple of chunk_size and may end on either kind. W_0 is applied to noisy_0; then

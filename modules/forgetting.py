@@ -1,4 +1,4 @@
-"""Forgetting schedules as a Lightning Callback: active and temporary forgetting (DESIGN §4, issue 6).
+"""Forgetting schedules as a Lightning Callback: active and temporary forgetting (docs/architecture.md, Forgetting).
 
 Active forgetting (Chen et al., 2023) re-initialises the token embedding after every K-th optimizer step;
 temporary forgetting (Anand et al., 2024) does so only before step N and trains plainly afterwards.

@@ -1,4 +1,4 @@
-"""Masked-LM training of the structural in-context-learning toy (DESIGN §4, issue 6).
+"""Masked-LM training of the structural in-context-learning toy (docs/architecture.md, Forgetting).
 
 Loss: cross-entropy on the masked positions only. Metric: a sequence counts as right when all its masked
 tokens are predicted exactly (argmax over the whole vocabulary); logged as ``val/<set>_acc`` for every

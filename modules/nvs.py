@@ -10,7 +10,7 @@ clipping and step skipping are the shared layer of modules/task.py. `test` score
 (the datamodule's test_dataloader): PSNR, SSIM, LPIPS when its backbone weights are on disk, and the same
 for the nearest-input-view baseline, as test/<metric> and test/<metric>_nearest_view.
 
-Scale (DESIGN §6): under Lightning's `ModelParallelStrategy(tensor_parallel_size=1)`, `configure_model` shards
+Scale (docs/architecture.md, Training, checkpoints and scale): under Lightning's `ModelParallelStrategy(tensor_parallel_size=1)`, `configure_model` shards
 the network with FSDP2 (modules/scale.py), one unit per NVSBlock and then the root (tokenizer and decoder);
 `net.activation_checkpointing` recomputes each block in backward, `fsdp_param_dtype: bfloat16` gathers and computes
 in bf16 from fp32 weights (the cameras' rays are still computed in fp32). Without that strategy (one

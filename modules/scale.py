@@ -1,4 +1,4 @@
-"""FSDP2 for every task (DESIGN §6): one shard unit per block, then the root, inside `configure_model`.
+"""FSDP2 for every task (docs/architecture.md, Training, checkpoints and scale): one shard unit per block, then the root, inside `configure_model`.
 
 Under Lightning's `ModelParallelStrategy(tensor_parallel_size=1)` a LightningModule's `device_mesh` has a
 "data_parallel" dimension; each task's `configure_model` calls `shard_model(self.net, self.net.blocks,

@@ -21,13 +21,13 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 import yaml
 from nvs_eval import (
     ROOT,
+    fit_within,
     load_net,
     pick_threads,
     print_summary,
@@ -88,18 +88,7 @@ def main(argv=None) -> None:
     checkpoint = out / "run" / "checkpoints" / "last.ckpt"
     if not args.skip_train:
         shutil.rmtree(out / "run", ignore_errors=True)  # a fresh run, not a resumed one
-        limit = time.strftime("%H:%M:%S", time.gmtime(round(args.minutes * 60)))
-        # The cosine schedule should end within the time limit: size it from the measured step time, keeping
-        # a fifth of the budget for the optimizer, data loading and validation. On a machine shared with other
-        # jobs steps get slower than measured and max_time (the hard cap) ends training before the schedule.
-        steps = max(100, int(0.8 * args.minutes * 60 / step_seconds))
-        print(f"training for min({steps} steps, {args.minutes:g} minutes)", flush=True)
-        start = time.time()
-        limits = [f"--trainer.max_time=00:{limit}", f"--trainer.max_steps={steps}"]
-        run([sys.executable, "train.py", "fit", "--config", CONFIG, *limits, *args.override], threads)
-        print(
-            f"fit took {(time.time() - start) / 60:.1f} min (start-up, data loading and validation included)"
-        )
+        fit_within(CONFIG, args.minutes, step_seconds, threads, list(args.override))
     # Per-scene PNGs and turntable GIFs through the CLI (reconstruct once, render many).
     run([sys.executable, "train.py", "predict", "--config", CONFIG, f"--ckpt_path={checkpoint}",
          f"--data.init_args.predict_shards={out / 'data' / 'test'}",

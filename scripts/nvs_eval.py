@@ -34,6 +34,20 @@ def run(cmd: list[str], threads: int | None = None) -> None:
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
+def fit_within(config: str, minutes: float, step_seconds: float, threads: int, extra: list[str]) -> None:
+    """`train.py fit --config config` capped at `minutes` of wall time. The cosine schedule should end within
+    the limit: it is sized from the measured step time, keeping a fifth of the budget for the optimizer, data
+    loading and validation. On a machine shared with other jobs steps get slower than measured and max_time
+    (the hard cap) ends training before the schedule."""
+    limit = time.strftime("%H:%M:%S", time.gmtime(round(minutes * 60)))
+    steps = max(100, int(0.8 * minutes * 60 / step_seconds))
+    print(f"training for min({steps} steps, {minutes:g} minutes)", flush=True)
+    start = time.time()
+    limits = [f"--trainer.max_time=00:{limit}", f"--trainer.max_steps={steps}"]
+    run([sys.executable, "train.py", "fit", "--config", config, *limits, *extra], threads)
+    print(f"fit took {(time.time() - start) / 60:.1f} min (start-up, data loading and validation included)")
+
+
 def load_net(checkpoint: Path) -> tuple[NVSNet, int]:
     """(the network of a Lightning checkpoint in eval mode, its global step), loaded with weights_only=True."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)

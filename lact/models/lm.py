@@ -1,4 +1,4 @@
-"""The LaCT language model (DESIGN §3.2): token embedding -> N hybrid blocks -> RMSNorm -> LM head.
+"""The LaCT language model (docs/architecture.md, The three networks): token embedding -> N hybrid blocks -> RMSNorm -> LM head.
 
 Hybrid block, pre-norm, one qkv projection shared by both token mixers:
 
@@ -69,7 +69,7 @@ class LMConfig:
     lact_ratio: fraction of blocks with a LaCT branch, spread evenly (1 = all, 0 = SWA-only baseline).
     tie_embeddings: LM head shares the token-embedding matrix.
     short_conv: taps of the causal depthwise convolution over qkv; 0 = none (the published model).
-    init_std: std of every linear and embedding weight at init (fast weights follow DESIGN §2.4).
+    init_std: std of every linear and embedding weight at init (fast weights follow docs/architecture.md, The layer).
     activation_checkpointing: recompute each block's activations in the backward pass (memory for compute).
     eod_id: the end-of-document id of packed sequences; every document is then processed as if alone (see
         the module docstring). None: a sequence is one stream (positions, memory and window run across).
@@ -243,7 +243,7 @@ class LaCTLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """Linear and embedding weights N(0, init_std), biases 0, norms 1, short convolutions the identity;
-        fast weights as DESIGN §2.4; then each LaCT layer's own init (lr bias, zero gate) is re-applied."""
+        fast weights as docs/architecture.md, The layer; then each LaCT layer's own init (lr bias, zero gate) is re-applied."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.cfg.init_std)

@@ -1,6 +1,6 @@
 """A small masked-LM transformer encoder with tied input/output embeddings (pure torch).
 
-It is the network of the structural in-context-learning toy (DESIGN §4): short sequences of token ids in,
+It is the network of the structural in-context-learning toy (docs/architecture.md, Forgetting): short sequences of token ids in,
 logits over the whole vocabulary out. The output layer is the token embedding itself (tied), so a token
 whose embedding row was never trained (or was just re-drawn) can still be predicted by copying it from
 the context: that is what "structural" in-context learning means here.

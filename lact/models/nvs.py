@@ -1,4 +1,4 @@
-"""Novel view synthesis: an LVSM-style decoder-only transformer with LaCT layers (DESIGN §3.1).
+"""Novel view synthesis: an LVSM-style decoder-only transformer with LaCT layers (docs/architecture.md, The three networks).
 
     pixels   9 ray channels (o, d, o x d) + RGB in [-1, 1] (input views) or zeros (target views)
     tokens   patchify (p x p) -> Linear -> LayerNorm                                   [B, V, N, D]
@@ -358,7 +358,7 @@ def init_linear(module: nn.Module) -> None:
     """Linear weights ~ N(0, 1 / (3 fan_in)), biases zero: std 0.02 at the published width (768), and the
     same scale relative to the fan-in for narrower models, where a fixed 0.02 would start every residual
     branch (and the LaCT branch's output gate) nearly switched off. The LaCT layers' slow fast weights are
-    Parameters, not Linears, and keep their own initialisation (DESIGN §2.4)."""
+    Parameters, not Linears, and keep their own initialisation (docs/architecture.md, The layer)."""
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, std=(3 * module.in_features) ** -0.5)
         if module.bias is not None:

@@ -1,4 +1,4 @@
-"""LaCTLayer (DESIGN §2.4): initialisation, the three schedules through the layer, reconstruct/render."""
+"""LaCTLayer (docs/architecture.md, The layer): initialisation, the three schedules through the layer, reconstruct/render."""
 
 from __future__ import annotations
 

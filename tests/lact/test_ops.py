@@ -1,4 +1,4 @@
-"""The LaCT operator against the math of DESIGN §2: closed form, Muon, weight norm, the three schedules."""
+"""The LaCT operator against the math of docs/architecture.md: closed form, Muon, weight norm, the three schedules."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FSDP2 through Lightning's ModelParallelStrategy, on 2 CPU processes over gloo (DESIGN §6)."""
+"""FSDP2 through Lightning's ModelParallelStrategy, on 2 CPU processes over gloo (docs/architecture.md, Training, checkpoints and scale)."""
 
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ def test_view_counts_and_shapes_are_checked():
 
 
 def expected_parameters(c: NVSConfig) -> tuple[int, int]:
-    """(total, fast-weight state) parameters of NVSNet(c), counted by hand from DESIGN §3.1 and §2.4."""
+    """(total, fast-weight state) parameters of NVSNet(c), counted by hand from docs/architecture.md."""
     d, p = c.dim, c.patch_size
     state = int(3 * c.lact.inter_multi * d * d / c.lact.heads)
     attn = 4 * d * d + 2 * (d // c.num_heads)  # qkv, proj, q/k RMSNorm
