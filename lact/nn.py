@@ -66,15 +66,16 @@ class RotaryEmbedding(nn.Module):
         self.base = base
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x [..., L, dim]; positions [L] integer token positions, or [B, L] per row for x [B, H, L, dim]
+        """x [..., L, dim]; positions [L] integer token positions, or [B, L] per row for x [B, ..., L, dim]
         (positions within packed documents) -> x rotated, same shape and dtype."""
         inv_freq = self.base ** (
             -torch.arange(0, self.dim, 2, device=x.device, dtype=torch.float32) / self.dim
         )
         angles = positions.to(torch.float32)[..., None] * inv_freq  # [L, dim/2] or [B, L, dim/2]
         cos, sin = angles.cos(), angles.sin()
-        if positions.dim() == 2:  # per row: broadcast over the heads of x [B, H, L, dim]
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if positions.dim() == 2:  # per row: broadcast over the dims between B and L of x [B, ..., L, dim]
+            shape = (cos.shape[0],) + (1,) * (x.dim() - 3) + tuple(cos.shape[1:])
+            cos, sin = cos.view(shape), sin.view(shape)
         first, second = x.float().chunk(2, dim=-1)
         rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
         return rotated.to(x.dtype)

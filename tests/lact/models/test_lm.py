@@ -325,6 +325,7 @@ PACKED = [[3, 23, 1, 1, 14, 2, 9], [30, 13, 1, 9]]
         {"momentum": True, "muon": "schedule", "short_conv": 4},
         {"momentum": False, "lact_ratio": 0.5, "num_layers": 3, "tie_embeddings": False},
         {"rotary": False, "window": 9, "chunk_size": 4, "short_conv": 2},
+        {"rotary_dim": 4, "low_rank": 2, "qk_affine": True},  # the published LM's options
     ],
 )
 def test_packed_documents_give_each_document_its_own_logits(overrides):
