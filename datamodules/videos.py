@@ -9,6 +9,12 @@ simulated in frame units (the short side of the frame is 1; positions are shape 
   picture and comes back later;
 - ``fall``: gravity with elastic bounces on the floor and the side walls.
 
+One more motion is only drawn when asked for (``motions=("wrap",)``): ``wrap`` crosses the frame fast in a
+straight line, leaves it and, after a gap of several frames fully out of view, re-enters from the opposite
+side (a conveyor wider than the frame). With ``colors="random"`` (an RGB colour per shape instead of one of
+eight named ones) a re-entering shape's colour can only be known from the frames before it left: the
+setting of benchmarks/video_memory.py.
+
 Squares and triangles also spin. ``generate_video(seed, ...)`` is a pure function of its arguments.
 """
 
@@ -19,7 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "ring")
-MOTIONS = ("bounce", "wander", "fall")
+MOTIONS = ("bounce", "wander", "fall")  # drawn by default
+EXTRA_MOTIONS = ("wrap",)  # drawn only when `motions` names them
 COLORS = {
     "red": (230, 40, 40),
     "green": (40, 200, 60),
@@ -45,6 +52,8 @@ def simulate(
     rng: np.random.Generator, motion: str, num_frames: int, extent: np.ndarray, radius: float
 ) -> np.ndarray:
     """Centre positions ``[T, 2]`` (x, y; y down) of one shape in a frame of size ``extent`` = (w, h)."""
+    if motion == "wrap":
+        return _wrap(rng, num_frames, extent, radius)
     speed = rng.uniform(0.025, 0.06)
     heading = rng.uniform(0, 2 * np.pi)
     v = speed * np.array([np.cos(heading), np.sin(heading)])
@@ -76,6 +85,19 @@ def simulate(
     return track
 
 
+def _wrap(rng: np.random.Generator, num_frames: int, extent: np.ndarray, radius: float) -> np.ndarray:
+    # Along x at 0.2-0.3 frame per frame (about 5 frames to cross), wrapping around a conveyor that reaches
+    # `gap` beyond each side of the frame: 2 gap / speed, about 3-8 frames, fully out of view between exits
+    # and re-entries. y stays at its start, so the re-entry point follows from the exit.
+    speed = rng.uniform(0.2, 0.3) * rng.choice([-1, 1])
+    gap = radius + rng.uniform(0.4, 0.8)
+    lo, length = -gap, extent[0] + 2 * gap
+    x0 = rng.uniform(lo, lo + length)
+    y = rng.uniform(radius, extent[1] - radius)
+    x = lo + np.mod(x0 - lo + speed * np.arange(num_frames), length)
+    return np.stack([x, np.full(num_frames, y)], axis=-1)
+
+
 def _masks(
     shape: str, track: np.ndarray, radius: float, spin: np.ndarray, xs: np.ndarray, ys: np.ndarray
 ) -> np.ndarray:
@@ -97,32 +119,50 @@ def _masks(
 
 
 def generate_video(
-    seed: int | Sequence[int], *, num_frames: int = 16, height: int = 64, width: int = 64, num_objects=(2, 4)
+    seed: int | Sequence[int],
+    *,
+    num_frames: int = 16,
+    height: int = 64,
+    width: int = 64,
+    num_objects=(2, 4),
+    motions: Sequence[str] = MOTIONS,
+    colors: str = "palette",
 ) -> dict:
     """One procedural clip.
+
+    ``motions``: the motions a shape draws from (MOTIONS and EXTRA_MOTIONS); ``colors``: "palette" (eight
+    named colours, distinct within a clip) or "random" (a uniform RGB colour per shape).
 
     Returns ``frames`` uint8 ``[T, H, W, 3]``, ``caption`` (str), ``tracks`` float ``[K, T, 2]``
     (shape centres in frame units, x right, y down; the frame spans ``extent``), ``radii`` ``[K]``,
     ``motions`` and ``shapes`` (lists of K names, back to front), ``extent`` (w, h).
     """
+    unknown = [m for m in motions if m not in MOTIONS + EXTRA_MOTIONS]
+    if not motions or unknown:
+        raise ValueError(f"motions must be a non-empty subset of {MOTIONS + EXTRA_MOTIONS}, got {motions!r}")
+    if colors not in ("palette", "random"):
+        raise ValueError(f"colors must be 'palette' or 'random', got {colors!r}")
+    choices = tuple(motions)  # `motions` below is the list of drawn ones
     rng = np.random.default_rng(seed)
     extent = np.array([width, height]) / min(width, height)
     xs = (np.arange(width) + 0.5) / min(width, height)
     ys = (np.arange(height) + 0.5) / min(width, height)
     count = int(rng.integers(num_objects[0], num_objects[1] + 1))
     names = [list(COLORS)[i] for i in rng.permutation(len(COLORS))[:count]]
+    rgb = [COLORS[name] for name in names]
+    if colors == "random":
+        rgb = [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(count)]
+        names = ["rgb({}, {}, {})".format(*c) for c in rgb]
     background = rng.uniform(20, 110, 3) if rng.random() < 0.7 else rng.uniform(150, 200, 3)
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     frames[:] = np.round(background).astype(np.uint8)
     tracks, radii, motions, shapes, phrases = [], [], [], [], []
     for k in range(count):
-        shape, motion = SHAPES[rng.integers(len(SHAPES))], MOTIONS[rng.integers(len(MOTIONS))]
+        shape, motion = SHAPES[rng.integers(len(SHAPES))], choices[rng.integers(len(choices))]
         radius = rng.uniform(0.09, 0.18)
         track = simulate(rng, motion, num_frames, extent, radius)
         spin = rng.uniform(0, 2 * np.pi) + rng.uniform(-0.15, 0.15) * np.arange(num_frames)
-        frames[_masks(shape, track, radius, spin, xs, ys)] = COLORS[
-            names[k]
-        ]  # later shapes cover earlier ones
+        frames[_masks(shape, track, radius, spin, xs, ys)] = rgb[k]  # later shapes cover earlier ones
         tracks.append(track)
         radii.append(radius)
         motions.append(motion)
@@ -131,6 +171,7 @@ def generate_video(
             "bounce": "bouncing around",
             "wander": "wandering in and out of view",
             "fall": "falling and bouncing",
+            "wrap": "crossing out of view and back in",
         }
         article = "an" if names[k][0] in "aeiou" else "a"
         phrases.append(f"{article} {names[k]} {shape} {verb[motion]}")

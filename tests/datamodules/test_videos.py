@@ -7,7 +7,7 @@ import pytest
 
 from datamodules import prepare
 from datamodules.readers import iter_videos
-from datamodules.videos import frames_to_latents, generate_video
+from datamodules.videos import COLORS, MOTIONS, frames_to_latents, generate_video
 
 
 @pytest.mark.parametrize("t,h,w", [(1, 8, 8), (16, 64, 64), (9, 24, 40), (5, 40, 24)])
@@ -84,3 +84,37 @@ def test_prepare_videos_round_trip(tmp_path, fmt):
         want = video["frames"] if fmt == "frames" else frames_to_latents(video["frames"], 2)
         assert np.array_equal(sample[fmt].numpy(), want)
         assert sample["caption"] == video["caption"] and sample["key"] == f"video_s3_{i:07d}"
+
+
+def test_wrap_motion_reenters_after_a_gap_with_a_colour_seen_only_before():
+    gaps = []
+    for seed in range(10):
+        video = generate_video(
+            seed, num_frames=24, height=16, width=16, num_objects=(1, 1), motions=("wrap",), colors="random"
+        )
+        track, radius, extent = video["tracks"][0], video["radii"][0], video["extent"]
+        outside = (track < -radius) | (track > extent + radius)
+        out = outside.any(-1)
+        # runs of frames fully out of view that end with the shape back in view
+        run = 0
+        for t in range(1, 24):
+            run = run + 1 if out[t] else run
+            if not out[t] and out[t - 1]:
+                gaps.append(run)
+                run = 0
+        assert video["shapes"] and video["motions"] == ["wrap"]
+        colour = tuple(int(c) for c in video["caption"].split("rgb(")[1].split(")")[0].split(","))
+        visible = video["frames"].reshape(-1, 3)
+        assert (visible == colour).all(-1).any(), "the shape is drawn in its random colour"
+        assert colour not in COLORS.values()
+    assert len(gaps) >= 10 and min(gaps) >= 2 and max(gaps) <= 9, gaps
+
+
+def test_default_clips_unchanged_by_the_options_and_bad_options_named():
+    a = generate_video(3, num_frames=6, height=16, width=16)
+    b = generate_video(3, num_frames=6, height=16, width=16, motions=MOTIONS, colors="palette")
+    assert np.array_equal(a["frames"], b["frames"]) and a["caption"] == b["caption"]
+    with pytest.raises(ValueError, match="motions"):
+        generate_video(0, motions=("teleport",))
+    with pytest.raises(ValueError, match="colors"):
+        generate_video(0, colors="pastel")
