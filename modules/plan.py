@@ -1,6 +1,6 @@
 """Memory planner: bytes per GPU for training a task's network, from the network built on the meta device.
 
-    python scripts/plan.py --config configs/lm/3b.yaml --nodes 8 --gpus-per-node 8 --seq-len 56000 \\
+    python scripts/plan.py --config configs/lm/760m.yaml --config configs/lm/3b.yaml --nodes 8 --gpus-per-node 8 --seq-len 56000 \\
         --gpu-memory 80GiB
 
 The network is built through the training CLI's own parser (so the YAML, its overrides and every field rename
@@ -609,7 +609,7 @@ NO_FROZEN_METRICS = {"lpips_weight": 0.0, "lpips_metric": False}
 
 
 def build_from_config(args: Sequence[str], device: str = "meta"):
-    """(LightningModule, the parsed config) from train.py arguments, e.g. ["--config", "configs/lm/3b.yaml",
+    """(LightningModule, the parsed config) from train.py arguments, e.g. ["--config", "configs/lm/760m.yaml", "--config", "configs/lm/3b.yaml",
     "--model.init_args...", ...]: the training CLI's own parser, then only the model is instantiated (no
     trainer, no data), on `device` (meta: nothing allocated)."""
     import jsonargparse

@@ -10,7 +10,7 @@ nvs: the file the published lact_nvs/train.py saves ({"model": state_dict, ...})
 lact/published.py. The suite config is given as one or more --config files, merged in order as train.py
 merges them (a base and its overlays), or else is the paper config whose architecture the weights' shapes
 match (configs/nvs/paper.yaml + paper_14l.yaml, paper_24l_2x.yaml or paper_24l.yaml; configs/lm/760m.yaml
-or 3b.yaml). Settings the weights do not determine (e.g. Muon steps) come from that config: pass train.py
+or 760m.yaml + 3b.yaml). Settings the weights do not determine (e.g. Muon steps) come from that config: pass train.py
 the same --config files, since its checkpoint check compares every network field.
 
 Writes DIR/published.ckpt: a Lightning checkpoint with the converted weights under the module's network
@@ -75,9 +75,8 @@ def default_config(kind: str, state: dict) -> list[Path]:
         raise SystemExit(
             f"no paper config of this suite has the checkpoint's architecture ({what}): pass --config"
         )
-    if kind == "nvs":
-        return [ROOT / "configs" / "nvs" / "paper.yaml", ROOT / "configs" / "nvs" / name]
-    return [ROOT / "configs" / kind / name]
+    base = {"nvs": "paper.yaml", "lm": "760m.yaml"}[kind]  # the other sizes are overlays on it
+    return [ROOT / "configs" / kind / n for n in dict.fromkeys([base, name])]
 
 
 def merge(base: dict, overlay: dict) -> dict:

@@ -1,6 +1,6 @@
 """Memory plan of a training config on a cluster, from the network built on the meta device (no GPU needed).
 
-    python scripts/plan.py --config configs/lm/3b.yaml --nodes 8 --gpus-per-node 8 --seq-len 56000 \\
+    python scripts/plan.py --config configs/lm/760m.yaml --config configs/lm/3b.yaml --nodes 8 --gpus-per-node 8 --seq-len 56000 \\
         --gpu-memory 80GiB [--micro-batch 1] [--activation-checkpointing on|off] [train.py overrides ...]
 
 Prints the parameters by module kind; per GPU the sharded parameters, gradients and AdamW state, the

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from lact.layer import LaCTLayer
 from lact.models.lm import LaCTLM, LMConfig, parameter_count
 from lact.models.lm_cache import extend, generate, init_cache
+from tests.config_helpers import merged_config
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -95,11 +95,14 @@ def test_lact_ratio_spreads_lact_blocks():
     assert small(num_layers=3).lact_layers() == [True] * 3
 
 
+PAPER_LM = {"760m": ["configs/lm/760m.yaml"], "3b": ["configs/lm/760m.yaml", "configs/lm/3b.yaml"]}
+
+
 @pytest.mark.parametrize(
     ("name", "dim", "low", "high"), [("760m", 1536, 700e6, 820e6), ("3b", 3072, 2.8e9, 3.2e9)]
 )
 def test_paper_configs_match_the_formula_on_the_meta_device(name, dim, low, high):
-    spec = yaml.safe_load((ROOT / "configs" / "lm" / f"{name}.yaml").read_text())
+    spec = merged_config(*PAPER_LM[name])
     cfg = LMConfig(**spec["model"]["init_args"]["net"])
     shape = (cfg.dim, cfg.num_layers, cfg.lact.heads, cfg.lact.chunk_size, cfg.window)
     assert shape == (dim, 24, 4, 2048, 2048)
@@ -119,11 +122,8 @@ PUBLISHED_LM_PARAMETERS = {"760m": 797_625_312, "3b": 2_982_516_192}
     ("name", "overlay"), [("760m", None), ("3b", None), ("760m", "muon"), ("3b", "prenorm")]
 )
 def test_paper_configs_have_the_published_parameter_count(name, overlay):
-    spec = yaml.safe_load((ROOT / "configs" / "lm" / f"{name}.yaml").read_text())["model"]["init_args"]["net"]
-    if overlay is not None:  # the nested lact merged field by field, as the CLI merges a second --config
-        extra = yaml.safe_load((ROOT / "configs" / "lm" / f"{overlay}.yaml").read_text())
-        extra = extra["model"]["init_args"]["net"]
-        spec = {**spec, **extra, "lact": {**spec["lact"], **extra.get("lact", {})}}
+    paths = PAPER_LM[name] + ([f"configs/lm/{overlay}.yaml"] if overlay else [])
+    spec = merged_config(*paths)["model"]["init_args"]["net"]
     cfg = LMConfig(**spec)
     assert cfg.lact.muon == ("schedule" if overlay == "muon" else None)
     assert cfg.lact.prenorm == (overlay == "prenorm")

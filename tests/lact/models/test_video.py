@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from lact.models.video import VideoConfig, VideoNet, default_lact, parameter_count
 from lact.models.video_sampling import SamplerConfig, build_scheduler, sample_video
+from tests.config_helpers import merged_config
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -210,9 +210,15 @@ def test_parameter_count_formula_matches_the_built_model():
     assert default_lact().heads == 2 and default_lact().output_gate == "zero"
 
 
-@pytest.mark.parametrize(("name", "billions"), [("wan1_3b", 1.42), ("wan14b", 14.29)])
-def test_paper_configs_count_their_parameters_on_the_meta_device(name, billions):
-    config = yaml.safe_load((ROOT / "configs" / "video" / f"{name}.yaml").read_text())
+@pytest.mark.parametrize(
+    ("paths", "billions"),
+    [
+        (["configs/video/wan1_3b.yaml"], 1.42),
+        (["configs/video/wan1_3b.yaml", "configs/video/wan14b.yaml"], 14.29),  # base + overlay
+    ],
+)
+def test_paper_configs_count_their_parameters_on_the_meta_device(paths, billions):
+    config = merged_config(*paths)
     net_args = config["model"]["init_args"]["net"]
     cfg = VideoConfig(**net_args)
     with torch.device("meta"):
