@@ -65,6 +65,8 @@ class LMConfig:
     short_conv: taps of the causal depthwise convolution over qkv; 0 = none (the published model).
     init_std: std of every linear and embedding weight at init (fast weights follow DESIGN §2.4).
     activation_checkpointing: recompute each block's activations in the backward pass (memory for compute).
+    compile: torch.compile each block when training (lact/nn.py compile_blocks, applied by the task's
+        configure_model); the numbers are eager's up to float rounding.
     """
 
     vocab_size: int = 256
@@ -81,6 +83,7 @@ class LMConfig:
     init_std: float = 0.02
     norm_eps: float = 1e-5
     activation_checkpointing: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "window"):
@@ -106,6 +109,8 @@ class LMConfig:
             raise ValueError(
                 f"LMConfig.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}"
             )
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"LMConfig.compile must be true or false, got {self.compile!r}")
 
     @property
     def mlp_width(self) -> int:
