@@ -1,12 +1,13 @@
 """Small building blocks shared by the networks: SwiGLU and GELU MLPs, rotary position embedding, short
-convolution, the block loop's optional activation checkpointing, and the ignore index of token losses.
+convolution, the block loop's optional activation checkpointing and per-block compilation, and the ignore
+index of token losses.
 
 RMSNorm is torch.nn.RMSNorm; these are the pieces torch does not ship.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,23 @@ def run_block(fn: Callable, *args, checkpointing: bool):
     if checkpointing and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
+
+
+def compile_blocks(blocks: Iterable[nn.Module], **options) -> None:
+    """Compile each block's forward in place with torch.compile (`nn.Module.compile`; `options` go to
+    torch.compile, e.g. a test's `backend`), leaving the blocks the same modules.
+
+    Per block, not the whole network: the block stays the unit that FSDP2 shards (compile first, then
+    `fully_shard`, whose hooks dynamo runs outside the compiled graphs) and that `run_block` checkpoints,
+    and one compiled graph serves every block of the same shape. Shapes are automatic-dynamic: the first
+    call compiles for its shapes; a call with another sequence length or view count recompiles once with
+    those sizes symbolic. A Python loop over chunks unrolls, so a new *number* of chunks compiles again
+    (bounded by torch._dynamo.config.recompile_limit, then that block runs eagerly). Only `forward` is
+    compiled (NVS `reconstruct` / `render` run eagerly). A block compiled already is left alone.
+    """
+    for block in blocks:
+        if getattr(block, "_compiled_call_impl", None) is None:
+            block.compile(**options)
 
 
 class SwiGLUMLP(nn.Module):

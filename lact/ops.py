@@ -448,6 +448,16 @@ def newton_schulz_backward(
 # Schedules
 
 
+def chunk_spans(length: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[(start, end)] of the chunks of `chunk_size` tokens covering [0, length), the last one possibly partial.
+
+    A loop over the chunk count rather than `range(0, length, chunk_size)`: under torch.compile with a
+    dynamic length, dynamo then guards on the number of chunks only, not on the exact length (range() of a
+    symbolic size pins it), so a new partial last chunk does not recompile."""
+    count = (length + chunk_size - 1) // chunk_size
+    return [(i * chunk_size, min((i + 1) * chunk_size, length)) for i in range(count)]
+
+
 def run_causal(
     weights: FastWeights,
     inputs: FastWeightInputs,
@@ -474,8 +484,7 @@ def run_causal(
     state = FastWeightState.initial(*weights)
     length = inputs.length
     outputs = []
-    for start in range(0, length, chunk_size):
-        end = min(start + chunk_size, length)
+    for start, end in chunk_spans(length, chunk_size):
         chunk = inputs.slice(start, end)
         outputs.append(apply_weights(*state.weights, chunk.q))
         if end < length:
@@ -546,8 +555,8 @@ def run_bidirectional(
         chunk_size = max(update_len, 1)
     check_chunk_size(chunk_size)
     state = FastWeightState.initial(*weights)
-    for start in range(0, update_len, chunk_size):
-        state = update_step(state, inputs.slice(start, min(start + chunk_size, update_len)), muon=muon)
+    for start, end in chunk_spans(update_len, chunk_size):
+        state = update_step(state, inputs.slice(start, end), muon=muon)
     return apply_weights(*state.weights, inputs.q), state.weights
 
 

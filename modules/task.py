@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
 
 from lact.layer import LaCTLayer
+from lact.nn import compile_blocks
 from modules.resilience import DivergenceError
 from modules.scale import parse_param_dtype, shard_model
 
@@ -203,7 +204,13 @@ class TaskModule(LightningModule):
 
     # ---- scale -----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """FSDP2 under ModelParallelStrategy: one shard unit per block of ``self.net``, then the net."""
+        """With ``net.compile``, torch.compile each block of ``self.net`` in place; then FSDP2 under
+        ModelParallelStrategy: one shard unit per block, then the net. Compile first, then shard (as
+        torchtitan orders per-block compile and FSDP2); FSDP2's hooks are excluded from dynamo and run
+        eagerly between the compiled graphs."""
+        net = self.hparams.get("net")
+        if isinstance(net, dict) and net.get("compile", False):
+            compile_blocks(self.net.blocks)
         shard_model(
             self.net,
             self.net.blocks,

@@ -73,6 +73,8 @@ class LMConfig:
     activation_checkpointing: recompute each block's activations in the backward pass (memory for compute).
     eod_id: the end-of-document id of packed sequences; every document is then processed as if alone (see
         the module docstring). None: a sequence is one stream (positions, memory and window run across).
+    compile: torch.compile each block when training (lact/nn.py compile_blocks, applied by the task's
+        configure_model); the numbers are eager's up to float rounding.
     """
 
     vocab_size: int = 256
@@ -90,6 +92,7 @@ class LMConfig:
     norm_eps: float = 1e-5
     activation_checkpointing: bool = False
     eod_id: int | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "window"):
@@ -121,6 +124,8 @@ class LMConfig:
             raise ValueError(
                 f"LMConfig.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}"
             )
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"LMConfig.compile must be true or false, got {self.compile!r}")
 
     @property
     def mlp_width(self) -> int:

@@ -64,6 +64,8 @@ class NVSConfig:
         steps of a short run).
     activation_checkpointing: recompute each block's activations in the backward pass (saves memory, costs
         ~1/3 time).
+    compile: torch.compile each block's forward when training (lact/nn.py compile_blocks, applied by the
+        task's configure_model); reconstruct and render stay eager.
 
     Options of the published NVS model besides the LaCT ones (configs/nvs/paper.yaml sets them;
     docs/fidelity.md maps them):
@@ -90,6 +92,7 @@ class NVSConfig:
     mlp_ratio: float = 4.0
     output_bias: float | None = 0.0
     activation_checkpointing: bool = False
+    compile: bool = False
     mlp: str = "swiglu"
     norm_bias: bool = True
     token_mixer: str = "lact"
@@ -125,6 +128,8 @@ class NVSConfig:
             raise ValueError(
                 f"NVSConfig.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}"
             )
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"NVSConfig.compile must be true or false, got {self.compile!r}")
 
     @property
     def mlp_hidden(self) -> int:

@@ -74,6 +74,8 @@ class VideoConfig:
     text_dim: width of caption embeddings for cross-attention; None = unconditional.
     freq_dim: sinusoidal time-embedding width.  rope_base: rotary base.  eps: norm epsilon.
     activation_checkpointing: recompute each block in the backward pass.
+    compile: torch.compile each block when training (lact/nn.py compile_blocks, applied by the task's
+        configure_model; the cached sampler's methods stay eager).
     """
 
     in_channels: int = 3
@@ -92,6 +94,7 @@ class VideoConfig:
     rope_base: float = 10000.0
     eps: float = 1e-6
     activation_checkpointing: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.latent_size = tuple(self.latent_size)
@@ -143,11 +146,9 @@ class VideoConfig:
             )
         if self.text_dim is not None:
             _check_int("text_dim", self.text_dim)
-        if not isinstance(self.activation_checkpointing, bool):
-            raise ValueError(
-                "VideoConfig.activation_checkpointing must be true or false, got "
-                f"{self.activation_checkpointing!r}"
-            )
+        for name in ("activation_checkpointing", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"VideoConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.lact is not None:
             self.lact = lact_config(self.lact, default_lact(), "VideoConfig", self.dim)
             if self.lact.chunk_size not in (None, self.tokens_per_chunk):

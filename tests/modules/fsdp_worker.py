@@ -1,11 +1,12 @@
 """Trains a tiny model for a few steps, sharded with FSDP2 over N CPU processes (gloo) or in one plain
 process, and saves the full final weights. Run by tests/modules/test_scale.py as a subprocess.
 
-    python tests/modules/fsdp_worker.py --devices 2 --out weights.pt [--task nvs]
+    python tests/modules/fsdp_worker.py --devices 2 --out weights.pt [--task nvs [--compile]]
 
 --task lact (default): a LaCT stack with its own configure_model. --task nvs: modules.nvs.NVSModule (its own
 configure_model, AdamW, clipping) with per-block activation checkpointing; it also saves the global loss and
-gradient norm of every step, the full gradients of the first step, and the predict_step outputs after training.
+gradient norm of every step, the full gradients of the first step, and the predict_step outputs after training;
+with --compile its blocks are compiled (net.compile) and the number of graphs dynamo compiled is saved too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -106,11 +108,12 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--task", choices=("lact", "nvs"), default="lact")
+    parser.add_argument("--compile", action="store_true", help="--task nvs with net.compile: true")
     args = parser.parse_args()
     seed_everything(0)
     data = TensorDataset(torch.randn(8, 12, 16), torch.randn(8, 12, 16))
     if args.task == "nvs":  # same init on every rank (same seed)
-        config = {**TINY, "activation_checkpointing": True}
+        config = {**TINY, "activation_checkpointing": True, "compile": args.compile}
         module = NVSModule(
             net=config,
             optim=OptimConfig(
@@ -153,6 +156,7 @@ def main():
         predicted = module.predict_step(predict_batch, 0)  # reconstruct + render on the sharded network
         result |= {"losses": record.losses, "grad_norms": record.grad_norms, "grads": record.grads}
         result["predict"] = {k: v for k, v in predicted.items() if k != "key"}
+        result["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
     if trainer.global_rank == 0:
         torch.save(result, args.out)
 

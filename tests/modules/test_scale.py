@@ -12,10 +12,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def train(devices: int, out: Path, task: str = "lact") -> dict:
+def train(devices: int, out: Path, task: str = "lact", compile: bool = False, timeout: int = 300) -> dict:
     cmd = [sys.executable, "tests/modules/fsdp_worker.py", "--devices", str(devices), "--out", str(out)]
-    cmd += ["--task", task]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd += ["--task", task] + (["--compile"] if compile else [])
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
@@ -48,3 +48,18 @@ def test_nvs_module_fsdp2_on_two_processes_matches_one_process(tmp_path):
     for name, images in single["predict"].items():  # uint8 renders: at most one level apart
         diff = (sharded["predict"][name].int() - images.int()).abs().max()
         assert diff <= 1, (name, diff)
+
+
+@pytest.mark.slow  # inductor compiles each block's forward and backward in both processes: minutes on 2 cores
+def test_compiled_nvs_module_fsdp2_on_two_processes_matches_eager_one_process(tmp_path):
+    """net.compile with FSDP2 (compile each block, then fully_shard) and activation checkpointing on 2 gloo
+    processes: the same losses, gradients and weights as the eager single-process run, up to float rounding."""
+    single = train(1, tmp_path / "single.pt", task="nvs")
+    compiled = train(2, tmp_path / "compiled.pt", task="nvs", compile=True, timeout=900)
+    assert compiled["sharded"] and compiled["compiled_graphs"] >= 1 and single["compiled_graphs"] == 0
+    torch.testing.assert_close(compiled["losses"], single["losses"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(compiled["grad_norms"], single["grad_norms"], rtol=1e-4, atol=1e-6)
+    for name, grad in single["grads"].items():
+        torch.testing.assert_close(compiled["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for name, weight in single["weights"].items():
+        torch.testing.assert_close(compiled["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)

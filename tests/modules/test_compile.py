@@ -1,0 +1,180 @@
+"""`compile: true` in a network config (lact/nn.py compile_blocks, applied by TaskModule.configure_model):
+compiled blocks compute what eager blocks compute, recompile a bounded number of times across sequence lengths
+and view counts, and a compiled tiny fit runs and resumes. Compiling with FSDP2 is in tests/modules/test_scale.py.
+
+Inductor on the CPU compiles C++ with the system compiler, so these tests use the tiniest networks; the
+recompilation counts use dynamo's counting backend (recompiling is dynamo's decision, not the backend's)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from torch._dynamo.testing import CompileCounter
+
+from lact.models.lm import LaCTLM, LMConfig
+from lact.models.nvs import NVSConfig, NVSNet
+from lact.nn import compile_blocks
+from modules.lm import LMModule
+from modules.nvs import NVSModule
+from tests.modules.nvs_helpers import TINY, make_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+LM_TINY = {
+    "vocab_size": 32, "dim": 16, "num_layers": 2, "num_heads": 2, "window": 8,
+    "lact": {"heads": 2, "chunk_size": 8, "momentum": True},
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def nvs_loss(net: NVSNet, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    out = net(
+        batch["input_images"], batch["input_intrinsics"], batch["input_w2c"],
+        batch["target_intrinsics"], batch["target_w2c"],
+    )  # fmt: skip
+    return out, (out - batch["target_images"]).square().mean()
+
+
+def lm_loss(net: LaCTLM, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = net(tokens[:, :-1])
+    return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("task", ["lm", "nvs"])
+def test_compiled_blocks_match_eager_outputs_and_gradients(task):
+    """fp32, inductor: outputs and every parameter gradient within 1e-4 (relative to the largest entry) of
+    eager; the ops are the same, only their fusion and summation order differ."""
+    torch.manual_seed(0)
+    if task == "lm":
+        eager = LaCTLM(LMConfig(**LM_TINY))
+        data = torch.randint(0, 32, (2, 13))  # 12 inputs: a chunk of 8 (an update) and a partial 4
+        loss_fn = lm_loss
+    else:
+        eager = NVSNet(NVSConfig(**TINY))
+        data = make_batch(0)
+        loss_fn = nvs_loss
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled.blocks)
+    assert all(block._compiled_call_impl is not None for block in compiled.blocks)
+    compile_blocks(compiled.blocks)  # idempotent (configure_model may run twice)
+
+    results = []
+    for net in (eager, compiled):
+        out, loss = loss_fn(net, data)
+        loss.backward()
+        results.append((out.detach(), {n: p.grad for n, p in net.named_parameters()}))
+    (out_e, grads_e), (out_c, grads_c) = results
+    torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4 * out_e.abs().max().item())
+    assert grads_e.keys() == grads_c.keys()
+    for name, grad in grads_e.items():
+        assert grad is not None and grads_c[name] is not None, name
+        scale = grad.abs().max().item() + 1e-12
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
+
+
+def test_lm_recompiles_once_for_new_lengths_and_once_per_new_chunk_count():
+    """Lengths with the same number of chunks (a different last partial chunk) share one dynamic graph after
+    the second length. Bounded extra graphs: a new number of chunks (the chunk loop unrolls), a length that
+    is a multiple of the attention window (no padding branch), a 1-token last chunk (dynamo specialises
+    sizes 0 and 1). Lengths seen before never compile again."""
+    net = LaCTLM(LMConfig(**LM_TINY))  # chunk 8, window 8
+    counter = CompileCounter()
+    compile_blocks(net.blocks, backend=counter)
+
+    def step(length: int) -> None:
+        lm_loss(net, torch.randint(0, 32, (2, length + 1)))[1].backward()
+
+    step(20)  # chunks 8, 8, 4
+    assert counter.frame_count == 1  # both blocks share the graph
+    for length in (21, 22, 23, 18, 19):  # 3 chunks, the last one 2-7 tokens
+        step(length)
+    assert counter.frame_count == 2, counter.frame_count  # the static graph, then one dynamic graph
+    step(24)  # a multiple of the window
+    for length in (27, 29, 30, 31):  # 4 chunks
+        step(length)
+    assert counter.frame_count <= 4, counter.frame_count
+    seen = counter.frame_count
+    for length in (20, 21, 22, 23, 18, 19, 24, 27, 29, 30, 31):
+        step(length)
+    assert counter.frame_count == seen
+
+
+def test_nvs_recompiles_at_most_once_per_dimension_across_view_counts():
+    """The bidirectional schedule has no loop over views: the first call compiles for its shapes, the first
+    new view count recompiles once with the view count dynamic, the first new batch size once more; then
+    every (input, target) view count and batch size reuses the graph."""
+    net = NVSNet(NVSConfig(**TINY))
+    counter = CompileCounter()
+    compile_blocks(net.blocks, backend=counter)
+    shapes = ((2, 1, 2), (3, 1, 2), (2, 2, 2), (1, 3, 2), (4, 2, 3), (2, 3, 4), (2, 1, 2))
+    for inputs, targets, batch in shapes:
+        nvs_loss(net, make_batch(0, batch=batch, inputs=inputs, targets=targets))[1].backward()
+    assert counter.frame_count == 3, counter.frame_count
+    for inputs, targets, batch in ((1, 1, 2), (5, 2, 2), (3, 4, 5)):
+        nvs_loss(net, make_batch(0, batch=batch, inputs=inputs, targets=targets))[1].backward()
+    assert counter.frame_count == 3, counter.frame_count
+
+
+def test_compile_flag_is_validated_and_applied_by_configure_model():
+    with pytest.raises(ValueError, match="LMConfig.compile"):
+        LMConfig(compile="yes")
+    with pytest.raises(ValueError, match="NVSConfig.compile"):
+        NVSConfig(**TINY, compile=1)
+    module = NVSModule(net={**TINY, "compile": True})
+    assert module.hparams["net"]["compile"] is True
+    module.configure_model()
+    assert all(block._compiled_call_impl is not None for block in module.net.blocks)
+    eager = LMModule(LM_TINY)
+    eager.configure_model()
+    assert all(block._compiled_call_impl is None for block in eager.net.blocks)
+
+
+class RecordCompiledFit(Callback):
+    """The start step of each fit, whether every block was compiled then, and the training losses."""
+
+    starts: list[tuple[int, bool]] = []
+    losses: list[float] = []
+
+    def on_train_start(self, trainer, pl_module):
+        compiled = all(b._compiled_call_impl is not None for b in pl_module.net.blocks)
+        RecordCompiledFit.starts.append((trainer.global_step, compiled))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        RecordCompiledFit.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.slow  # inductor compiles the tiny NVS block's forward and backward once: about a minute on 2 cores
+def test_compiled_tiny_fit_runs_and_resumes(tmp_path):
+    """`train.py fit` with configs/nvs/tiny.yaml and net.compile: true for 3 steps, then `--ckpt_path last` to
+    5: the resumed run starts at step 3 with compiled blocks and the losses stay finite."""
+    import train
+    from datamodules.prepare import main as prepare
+
+    shards, root = tmp_path / "scenes", tmp_path / "run"
+    prepare(["scenes", "--out", str(shards), "--num-scenes", "4", "--views", "3", "--height", "16", "--width", "16"])  # fmt: skip
+    common = [
+        "--config=configs/nvs/tiny.yaml",
+        f"--trainer.default_root_dir={root}",
+        f"--data.init_args.train_shards={shards}",
+        "--model.init_args.net.compile=true",
+        "--trainer.limit_val_batches=0",
+        "--trainer.callbacks+=tests.modules.test_compile.RecordCompiledFit",
+    ]
+    RecordCompiledFit.starts, RecordCompiledFit.losses = [], []
+    train.main(["fit", *common, "--trainer.max_steps=3"])
+    cli = train.main(["fit", *common, "--trainer.max_steps=5", "--ckpt_path=last"])
+    assert RecordCompiledFit.starts == [(0, True), (3, True)]
+    assert cli.trainer.global_step == 5 and len(RecordCompiledFit.losses) == 5
+    assert all(math.isfinite(loss) for loss in RecordCompiledFit.losses)
+    hparams = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["net"]["compile"] is True
