@@ -269,20 +269,21 @@ def test_bad_config_fails_before_training_naming_the_field(tmp_path, capsys, ove
 @pytest.mark.slow
 def test_56k_token_training_step_runs_on_cpu_with_linear_memory():
     # One fwd + bwd + AdamW step of the tiny model on one 56K-token sequence; peak memory above the model and
-    # inputs grows linearly: doubling the length (28K -> 56K) at most doubles it (+5%). The 32K / 56K / 64K
-    # table is benchmarks/lm_long_step.py (kept out of the suite: three such steps take minutes), whose
-    # subprocess step this test runs.
-    # The peak resident set of a process varies by a few percent on a busy machine (measured ratios 1.98-2.01
-    # in quiet runs), so an over-limit ratio is measured once more before failing; quadratic memory gives ~4.
+    # inputs grows linearly: doubling the length (28K -> 56K) about doubles it, where anything quadratic in
+    # the length gives ~4. The 32K / 56K / 64K table is benchmarks/lm_long_step.py (kept out of the suite:
+    # three such steps take minutes), whose subprocess step this test runs.
+    # The peak resident set of a process varies from run to run (measured ratios 1.93-2.09 on a quiet machine
+    # with the tiny config's packed-document path, up to 2.27 while other jobs ran), so the bound is 2.3 and an
+    # over-limit ratio is measured once more before failing.
     ratios = []
     for _ in range(2):
         step = measure(56 * 1024)
         assert math.isfinite(step["loss"]) and step["peak_mib"] > 1000, step  # > 1 GB: the step was measured
         half = measure(28 * 1024)
         ratios.append(step["peak_mib"] / half["peak_mib"])
-        if ratios[-1] <= 2.1:
+        if ratios[-1] <= 2.3:
             break
-    assert ratios[-1] <= 2.1, f"peak 56K / 28K = {ratios}; last 56K step {step}, 28K step {half}"
+    assert ratios[-1] <= 2.3, f"peak 56K / 28K = {ratios}; last 56K step {step}, 28K step {half}"
 
 
 def test_resume_continues_the_same_tensorboard_run_directory_and_logs_the_lr(tmp_path):
