@@ -9,6 +9,7 @@ import torch
 from lact.attention import sliding_window_attention
 from lact.documents import document_positions, pack_documents
 from lact.ops import FastWeightInputs, run_causal
+from tests.lact.models.test_lm import packed_rows
 from tests.lact.test_ops import make_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -18,13 +19,7 @@ EOD = 9
 
 def packed(lengths: list[list[int]], seed: int = 0) -> torch.Tensor:
     """Rows of documents of the given lengths (each ends with EOD; a row's last one may be cut off)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for row in lengths:
-        docs = [torch.cat([torch.randint(0, EOD, (n - 1,), generator=g), torch.tensor([EOD])]) for n in row]
-        rows.append(torch.cat(docs))
-    length = min(len(r) for r in rows)
-    return torch.stack([r[:length] for r in rows])
+    return packed_rows(lengths, seed, eod=EOD)
 
 
 def spans(tokens: torch.Tensor, row: int) -> list[tuple[int, int]]:

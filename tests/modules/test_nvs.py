@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -17,6 +17,7 @@ from modules.lpips import backbone_path
 from modules.nvs import NVSModule, nearest_input_view
 from modules.nvs_outputs import NVSPredictionWriter, to_uint8
 from modules.task import OptimConfig
+from tests.lightning_helpers import Losses, quiet_trainer
 from tests.modules.nvs_helpers import TINY, make_batch
 from tests.modules.schedule_helpers import WarmupCosine
 
@@ -31,31 +32,11 @@ def loader(count: int, **kwargs) -> DataLoader:
     return DataLoader([make_batch(seed, **kwargs) for seed in range(count)], batch_size=None)
 
 
-def trainer(tmp_path, **kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return Trainer(**{**defaults, **kwargs})
-
-
-class Losses(Callback):
-    def __init__(self):
-        self.values = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.values.append(float(outputs["loss"]))
-
-
 def test_fit_20_steps_lowers_the_loss(tmp_path):
     torch.manual_seed(0)
     module = NVSModule(net=TINY, optim=nvs_optim(lr=3e-3, warmup_steps=2))
     losses = Losses()
-    trainer(tmp_path, max_steps=20, callbacks=[losses], limit_val_batches=0).fit(module, loader(4))
+    quiet_trainer(tmp_path, max_steps=20, callbacks=[losses], limit_val_batches=0).fit(module, loader(4))
     assert len(losses.values) == 20
     assert sum(losses.values[-4:]) / 4 < 0.7 * sum(losses.values[:4]) / 4, losses.values
     assert module.skipped_steps == 0
@@ -66,7 +47,7 @@ def test_predict_writes_renders_equal_to_the_full_forward(tmp_path):
     module = NVSModule(net=TINY, turntable_frames=5, render_chunk=2)
     batches = loader(2, targets=3)
     out = tmp_path / "predict"
-    predictions = trainer(tmp_path, callbacks=[NVSPredictionWriter(str(out))]).predict(module, batches)
+    predictions = quiet_trainer(tmp_path, callbacks=[NVSPredictionWriter(str(out))]).predict(module, batches)
     for batch, prediction in zip(batches, predictions):
         with torch.no_grad():
             full = to_uint8(module(batch))  # one pass over inputs and targets together
@@ -86,7 +67,7 @@ def test_optimizer_step_is_skipped_when_the_gradient_norm_is_too_large_or_not_fi
     module = NVSModule(net=TINY, optim=nvs_optim(skip_grad_norm=1e-9))  # every real gradient is "too large"
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     with pytest.warns(UserWarning, match="optimizer step skipped"):
-        trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, loader(3))
+        quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, loader(3))
     assert module.skipped_steps == 3
     for name, p in module.named_parameters():
         assert torch.equal(p, before[name]), name  # not even weight decay touched them
@@ -95,14 +76,14 @@ def test_optimizer_step_is_skipped_when_the_gradient_norm_is_too_large_or_not_fi
     bad = loader(2)
     bad.dataset[1]["target_images"] = torch.full_like(bad.dataset[1]["target_images"], float("nan"))
     with pytest.warns(UserWarning, match="non-finite"):
-        trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, bad)
+        quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, bad)
     assert module.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 def test_trainer_gradient_clipping_is_refused(tmp_path):
     with pytest.raises(ValueError, match="gradient_clip_val"):
-        trainer(tmp_path, max_steps=1, gradient_clip_val=1.0).fit(NVSModule(net=TINY), loader(1))
+        quiet_trainer(tmp_path, max_steps=1, gradient_clip_val=1.0).fit(NVSModule(net=TINY), loader(1))
 
 
 def test_lpips_without_backbone_weights_fails_at_start(tmp_path, monkeypatch):
@@ -137,7 +118,7 @@ def test_lpips_loads_from_torch_home_and_joins_the_loss(tmp_path, monkeypatch):
     with torch.no_grad():
         mse_at_start = float(torch.nn.functional.mse_loss(module(first), first["target_images"]))
     losses = Losses()
-    run = trainer(tmp_path, max_steps=2, callbacks=[losses], limit_val_batches=1)
+    run = quiet_trainer(tmp_path, max_steps=2, callbacks=[losses], limit_val_batches=1)
     run.fit(module, batches, loader(1, size=64))
     assert losses.values[0] == pytest.approx(mse_at_start, rel=1e-5)  # step 0: before lpips_start_step
     assert float(run.callback_metrics["train/lpips"]) > 0  # step 1: LPIPS joined the loss
@@ -150,7 +131,7 @@ def test_validation_logs_metrics_and_the_image_grid(tmp_path):
     torch.manual_seed(0)
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     module = NVSModule(net=TINY, log_images=2)
-    run = trainer(tmp_path, logger=logger, max_steps=2, limit_val_batches=2, val_check_interval=2)
+    run = quiet_trainer(tmp_path, logger=logger, max_steps=2, limit_val_batches=2, val_check_interval=2)
     run.fit(module, loader(2), loader(2, inputs=3, targets=2))
     for name in ("val/psnr", "val/ssim", "val/psnr_nearest_view"):
         assert torch.isfinite(run.callback_metrics[name]), name
@@ -284,6 +265,6 @@ def test_colour_probe_a_small_model_learns_to_carry_single_colours(tmp_path):
     val = single_colour_batches(1, seed=2, batch=16)[0]
     before = colour_transfer(module.net.eval(), val)
     train = DataLoader(single_colour_batches(8, seed=1) * 100, batch_size=None)
-    trainer(tmp_path, max_steps=700, limit_val_batches=0).fit(module, train)
+    quiet_trainer(tmp_path, max_steps=700, limit_val_batches=0).fit(module, train)
     after = colour_transfer(module.net.eval(), val)
     assert before < 0.01 and after > 0.15, (before, after)

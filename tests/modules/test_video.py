@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Callback, Trainer
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -21,6 +20,7 @@ from datamodules.videos import generate_video
 from datamodules.writers import VideoWriter
 from modules.ema import EMA
 from modules.video import VideoModule, VideoPredictionWriter, shift_time
+from tests.lightning_helpers import Losses, quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_YAML = ROOT / "configs" / "video" / "tiny.yaml"
@@ -37,26 +37,6 @@ def clips(count: int, batch: int = 4, seed: int = 0) -> list[dict]:
     return out
 
 
-def make_trainer(tmp_path, **kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return Trainer(**{**defaults, **kwargs})
-
-
-class Losses(Callback):
-    def __init__(self):
-        self.values = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.values.append(float(outputs["loss"]))
-
-
 def test_shift_time_keeps_the_ends_and_raises_the_middle():
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])
     shifted = shift_time(t, 3.0)
@@ -68,7 +48,7 @@ def test_fit_20_steps_lowers_the_loss(tmp_path, one_thread):
     module = VideoModule(**TINY)
     losses = Losses()
     batches = clips(2)
-    make_trainer(tmp_path, max_steps=20, callbacks=[losses], limit_val_batches=0).fit(
+    quiet_trainer(tmp_path, max_steps=20, callbacks=[losses], limit_val_batches=0).fit(
         module, DataLoader(batches, batch_size=None)
     )
     assert len(losses.values) == 20
@@ -78,7 +58,7 @@ def test_fit_20_steps_lowers_the_loss(tmp_path, one_thread):
 def test_validation_reports_every_chunk_and_writes_sample_gifs(tmp_path, one_thread):
     torch.manual_seed(0)
     module = VideoModule(**{**TINY, "num_samples": 2})
-    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[EMA(decay=0.5)], num_sanity_val_steps=0)
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[EMA(decay=0.5)], num_sanity_val_steps=0)
     val = DataLoader(clips(1, batch=2, seed=9), batch_size=None)
     trainer.fit(module, DataLoader(clips(2), batch_size=None), val)
     metrics = trainer.callback_metrics
@@ -97,7 +77,7 @@ def test_ema_is_used_for_validation_and_survives_a_checkpoint(tmp_path, one_thre
     torch.manual_seed(0)
     module = VideoModule(**TINY)
     ema = EMA(decay=0.9)
-    trainer = make_trainer(tmp_path, max_steps=3, callbacks=[ema], limit_val_batches=0)
+    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[ema], limit_val_batches=0)
     trainer.fit(module, DataLoader(clips(3), batch_size=None))
     weights = {n: p.detach().clone() for n, p in module.net.named_parameters()}
     averages = {n: a.clone() for n, a in ema.averages.items()}
@@ -169,7 +149,7 @@ def test_predict_continues_the_given_prefix(tmp_path, one_thread):
     module = VideoModule(**TINY)
     batch = clips(1, batch=2)[0]
     out = tmp_path / "predict"
-    predictions = make_trainer(tmp_path, callbacks=[VideoPredictionWriter(str(out))]).predict(
+    predictions = quiet_trainer(tmp_path, callbacks=[VideoPredictionWriter(str(out))]).predict(
         module, DataLoader([batch], batch_size=None)
     )
     generated = predictions[0]["generated"]
@@ -228,7 +208,7 @@ def test_training_step_on_one_56k_token_interleaved_sequence(tmp_path, one_threa
     frames = torch.from_numpy(generate_video(0, num_frames=50, height=48, width=48)["frames"])[None]
     before = {n: p.detach().clone() for n, p in module.net.named_parameters()}
     losses = Losses()
-    make_trainer(tmp_path, max_steps=1, callbacks=[losses], limit_val_batches=0).fit(
+    quiet_trainer(tmp_path, max_steps=1, callbacks=[losses], limit_val_batches=0).fit(
         module, DataLoader([{"frames": frames, "key": ["long"]}], batch_size=None)
     )
     assert len(losses.values) == 1 and math.isfinite(losses.values[0])
@@ -252,7 +232,7 @@ def test_conditioned_model_trains_on_caption_embeddings_from_the_shards(tmp_path
     net = {**TINY["net"], "text_dim": 12}
     module = VideoModule(**{**TINY, "net": net, "sampler": {"steps": 2, "guidance_scale": 4.0}})
     losses = Losses()
-    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[losses], limit_val_batches=0)
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[losses], limit_val_batches=0)
     trainer.fit(module, DataLoader([batch], batch_size=None))
     assert len(losses.values) == 2 and all(math.isfinite(v) for v in losses.values)
     (prediction,) = trainer.predict(module, DataLoader([batch], batch_size=None))

@@ -292,12 +292,12 @@ def test_zero_output_gate_survives_the_model_init():
 EOD = 39
 
 
-def packed_rows(lengths: list[list[int]], seed: int = 0) -> torch.Tensor:
-    """Rows of documents of the given lengths, each ending with EOD, cut to the shortest row."""
+def packed_rows(lengths: list[list[int]], seed: int = 0, eod: int = EOD) -> torch.Tensor:
+    """Rows of documents of the given lengths, each ending with `eod`, cut to the shortest row."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for row in lengths:
-        docs = [torch.cat([torch.randint(0, EOD, (n - 1,), generator=g), torch.tensor([EOD])]) for n in row]
+        docs = [torch.cat([torch.randint(0, eod, (n - 1,), generator=g), torch.tensor([eod])]) for n in row]
         rows.append(torch.cat(docs))
     length = min(len(r) for r in rows)
     return torch.stack([r[:length] for r in rows])
