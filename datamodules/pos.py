@@ -260,3 +260,7 @@ class POSDataModule(LightningDataModule):
         return [
             DataLoader(_FixedBatches(self._eval_data[n], self.eval_size), batch_size=None) for n in EVAL_SETS
         ]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """`train.py test` scores the same fixed evaluation sets as validation."""
+        return self.val_dataloader()

@@ -160,9 +160,22 @@ class MaskedLMModule(TaskModule):
     def validation_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
+        self.evaluate(batch, dataloader_idx, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """`train.py test`: the evaluation sets scored as in validation, logged as test/<set>_acc, ..."""
+        self.evaluate(batch, dataloader_idx, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()  # held-out rows as in validation (holdout_init)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    def evaluate(self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str) -> None:
         loss, acc, ctx_acc = self._loss_and_acc(batch, context_acc=True)
         dm = getattr(self.trainer, "datamodule", None)
         name = dm.eval_sets[dataloader_idx] if dm is not None and hasattr(dm, "eval_sets") else dataloader_idx
-        self.log(f"val/{name}_acc", acc.mean(), add_dataloader_idx=False, batch_size=len(acc))
-        self.log(f"val/{name}_loss", loss, add_dataloader_idx=False, batch_size=len(acc))
-        self.log(f"val/{name}_ctx_acc", ctx_acc.mean(), add_dataloader_idx=False, batch_size=len(acc))
+        self.log(f"{stage}/{name}_acc", acc.mean(), add_dataloader_idx=False, batch_size=len(acc))
+        self.log(f"{stage}/{name}_loss", loss, add_dataloader_idx=False, batch_size=len(acc))
+        self.log(f"{stage}/{name}_ctx_acc", ctx_acc.mean(), add_dataloader_idx=False, batch_size=len(acc))

@@ -237,6 +237,24 @@ class VideoModule(TaskModule):
     # ------------------------------------------------------------------------------------------ validation
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x0, context, per_chunk = self.held_out_losses(batch, batch_idx)
+        self.log("val/loss", per_chunk.mean(), sync_dist=True, batch_size=len(x0), prog_bar=True)
+        if batch_idx == 0:
+            self._sample_batch = {"x0": x0[: self.hparams.num_samples], "context": context}
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """`train.py test`: the validation measure on the test split, test/loss and test/loss_chunk_XX."""
+        x0, _, per_chunk = self.held_out_losses(batch, batch_idx)
+        self.log("test/loss", per_chunk.mean(), sync_dist=True, batch_size=len(x0))
+
+    def on_test_epoch_end(self) -> None:
+        for i, metric in enumerate(self.val_chunk_loss):
+            self.log(f"test/loss_chunk_{i:02d}", metric.compute(), sync_dist=False)
+            metric.reset()
+
+    def held_out_losses(self, batch: dict, batch_idx: int) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(clean latents, captions, per-chunk denoising MSE [B, N] averaged over the fixed noise levels),
+        the chunk metrics updated."""
         x0 = self.latents(batch)
         self.net.check_latents("the batch's clip", x0, self.net.cfg.num_frames)
         batch_size, chunks = x0.shape[0], self.net.cfg.num_chunks
@@ -251,9 +269,7 @@ class VideoModule(TaskModule):
         per_chunk = per_chunk / len(self.hparams.val_noise_levels)  # [B, N]
         for i, metric in enumerate(self.val_chunk_loss):
             metric.update(per_chunk[:, i])
-        self.log("val/loss", per_chunk.mean(), sync_dist=True, batch_size=batch_size, prog_bar=True)
-        if batch_idx == 0:
-            self._sample_batch = {"x0": x0[: self.hparams.num_samples], "context": context}
+        return x0, context, per_chunk
 
     def on_validation_epoch_end(self) -> None:
         for i, metric in enumerate(self.val_chunk_loss):

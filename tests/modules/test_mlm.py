@@ -133,3 +133,10 @@ def test_untied_output_embedding_is_a_forgetting_target_and_can_skip_decay():
     assert abs(out.std().item() - m.net.embed_std) < 0.2 * m.net.embed_std
     groups = {g["name"]: g["params"] for g in m.configure_optimizers()["optimizer"].param_groups}
     assert not any(p is m.net.head.weight for p in groups["matrices"])  # no_decay: ["net.head.weight"]
+
+
+def test_train_py_test_scores_every_evaluation_set(tmp_path):
+    cli = train.main(["test", *TINY[1:], f"--trainer.default_root_dir={tmp_path}"])
+    metrics = cli.trainer.callback_metrics
+    for name in ("val", "tail", "switch_head", "switch_tail", "holdout"):
+        assert 0 <= metrics[f"test/{name}_acc"] <= 1 and torch.isfinite(metrics[f"test/{name}_loss"])

@@ -92,7 +92,7 @@ def test_ema_is_used_for_validation_and_survives_a_checkpoint(tmp_path, one_thre
     assert all(torch.equal(restored.averages[n], averages[n]) for n in averages)
 
 
-def test_cli_fit_resume_from_last_and_predict_write_gifs(tmp_path, one_thread):
+def test_cli_fit_resume_from_last_test_and_predict_write_gifs(tmp_path, one_thread):
     data = tmp_path / "videos"
     prepare(
         [
@@ -136,6 +136,10 @@ def test_cli_fit_resume_from_last_and_predict_write_gifs(tmp_path, one_thread):
     # the average continued from the saved one: 2 more steps of decay 0.9 from the checkpoint's average
     key = "head.weight"
     assert not torch.equal(ema_after[key], ema_state["averages"][key])
+    tested = train.main(["test", *common, "--ckpt_path=last"])  # the per-chunk measure on the test split
+    metrics = tested.trainer.callback_metrics
+    chunks = [metrics[f"test/loss_chunk_{i:02d}"] for i in range(tested.model.net.cfg.num_chunks)]
+    assert torch.isfinite(metrics["test/loss"]) and all(torch.isfinite(c) for c in chunks)
     train.main(["predict", *common, "--ckpt_path=last"])
     gifs = sorted((root / "predict").rglob("generated.gif"))
     assert len(gifs) == 8
