@@ -109,6 +109,9 @@ class EMA(Callback):
     def state_dict(self) -> dict:
         return {"decay": self.decay, "averages": dict(self.averages)}
 
+    # Known limit: under FSDP2 the averages are DTensor shards saved with the run's mesh; a checkpoint written
+    # by N processes resumes with its EMA on N processes only (resuming on another count fails in the first
+    # update with "different meshes"). Resharding them needs the model's distributed-checkpoint path.
     def load_state_dict(self, state_dict: dict) -> None:
         self._loaded = dict(state_dict["averages"])
         self.averages = {}

@@ -121,7 +121,8 @@ class GlobalBatchData(LightningDataModule):
     """Training batches of `global_batch` samples, the batch of global step s drawn from a generator seeded
     by s, rank r taking samples r, r + world, ...: a run on any number of processes sees the same global
     batches, and a resumed run continues where it stopped. task "lm": random byte sequences of `seq_len` + 1
-    tokens; "nvs": random scenes of tests/modules/nvs_helpers.py at 16x16."""
+    tokens; "nvs": random scenes of tests/modules/nvs_helpers.py at 16x16; "video": procedural 8-frame clips;
+    "icl": masked-LM sequences (pass seq_len and vocab_size of the ICL config)."""
 
     def __init__(self, task: str = "lm", global_batch: int = 4, seq_len: int = 64, vocab_size: int = 257):
         super().__init__()
@@ -133,7 +134,22 @@ class GlobalBatchData(LightningDataModule):
 
             batch = make_batch(step, batch=self.global_batch)
             return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if self.task == "video":  # the tiny video config's clips: 8 frames of 16x16, keyed for their noise
+            from datamodules.videos import generate_video
+
+            clips = [
+                generate_video([step, i], num_frames=8, height=16, width=16) for i in range(self.global_batch)
+            ]
+            frames = torch.stack([torch.from_numpy(c["frames"]) for c in clips])
+            return {"frames": frames, "key": [f"step{step}_clip{i}" for i in range(self.global_batch)]}
         generator = torch.Generator().manual_seed(step)
+        if self.task == "icl":  # masked-LM sequences of the ICL toy's length, one masked position each
+            ids = torch.randint(3, self.vocab_size, (self.global_batch, self.seq_len), generator=generator)
+            labels = torch.full_like(ids, -100)
+            where = torch.randint(0, self.seq_len, (self.global_batch,), generator=generator)
+            labels[torch.arange(self.global_batch), where] = ids[torch.arange(self.global_batch), where]
+            ids[torch.arange(self.global_batch), where] = 1  # the mask id
+            return {"input_ids": ids, "labels": labels}
         tokens = torch.randint(0, self.vocab_size, (self.global_batch, self.seq_len + 1), generator=generator)
         return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
