@@ -109,9 +109,11 @@ class EMA(Callback):
     def state_dict(self) -> dict:
         return {"decay": self.decay, "averages": dict(self.averages)}
 
-    # Known limit: under FSDP2 the averages are DTensor shards saved with the run's mesh; a checkpoint written
-    # by N processes resumes with its EMA on N processes only (resuming on another count fails in the first
-    # update with "different meshes"). Resharding them needs the model's distributed-checkpoint path.
+    # Known bug (open): under FSDP2 the averages are DTensor shards, and ModelParallelStrategy writes callback
+    # states only from rank 0 (torch.save of the checkpoint's metadata), so a sharded checkpoint holds rank 0's
+    # shards alone: resuming on another process count fails in the first update ("different meshes"), and on
+    # the same count ranks > 0 would restore rank 0's shard. Single-process runs are unaffected. The fix is to
+    # keep the averages in the module's state dict (saved and resharded by the distributed checkpoint).
     def load_state_dict(self, state_dict: dict) -> None:
         self._loaded = dict(state_dict["averages"])
         self.averages = {}
