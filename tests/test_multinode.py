@@ -142,7 +142,9 @@ def test_two_torchrun_nodes_match_one_process(two_nodes):
 def test_a_two_process_checkpoint_resumes_on_one_and_on_two_processes(two_nodes):
     task, tmp = two_nodes["task"], two_nodes["tmp"]
     if task == "video":  # known open bug, see the note in modules/ema.py
-        pytest.skip("open bug: the EMA callback's sharded averages are saved from rank 0 only (modules/ema.py)")
+        pytest.skip(
+            "open bug: the EMA callback's sharded averages are saved from rank 0 only (modules/ema.py)"
+        )
     checkpoint = two_nodes["checkpoints"] / f"step={SAVE_EVERY:08d}.ckpt"
     _, uninterrupted = read_steps(tmp / "nodes.jsonl")
     runs = {}
