@@ -34,7 +34,11 @@ STEP = textwrap.dedent(
     optimizer = module.configure_optimizers()["optimizer"]
     tokens = torch.randint(0, 256, (1, length + 1))
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The step's peak above the memory in use now: the process's high-water mark after the step minus its
+    # current resident set before it (not minus the earlier high-water mark, which imports or first-time
+    # bytecode compilation may have raised above the current use, under-counting short steps).
+    with open("/proc/self/statm") as statm:
+        before = int(statm.read().split()[1]) * resource.getpagesize() // 1024  # KiB, as ru_maxrss
     start = time.perf_counter()
     losses, scored, _ = module.token_losses(batch)
     loss = losses.sum() / scored.sum()
