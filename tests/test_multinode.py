@@ -34,11 +34,6 @@ TASKS = {
         "--data=tests.resilience_helpers.GlobalBatchData",
         "--data.task=nvs",
     ],
-    "video": [
-        "--config=configs/video/tiny.yaml",
-        "--data=tests.resilience_helpers.GlobalBatchData",
-        "--data.task=video",
-    ],
     "icl": [
         "--config=configs/icl/base.yaml",
         "--config=configs/icl/tiny.yaml",
@@ -141,10 +136,6 @@ def test_two_torchrun_nodes_match_one_process(two_nodes):
 @pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_on_one_and_on_two_processes(two_nodes):
     task, tmp = two_nodes["task"], two_nodes["tmp"]
-    if task == "video":  # known open bug, see the note in modules/ema.py
-        pytest.skip(
-            "open bug: the EMA callback's sharded averages are saved from rank 0 only (modules/ema.py)"
-        )
     checkpoint = two_nodes["checkpoints"] / f"step={SAVE_EVERY:08d}.ckpt"
     _, uninterrupted = read_steps(tmp / "nodes.jsonl")
     runs = {}
