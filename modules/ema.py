@@ -3,8 +3,15 @@
 After every optimizer step that changed the weights: ema <- decay * ema + (1 - decay) * weight, for every floating-point parameter and
 buffer of `pl_module.net`, kept in fp32 (a DTensor shard under FSDP2: each rank averages its own shard).
 Validation and predict run with the averaged weights swapped in, and the training weights are swapped back
-afterwards, so a task needs no EMA code of its own. The average is saved in checkpoints (the callback's
-state) and restored on resume instead of being restarted from the weights.
+afterwards, so a task needs no EMA code of its own. The average is saved in checkpoints and restored on resume
+instead of being restarted from the weights:
+- a single-file checkpoint keeps it in the callback's state (plain tensors; under FSDP2 with
+  `save_distributed_checkpoint=False`, the full tensors gathered from every rank);
+- a sharded checkpoint (FSDP2's default, a directory) keeps it next to the weights, under the keys
+  `ema.<parameter name>` of the distributed checkpoint's `state_dict`, each rank writing its own shards. The
+  callback state written by rank 0 then only says so, and on resume every rank reads its part back through
+  torch.distributed.checkpoint into averages sharded like the weights, so a checkpoint written by 2 processes
+  resumes on 1 or on 4 (resharding), as the weights do.
 
 Batches without an optimizer step (gradient accumulation) and steps that modules/task.py's policy skipped
 (non-finite loss or gradient norm: the module's `consecutive_skips` is then above 0) leave the average alone.
@@ -12,9 +19,15 @@ Batches without an optimizer step (gradient accumulation) and steps that modules
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import torch.distributed.checkpoint as dcp
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+SHARDED_PREFIX = "ema."  # key prefix of the averages inside a sharded checkpoint's state_dict
 
 
 class EMA(Callback):
@@ -32,6 +45,8 @@ class EMA(Callback):
         self._saved: dict[str, Tensor] | None = None
         self._loaded: dict[str, Tensor] | None = None
         self._last_step: int | None = None  # trainer.global_step at the last update
+        self._sharded_source: Path | None = None  # a sharded checkpoint whose averages are still to be read
+        self._checkpoint_path: str | None = None  # the checkpoint being restored (set by on_load_checkpoint)
 
     @staticmethod
     def tracked(pl_module: LightningModule) -> dict[str, Tensor]:
@@ -43,12 +58,35 @@ class EMA(Callback):
         """Create the average (from a restored checkpoint when there is one, else from the weights)."""
         if self.averages:
             return
+        if self._sharded_source is not None:
+            self.averages = self.read_sharded(pl_module, self._sharded_source)
+            self._sharded_source = None
+            return
         source = self._loaded or {}
         self.averages = {}
         for name, t in self.tracked(pl_module).items():
             value = source.get(name, t)
             self.averages[name] = value.detach().to(device=t.device, dtype=torch.float32).clone()
         self._loaded = None
+
+    def read_sharded(self, pl_module: LightningModule, path: Path) -> dict[str, Tensor]:
+        """Every rank's part of the averages in the sharded checkpoint at `path` (a collective call), laid out
+        like the weights now (DTensor shards of this run's mesh, whatever the mesh that wrote them)."""
+        averages = {n: torch.empty_like(t, dtype=torch.float32) for n, t in self.tracked(pl_module).items()}
+        wanted = {SHARDED_PREFIX + n: a for n, a in averages.items()}
+        try:
+            dcp.load({"state_dict": wanted}, checkpoint_id=str(path))
+        except Exception as err:  # DCP names the first missing key; add which checkpoint and what to do
+            raise RuntimeError(
+                f"checkpoint {path}: the EMA callback's averages (keys 'ema.<parameter>') could not be read "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). It was written "
+                "without the EMA callback or by another network; resume without the EMA callback, or from a "
+                "checkpoint written with it."
+            ) from err
+        return averages
+
+    def sharded(self) -> bool:
+        return any(isinstance(a, DTensor) for a in self.averages.values())
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.ensure(pl_module)
@@ -105,15 +143,34 @@ class EMA(Callback):
                 key = f"net.{name}"
                 if key in state:
                     state[key] = t.clone()
+        if not self.sharded():
+            return
+        # Every rank runs this hook. ModelParallelStrategy writes the checkpoint's "state_dict" through the
+        # distributed checkpoint (each rank its shards) but the callback states with torch.save from rank 0
+        # only, which would keep rank 0's shards alone: the sharded averages go with the weights instead.
+        if getattr(trainer.strategy, "_save_distributed_checkpoint", False):
+            checkpoint["state_dict"].update({SHARDED_PREFIX + n: a for n, a in self.averages.items()})
+        else:  # one file written by rank 0: the whole averages (gathering is collective: every rank does it)
+            full = {n: a.full_tensor().cpu() for n, a in self.averages.items()}
+            checkpoint["callbacks"][self.state_key]["averages"] = full
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._checkpoint_path = trainer.ckpt_path  # load_state_dict (called next) may need to read from it
 
     def state_dict(self) -> dict:
+        if self.sharded():  # see on_save_checkpoint: the averages travel with the weights
+            return {"decay": self.decay, "averages": {}, "sharded": True}
         return {"decay": self.decay, "averages": dict(self.averages)}
 
-    # Known bug (open): under FSDP2 the averages are DTensor shards, and ModelParallelStrategy writes callback
-    # states only from rank 0 (torch.save of the checkpoint's metadata), so a sharded checkpoint holds rank 0's
-    # shards alone: resuming on another process count fails in the first update ("different meshes"), and on
-    # the same count ranks > 0 would restore rank 0's shard. Single-process runs are unaffected. The fix is to
-    # keep the averages in the module's state dict (saved and resharded by the distributed checkpoint).
     def load_state_dict(self, state_dict: dict) -> None:
-        self._loaded = dict(state_dict["averages"])
         self.averages = {}
+        if state_dict.get("sharded") and not state_dict["averages"]:
+            path = self._checkpoint_path
+            if path is None or not Path(path).is_dir():
+                raise RuntimeError(
+                    f"EMA: the checkpoint {path} says its averages are in a sharded checkpoint directory, "
+                    "but it is not one; resume from the checkpoint directory that was written with them."
+                )
+            self._sharded_source = Path(path)  # read in ensure(), once the network is sharded
+            return
+        self._loaded = dict(state_dict["averages"])

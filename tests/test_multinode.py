@@ -1,7 +1,8 @@
 """Multi-node, proven on one machine: two torchrun "nodes" (two `torch.distributed.run` agents, --nnodes 2, a
-c10d rendezvous on localhost, gloo, one process each) started through scripts/torchrun.sh train a tiny LM and
-NVS config sharded with FSDP2 (ModelParallelStrategy), write sharded checkpoints, and match a 1-process run
-with the same global batch; the 2-process checkpoint resumes on 1 and on 2 processes (resharding).
+c10d rendezvous on localhost, gloo, one process each) started through scripts/torchrun.sh train the tiny LM,
+NVS, video and ICL configs sharded with FSDP2 (ModelParallelStrategy), write sharded checkpoints, and match a 1-process run
+with the same global batch; the 2-process checkpoint resumes on 1 and on 2 processes (resharding), the
+video task's EMA of the weights (modules/ema.py) included.
 
 The data (tests/resilience_helpers.GlobalBatchData) gives global step s the same global batch on any number
 of processes, so the losses of all runs must agree step by step."""
@@ -34,6 +35,11 @@ TASKS = {
         "--data=tests.resilience_helpers.GlobalBatchData",
         "--data.task=nvs",
     ],
+    "video": [  # its EMA callback's averages are sharded like the weights and must reshard with them
+        "--config=configs/video/tiny.yaml",
+        "--data=tests.resilience_helpers.GlobalBatchData",
+        "--data.task=video",
+    ],
     "icl": [
         "--config=configs/icl/base.yaml",
         "--config=configs/icl/tiny.yaml",
@@ -43,6 +49,26 @@ TASKS = {
         "--data.vocab_size=51",
     ],
 }
+
+
+def ema_averages(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """The EMA callback's averages in a checkpoint: a file (callback state) or a sharded directory (its
+    `state_dict` keys `ema.<name>`, gathered from every rank's shards)."""
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)["callbacks"]
+        return next(v for k, v in state.items() if k.startswith("EMA"))["averages"]
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    whole = tmp / f"{checkpoint.parent.parent.name}_{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint, whole)
+    state = torch.load(whole, weights_only=True)["state_dict"]
+    return {k.removeprefix("ema."): v for k, v in state.items() if k.startswith("ema.")}
+
+
+def assert_same_ema(got: dict, expected: dict) -> None:
+    assert got and sorted(got) == sorted(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def free_port() -> int:
@@ -92,7 +118,14 @@ def finish(runs: list[tuple[subprocess.Popen, Path]]) -> None:
     for proc, _ in runs:
         proc.wait(timeout=300)
     for proc, log in runs:
-        assert proc.returncode == 0, f"{log.name}:\n{log.read_text()[-4000:]}"
+        assert proc.returncode == 0, f"{log.name}:\n{failure_excerpt(log.read_text())}"
+
+
+def failure_excerpt(text: str) -> str:
+    """The first worker traceback (torchrun's own messages after it can fill any tail) and the tail."""
+    first = text.find("Traceback")
+    head = text[first : first + 4000] + "\n[...]\n" if first >= 0 else ""
+    return head + text[-3000:]
 
 
 def assert_losses_equal(got: dict[int, float], expected: dict[int, float], steps) -> None:
@@ -131,6 +164,9 @@ def test_two_torchrun_nodes_match_one_process(two_nodes):
     _, single = read_steps(tmp / "single.jsonl")
     assert starts == [0]
     assert_losses_equal(sharded, single, range(1, STEPS + 1))
+    if two_nodes["task"] == "video":  # both ranks' halves of the averages were saved, and they are right
+        got = ema_averages(two_nodes["checkpoints"] / "last.ckpt", tmp)
+        assert_same_ema(got, ema_averages(tmp / "single" / "checkpoints" / "last.ckpt", tmp))
 
 
 @pytest.mark.slow
@@ -154,6 +190,11 @@ def test_a_two_process_checkpoint_resumes_on_one_and_on_two_processes(two_nodes)
             tmp / f"resume{world}" / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True
         )
         assert saved["global_step"] == STEPS
+        if task == "video":  # the averages were resharded on resume and went on from the saved ones
+            last = tmp / f"resume{world}" / "checkpoints" / "last.ckpt"
+            assert_same_ema(
+                ema_averages(last, tmp), ema_averages(two_nodes["checkpoints"] / "last.ckpt", tmp)
+            )
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The video task under FSDP2 (ModelParallelStrategy, 2 CPU processes over gloo) equals one process: the same
-losses, gradients and weights after 3 AdamW steps, and the same cached samples from the sharded network."""
+losses, gradients and weights after 3 AdamW steps, the same cached samples from the sharded network, and the same
+EMA averages in a single-file checkpoint (the sharded-checkpoint case is in tests/test_multinode.py)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,12 @@ def test_video_fsdp2_on_two_processes_matches_one_process(tmp_path):
     for name, weight in single["weights"].items():
         torch.testing.assert_close(sharded["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
     torch.testing.assert_close(sharded["samples"], single["samples"], rtol=1e-3, atol=1e-4)
+    # The EMA callback's averages, written to a single-file checkpoint: the 2-process one gathers both ranks'
+    # shards into whole tensors (not DTensors), equal to the 1-process averages, which moved off the weights.
+    assert sorted(sharded["ema"]) == sorted(single["ema"])
+    for name, average in single["ema"].items():
+        assert type(sharded["ema"][name]) is torch.Tensor, name
+        torch.testing.assert_close(sharded["ema"][name], average, rtol=1e-4, atol=1e-5, msg=name)
+    assert any(
+        not torch.equal(single["ema"][n], w) for n, w in single["weights"].items() if n in single["ema"]
+    )

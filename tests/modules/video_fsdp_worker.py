@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from datamodules.videos import generate_video  # noqa: E402
+from modules.ema import EMA  # noqa: E402
 from modules.video import VideoModule  # noqa: E402
 from tests.modules.fsdp_worker import Record, full  # noqa: E402
 
@@ -47,9 +48,11 @@ def main():
     init["net"]["activation_checkpointing"] = True
     init["optim"] = {**init["optim"], "warmup_steps": 1, "total_steps": args.steps}
     module = VideoModule(**init)  # the same init on every rank (same seed)
-    record = Record()
-    if args.devices > 1:
-        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+    record, ema = Record(), EMA(decay=0.5)
+    if args.devices > 1:  # a single-file checkpoint: the EMA's sharded averages are gathered into it
+        strategy = ModelParallelStrategy(
+            data_parallel_size=args.devices, tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
     else:
         strategy = "auto"
     trainer = Trainer(
@@ -62,7 +65,7 @@ def main():
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[record],
+        callbacks=[record, ema],
     )
     data = batches(args.steps, trainer.global_rank, trainer.world_size)
     trainer.fit(module, DataLoader(data, batch_size=None))
@@ -70,6 +73,8 @@ def main():
     with torch.no_grad():  # cached sampling on the sharded network (every rank takes part)
         samples = module.generate(module.latents({"frames": clip}), None, seed=3)
     state = module.net.state_dict()
+    checkpoint = Path(args.out).with_suffix(".ckpt")
+    trainer.save_checkpoint(checkpoint)  # collective under FSDP2
     result = {
         "weights": {k: full(v) for k, v in state.items()},
         "sharded": any(hasattr(v, "full_tensor") for v in state.values()),
@@ -79,6 +84,8 @@ def main():
         "samples": samples,
     }
     if trainer.global_rank == 0:
+        callbacks = torch.load(checkpoint, weights_only=True)["callbacks"]
+        result["ema"] = next(v for k, v in callbacks.items() if k.startswith("EMA"))["averages"]
         torch.save(result, args.out)
 
 
