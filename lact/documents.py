@@ -31,7 +31,7 @@ at most L + N (T - 1), where the layout above holds C sum_j c_j (up to L + N (C 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -54,7 +54,8 @@ def document_positions(tokens: Tensor, eod_id: int) -> tuple[Tensor, Tensor]:
     return ids, index - first
 
 
-class PackedDocuments(NamedTuple):
+@dataclass(eq=False)
+class PackedDocuments:
     """Document boundaries of a batch of packed sequences [B, L] and their chunk layout (module docstring).
 
     ids, positions: [B, L] int64, as `document_positions`.

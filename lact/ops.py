@@ -493,6 +493,10 @@ def run_causal(
     return (o, state.weights) if return_weights else o
 
 
+# Eager under torch.compile: the layout's Python ints (documents per step, tail groups) set the loop and every
+# slice, so a compiled schedule would recompile for every new layout. The compiled block breaks its graph here
+# and runs the rest of itself compiled (lact/nn.py compile_blocks; docs/architecture.md, "Packed documents").
+@torch.compiler.disable
 def run_causal_documents(
     weights: FastWeights,
     inputs: FastWeightInputs,
