@@ -4,6 +4,7 @@ training step (forward + backward).
 
     .venv/bin/python benchmarks/lm_packed.py                       # 56K tokens (57,344), 1 thread
     .venv/bin/python benchmarks/lm_packed.py --length 16384 --repeats 3
+    .venv/bin/python benchmarks/lm_packed.py --rows lact --repeats 4   # the LaCT layer alone
 
 Documents: log-normal lengths, median 1,024 tokens (mu = ln 1024, sigma = 1, so a mean of about 1.7K and
 a long tail), drawn with a fixed seed until the sequence is full, the last one cut. Model: 1 hybrid block of
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rows", nargs="+", choices=("attention", "lact", "step"), default=["attention", "lact", "step"]
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -120,39 +124,42 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         xn = block.attn_norm(x)
         qkv = block.qkv(xn)
-        rows.append(
-            (
-                "sliding-window attention, forward",
-                *best(
-                    lambda: sliding_window_attention(q, k, v, 2048, docs.ids),
-                    lambda: sliding_window_attention(q, k, v, 2048),
-                    args.repeats,
-                ),
+        if "attention" in args.rows:
+            rows.append(
+                (
+                    "sliding-window attention, forward",
+                    *best(
+                        lambda: sliding_window_attention(q, k, v, 2048, docs.ids),
+                        lambda: sliding_window_attention(q, k, v, 2048),
+                        args.repeats,
+                    ),
+                )
             )
-        )
         positions = torch.arange(length)
 
         def lact_packed():
             layout = pack_documents(tokens, EOD, chunk)  # its bookkeeping is part of the cost
             block.lact(xn, qkv=qkv, positions=layout.positions, documents=layout)
 
-        rows.append(
-            (
-                "LaCT layer (causal, momentum), forward, with the layout bookkeeping",
-                *best(lact_packed, lambda: block.lact(xn, qkv=qkv, positions=positions), args.repeats),
+        if "lact" in args.rows:
+            rows.append(
+                (
+                    "LaCT layer (causal, momentum), forward, with the layout bookkeeping",
+                    *best(lact_packed, lambda: block.lact(xn, qkv=qkv, positions=positions), args.repeats),
+                )
             )
-        )
 
     def step(model, ids):
         model.zero_grad()
         model(ids).float().logsumexp(-1).mean().backward()
 
-    rows.append(
-        (
-            "LM step (1 block), forward + backward",
-            *best(lambda: step(packed, tokens), lambda: step(stream, stream_tokens), args.repeats),
+    if "step" in args.rows:
+        rows.append(
+            (
+                "LM step (1 block), forward + backward",
+                *best(lambda: step(packed, tokens), lambda: step(stream, stream_tokens), args.repeats),
+            )
         )
-    )
     print("| | packed s | stream s | packed / stream |")
     print("|---|---:|---:|---:|")
     for name, a, b in rows:
