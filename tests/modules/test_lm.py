@@ -297,6 +297,8 @@ def test_shards_without_a_recorded_eod_id_are_not_checked(tmp_path):
         writer.close()
         data = LMDataModule(train_shards=writer.shards, val_shards=writer.shards, seq_len=8)
         assert [eod for eod, _ in data.packed_eod_ids("fit")] == expected
+        assert [eod for eod, _ in data.packed_eod_ids("validate")] == expected[:1]
+        assert [eod for eod, _ in data.packed_eod_ids("test")] == expected[:1]  # test shards: the val ones
         assert data.packed_eod_ids("predict") == []
 
 
