@@ -3,7 +3,7 @@ the causal LaCT schedule runs on (architecture.md, "Packed documents").
 
 A document is its tokens up to and including its end-of-document id; a row also starts a document at its first
 token (packing cuts documents at sequence edges). Everything here is computed with cumulative sums and
-one sort, without a Python loop over documents.
+two sorts, without a Python loop over documents.
 
 The chunk layout. Document j of length n_j is cut into c_j = ceil(n_j / C) chunks counted from its own start
 (C = chunk_size); only its last chunk can be partial, and the causal schedule never writes with a last chunk,
@@ -74,6 +74,9 @@ class PackedDocuments:
     tail_weights: [N] int64: for every tail in compact order, its document's index among the documents in the
         order they finish (all those whose last chunk is chunk 0, by rank, then chunk 1, ...), which is the
         order in which the schedule sets aside their final weights.
+
+    A dataclass, not a tuple: a compiled block passes it on to the (eager) schedule, and dynamo would guard on
+    every int of a tuple it passes, recompiling for every new layout (lact/nn.py compile_blocks).
     """
 
     ids: Tensor
