@@ -75,8 +75,9 @@ class PackedDocuments:
         order they finish (all those whose last chunk is chunk 0, by rank, then chunk 1, ...), which is the
         order in which the schedule sets aside their final weights.
 
-    A dataclass, not a tuple: a compiled block passes it on to the (eager) schedule, and dynamo would guard on
-    every int of a tuple it passes, recompiling for every new layout (lact/nn.py compile_blocks).
+    A dataclass, not a tuple: a compiled block passes it on to the (eager) schedule, and a tuple it passes
+    on gets guarded field by field (the length of tail_groups, the sizes of the layout tensors), which
+    recompiled for every new layout; an object is passed on as it is (lact/nn.py compile_blocks).
     """
 
     ids: Tensor
