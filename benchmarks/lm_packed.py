@@ -4,27 +4,33 @@ training step (forward + backward).
 
     .venv/bin/python benchmarks/lm_packed.py                       # 56K tokens (57,344), 1 thread
     .venv/bin/python benchmarks/lm_packed.py --length 16384 --repeats 3
+    .venv/bin/python benchmarks/lm_packed.py --rows lact --repeats 4   # the LaCT layer alone
 
 Documents: log-normal lengths, median 1,024 tokens (mu = ln 1024, sigma = 1, so a mean of about 1.7K and
 a long tail), drawn with a fixed seed until the sequence is full, the last one cut. Model: 1 hybrid block of
 the published per-head shapes (D 512, 4 attention heads and 4 LaCT heads of d = h = 128, chunk 2048, window
 2048, momentum), vocabulary 1,024. Times are the best of `--repeats` runs.
 
-Cost model (L tokens, N documents of lengths n_j, chunk C, window W, per LaCT head d x h):
+Cost model (L tokens, N documents of lengths n_j, chunk C, window W, per LaCT head d x h, tail block T):
 - Attention: the same [W, 2W] block pairs as the stream, each with a [W, 2W] boolean mask (band and
   same document) per sequence instead of one shared mask: the FLOPs are equal (SDPA does not skip masked
   entries); the extra work is building L x 2W booleans per layer, O(L W) like the scores themselves.
-- LaCT: document j takes c_j = ceil(n_j / C) chunks counted from its start. Apply costs 6dh per slot, and
-  the slots are the chunks padded to C: P = C sum_j c_j <= L + N C. Update costs 12dh per token of every
-  chunk but each document's last: U = L - sum_j (last chunk of j) <= L - C (the stream's). Forward FLOPs are
-  6dhP + 12dhU against 6dhL + 12dh(L - C): more apply when documents are much shorter than C, less update.
-  Schedule steps: max_j c_j (one batched matmul over all documents still running per step), at most the
-  stream's L / C. Extra memory traffic: gathering q, k, v, lr into the slot layout and the outputs back,
-  O(P d) per layer, and one copy of the fast-weight state per document-chunk kept for the backward pass
-  (sum_j c_j states against L / C).
-- Bookkeeping: boundaries, positions and the slot layout once per forward (cumsum, one sort, a few host
+- LaCT: document j takes c_j = ceil(n_j / C) chunks counted from its start; its last chunk (the tail,
+  t_j = n_j - (c_j - 1) C tokens) is apply-only. Write chunks are full and run step by step; tails run after
+  the steps, rounded up to a multiple of T (C / 16) and batched by rounded length (at most C / T groups).
+  Apply costs 6dh per slot, P = C sum_j (c_j - 1) + T sum_j ceil(t_j / T) <= L + N (T - 1) slots (a tail
+  padded to the whole chunk would give up to L + N (C - 1)). Update costs 12dh per token of every write
+  chunk: U = C sum_j (c_j - 1) <= L - C (the stream's). Forward FLOPs are 6dhP + 12dhU against
+  6dhL + 12dh(L - C): a little more apply when documents are short, less update. Calls: max_j c_j - 1
+  schedule steps (one batched apply and update over all documents still writing) plus one apply per tail
+  group, against the stream's L / C. Extra memory traffic: gathering q into the P slots and k, v, the rates
+  and momentum into the U write slots (the stream slices them in place), the outputs back, the final
+  weights of every document (3 dh per head) for its tail, and one fast-weight state per write chunk kept for
+  the backward pass (sum_j (c_j - 1) states against L / C - 1).
+- Bookkeeping: boundaries, positions and the layouts once per forward (cumsum, two sorts, a few host
   syncs), shared by all layers.
-The benchmark prints P / L and U against the stream's update tokens next to the times.
+The benchmark prints P / L and U against the stream's update tokens next to the times. Packed and stream
+runs alternate, so both see the same machine load; each time is the best of `--repeats`.
 """
 
 from __future__ import annotations
@@ -61,13 +67,15 @@ def packed_sequence(length: int, median: float, sigma: float, seed: int) -> tupl
     return tokens[None], lengths
 
 
-def best(fn, repeats: int) -> float:
-    times = []
+def best(packed, stream, repeats: int) -> tuple[float, float]:
+    """The best time in seconds of each of two functions over `repeats` alternating runs of both."""
+    times = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, out in zip((packed, stream), times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return min(times[0]), min(times[1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rows", nargs="+", choices=("attention", "lact", "step"), default=["attention", "lact", "step"]
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -91,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     stream.load_state_dict(packed.state_dict())
     chunk, length = 2048, args.length
     docs = pack_documents(tokens, EOD, chunk)
-    slots = chunk * sum(docs.docs_per_step)
+    slots = chunk * docs.write_chunks + sum(n * size for n, size in docs.tail_groups)
     chunks = [math.ceil(n / chunk) for n in lengths]
     update_tokens = sum((c - 1) * chunk for c in chunks)  # every chunk but each document's last
     stream_update = (math.ceil(length / chunk) - 1) * chunk
@@ -100,9 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         f"longest {max(lengths)}), {args.threads} thread(s), best of {args.repeats}"
     )
     print(
-        f"LaCT slots P / L = {slots / length:.2f}; update tokens {update_tokens} "
-        f"(stream {stream_update}); schedule steps {len(docs.docs_per_step)} "
-        f"(stream {math.ceil(length / chunk)})"
+        f"LaCT apply slots P / L = {slots / length:.3f} (tails padded to the chunk: "
+        f"{chunk * sum(docs.docs_per_step) / length:.2f}); update tokens {update_tokens} "
+        f"(stream {stream_update}); schedule steps {len(docs.docs_per_step) - 1} + "
+        f"{len(docs.tail_groups)} tail groups (stream {math.ceil(length / chunk)} chunks)"
     )
 
     block = packed.blocks[0]
@@ -112,38 +124,42 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         xn = block.attn_norm(x)
         qkv = block.qkv(xn)
-        rows.append(
-            (
-                "sliding-window attention, forward",
-                best(lambda: sliding_window_attention(q, k, v, 2048, docs.ids), args.repeats),
-                best(lambda: sliding_window_attention(q, k, v, 2048), args.repeats),
+        if "attention" in args.rows:
+            rows.append(
+                (
+                    "sliding-window attention, forward",
+                    *best(
+                        lambda: sliding_window_attention(q, k, v, 2048, docs.ids),
+                        lambda: sliding_window_attention(q, k, v, 2048),
+                        args.repeats,
+                    ),
+                )
             )
-        )
         positions = torch.arange(length)
 
         def lact_packed():
             layout = pack_documents(tokens, EOD, chunk)  # its bookkeeping is part of the cost
             block.lact(xn, qkv=qkv, positions=layout.positions, documents=layout)
 
-        rows.append(
-            (
-                "LaCT layer (causal, momentum), forward",
-                best(lact_packed, args.repeats),
-                best(lambda: block.lact(xn, qkv=qkv, positions=positions), args.repeats),
+        if "lact" in args.rows:
+            rows.append(
+                (
+                    "LaCT layer (causal, momentum), forward, with the layout bookkeeping",
+                    *best(lact_packed, lambda: block.lact(xn, qkv=qkv, positions=positions), args.repeats),
+                )
             )
-        )
 
     def step(model, ids):
         model.zero_grad()
         model(ids).float().logsumexp(-1).mean().backward()
 
-    rows.append(
-        (
-            "LM step (1 block), forward + backward",
-            best(lambda: step(packed, tokens), args.repeats),
-            best(lambda: step(stream, stream_tokens), args.repeats),
+    if "step" in args.rows:
+        rows.append(
+            (
+                "LM step (1 block), forward + backward",
+                *best(lambda: step(packed, tokens), lambda: step(stream, stream_tokens), args.repeats),
+            )
         )
-    )
     print("| | packed s | stream s | packed / stream |")
     print("|---|---:|---:|---:|")
     for name, a, b in rows:

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.base import TokenShardDataModule, check_sizes
+from datamodules.readers import iter_tokens
 from datamodules.text import load_tokenizer, write_text_shards
 
 LM_TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
@@ -141,6 +142,25 @@ class LMDataModule(TokenShardDataModule):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids)
+
+    def packed_eod_ids(self, stage: str) -> list[tuple[int, str]]:
+        """The end-of-document ids the shards of `stage` ("fit": train and val shards; "validate"; "test")
+        were packed with, as the first sample of each records it (its meta.json's ``eod_id``, written by
+        datamodules/text.py), each with where it was read. Shards that record none give nothing."""
+        specs = {
+            "fit": [self.train_shards, self.val_shards],
+            "validate": [self.val_shards],
+            "test": [self.test_shards or self.val_shards],
+        }.get(stage, [])
+        found = []
+        for spec in specs:
+            if spec is None:
+                continue
+            sample = next(iter_tokens(spec, max_bad_samples=self.max_bad_samples), None)
+            eod_id = None if sample is None else sample["meta"].get("eod_id")
+            if eod_id is not None:
+                found.append((int(eod_id), f"meta.json of sample {sample['key']} in {sample['shard']}"))
+        return found
 
     def prepare_data(self) -> None:
         if self.text is not None:

@@ -41,7 +41,9 @@ def compile_blocks(blocks: Iterable[nn.Module], **options) -> None:
     call compiles for its shapes; a call with another sequence length or view count recompiles once with
     those sizes symbolic. A Python loop over chunks unrolls, so a new *number* of chunks compiles again
     (bounded by torch._dynamo.config.recompile_limit, then that block runs eagerly). Only `forward` is
-    compiled (NVS `reconstruct` / `render` run eagerly). A block compiled already is left alone.
+    compiled (NVS `reconstruct` / `render` run eagerly). A block compiled already is left alone. The LM's
+    packed-document schedule runs eagerly inside a compiled block (lact/ops.py `run_causal_documents`), so
+    a new document layout does not recompile.
     """
     for block in blocks:
         if getattr(block, "_compiled_call_impl", None) is None:

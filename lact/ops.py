@@ -493,6 +493,10 @@ def run_causal(
     return (o, state.weights) if return_weights else o
 
 
+# Eager under torch.compile: the layout's Python ints (documents per step, tail groups) set the loop and every
+# slice, so a compiled schedule would recompile for every new layout. The compiled block breaks its graph here
+# and runs the rest of itself compiled (lact/nn.py compile_blocks; docs/architecture.md, "Packed documents").
+@torch.compiler.disable
 def run_causal_documents(
     weights: FastWeights,
     inputs: FastWeightInputs,
@@ -501,12 +505,16 @@ def run_causal_documents(
     chunk_size: int,
     muon: str | None = None,
 ) -> Tensor:
-    """The causal schedule on every document of packed sequences at once (see `run_causal`).
+    """The causal schedule on every document of packed sequences at once (see `run_causal`), on the compact
+    layout of lact/documents.py.
 
-    Step s applies the current weights of the n_s documents that have a chunk s to those chunks (one batched
-    `swiglu_apply` over [n_s * heads, C, d]), then updates the n_{s+1} documents that have a later chunk; a
-    document's last chunk is apply-only, exactly as when it runs alone. Documents are ordered by chunk count,
-    so the running ones are always a prefix of the state's rows. Returns o [B, L, d].
+    Step s applies the current weights of the n_{s+1} documents that have a chunk after chunk s to their
+    (full) chunk s and updates them with it: one batched `swiglu_apply` and one `update_step` over
+    [n_{s+1} * heads, C, d]. The documents whose last chunk (tail) is chunk s are done writing: their weights
+    are set aside, and after the last step every tail is read by its document's final weights, one batched
+    apply per group of tails of the same rounded length. That is what each document alone computes (its last
+    chunk is apply-only there too). Documents are ordered by chunk count, so the writing ones are always a
+    prefix of the state's rows. Returns o [B, L, d].
     """
     if documents.chunk_size != chunk_size:
         raise ValueError(
@@ -520,20 +528,34 @@ def run_causal_documents(
             f"(B x heads) of {inputs.length} tokens"
         )
     heads = inputs.q.shape[0] // batch
-    gather, scatter = documents.slot_indices(heads)
-    chunks = FastWeightInputs(*(None if t is None else documents.to_chunks(t, gather) for t in inputs))
+    gather, scatter, tail_rows = documents.compact_indices(heads)
+    written = documents.write_chunks * heads * chunk_size  # the write chunks' slots come first
+    q = inputs.q.flatten(0, 1).index_select(0, gather)  # every slot is read
+    writes = FastWeightInputs(
+        q[:written].unflatten(0, (-1, chunk_size)),
+        *(None if t is None else documents.to_chunks(t, gather[:written]) for t in inputs[1:]),
+    )
     initial = tuple(w.unflatten(0, (batch, heads))[documents.rows].flatten(0, 1) for w in weights)
     state = FastWeightState.initial(*initial)
     steps = documents.docs_per_step
-    outputs, first = [], 0
+    outputs, finished, first = [], [], 0
     for s, running in enumerate(steps):
-        chunk = chunks.rows(first * heads, (first + running) * heads)
-        outputs.append(apply_weights(*state.weights, chunk.q))
-        writing = steps[s + 1] if s + 1 < len(steps) else 0
+        writing = (steps[s + 1] if s + 1 < len(steps) else 0) * heads
+        if running * heads > writing:  # documents whose last chunk is chunk s: their final weights
+            finished.append(tuple(w[writing : running * heads] for w in state.weights))
         if writing:
-            rows = writing * heads
-            state = update_step(state.rows(rows), chunk.rows(0, rows), muon=muon)
-        first += running
+            chunk = writes.rows(first, first + writing)
+            current = state.rows(writing)
+            outputs.append(apply_weights(*current.weights, chunk.q).flatten(0, 1))
+            state = update_step(current, chunk, muon=muon)
+            first += writing
+    final = tuple(torch.cat(ws) if len(ws) > 1 else ws[0] for ws in zip(*finished))
+    start, done = written, 0
+    for count, size in documents.tail_groups:
+        rows = tail_rows[done * heads : (done + count) * heads]
+        tails = q[start : start + count * heads * size].unflatten(0, (count * heads, size))
+        outputs.append(apply_weights(*(w.index_select(0, rows) for w in final), tails).flatten(0, 1))
+        start, done = start + count * heads * size, done + count
     return documents.from_chunks(torch.cat(outputs), scatter)
 
 

@@ -108,6 +108,24 @@ class LMModule(TaskModule):
             raise ValueError(
                 f"net.vocab_size={self.config.vocab_size} is smaller than the data's vocabulary of {vocab} ids"
             )
+        self.check_eod_id(stage)
+
+    def check_eod_id(self, stage: str) -> None:
+        """With net.eod_id set, the shards of `stage` must have been packed with that end-of-document id
+        where they record one (LMDataModule.packed_eod_ids); otherwise documents would be split at the wrong
+        token, which trains without any error."""
+        eod_id = self.config.eod_id
+        recorded = getattr(getattr(self.trainer, "datamodule", None), "packed_eod_ids", None)
+        if eod_id is None or not callable(recorded):
+            return
+        for packed, where in recorded(stage):
+            if packed != eod_id:
+                raise ValueError(
+                    f"net.eod_id={eod_id} (model.init_args.net.eod_id) is not the end-of-document id the "
+                    f"data was packed with: eod_id={packed} in the {where}. Set "
+                    f"model.init_args.net.eod_id: {packed}, or re-pack the data with a tokenizer whose "
+                    f"end-of-document id is {eod_id}"
+                )
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.net(input_ids)

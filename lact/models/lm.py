@@ -73,6 +73,7 @@ class LMConfig:
     activation_checkpointing: recompute each block's activations in the backward pass (memory for compute).
     eod_id: the end-of-document id of packed sequences; every document is then processed as if alone (see
         the module docstring). None: a sequence is one stream (positions, memory and window run across).
+        Training checks it against the `eod_id` the shards record (modules/lm.py `LMModule.check_eod_id`).
     compile: torch.compile each block when training (lact/nn.py compile_blocks, applied by the task's
         configure_model); the numbers are eager's up to float rounding.
     """

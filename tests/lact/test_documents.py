@@ -94,3 +94,46 @@ def test_window_attention_never_crosses_a_document(length):
         for start, end in spans(tokens, b):
             alone = sliding_window_attention(*(t[b : b + 1, :, start:end] for t in (q, k, v)), 5)
             torch.testing.assert_close(out[b : b + 1, :, start:end], alone)
+
+
+@pytest.mark.parametrize(("chunk", "tail_block"), [(7, 3), (8, 4), (5, 2), (16, 5), (7, 7)])
+def test_compact_layout_pads_tails_to_the_tail_block_and_the_schedule_still_equals_each_alone(
+    chunk, tail_block
+):
+    """Tails (last chunks) rounded up to multiples of tail_block: every token once, padding below one block
+    per document, and outputs and all input gradients (fp64) those of every document run alone."""
+    tokens = packed([[3, 15, 1, 1, 7, 14, 2, 16, 8], [30, 13, 5, 17, 9]])
+    heads, length = 2, tokens.shape[1]
+    docs = pack_documents(tokens, EOD, chunk, tail_block=tail_block)
+    gather, scatter, tail_rows = docs.compact_indices(heads)
+    assert torch.equal(gather[scatter], torch.arange(tokens.numel() * heads))
+    documents = len(docs.rows)
+    assert gather.numel() < heads * (tokens.numel() + documents * tail_block)
+    assert all(size % tail_block == 0 for _, size in docs.tail_groups)
+    assert sum(count for count, _ in docs.tail_groups) == documents
+    assert sorted(tail_rows.tolist()) == list(range(documents * heads))
+
+    args = [t.requires_grad_() for t in make_inputs(batch=2 * heads, length=length)]
+    inputs = FastWeightInputs(*args[3:10])
+    out = run_causal(tuple(args[:3]), inputs, chunk_size=chunk, documents=docs)
+    probe = torch.randn_like(out)
+    grads = torch.autograd.grad((out * probe).sum(), args)
+    expected = [torch.zeros_like(a) for a in args]
+    for b in range(2):
+        rows = slice(b * heads, (b + 1) * heads)
+        for start, end in spans(tokens, b):
+            part = FastWeightInputs(*(t[rows, start:end] for t in inputs))
+            alone = run_causal(tuple(t[rows] for t in args[:3]), part, chunk_size=chunk)
+            torch.testing.assert_close(out[rows, start:end], alone, rtol=1e-12, atol=1e-12)
+            for total, g in zip(
+                expected, torch.autograd.grad((alone * probe[rows, start:end]).sum(), args, allow_unused=True)
+            ):
+                if g is not None:
+                    total += g
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_tail_block_is_checked():
+    with pytest.raises(ValueError, match="tail_block"):
+        pack_documents(packed([[5, 9]]), EOD, chunk_size=4, tail_block=5)

@@ -109,6 +109,62 @@ def test_lm_recompiles_once_for_new_lengths_and_once_per_new_chunk_count():
     assert counter.frame_count == seen
 
 
+PACKED_EOD = 31
+# documents of every kind for chunk 8: shorter than a chunk, several chunks, ending on a chunk boundary (16),
+# empty (length 1), cut by the row end; every layout differs in documents, chunk counts and tail groups
+LAYOUTS = [
+    [[3, 20, 9, 7, 9], [30, 13]],
+    [[5, 5, 5, 30], [2, 40]],
+    [[1, 1, 17, 9, 20], [12, 12, 30]],
+    [[48], [8, 8, 8, 8, 16]],
+    [[9, 9, 9, 9, 9, 9], [3, 3, 40]],
+    [[16, 16, 16], [1, 2, 3, 4, 40]],
+]
+
+
+def test_lm_packed_documents_do_not_recompile_for_new_document_layouts():
+    """With net.eod_id, the schedule over the document layout (whose Python ints change with every batch)
+    runs eagerly between compiled pieces of the block, so a batch with a new layout never recompiles: the
+    first batch compiles, one of a new length once more (dynamic), then no layout compiles again. The
+    outputs and gradients through the compiled pieces (aot_eager: dynamo and AOT autograd, no codegen) equal
+    eager."""
+    from tests.lact.models.test_lm import packed_rows
+
+    net = LaCTLM(LMConfig(**LM_TINY, eod_id=PACKED_EOD))
+    eager = copy.deepcopy(net)
+    counter = CompileCounter()
+    compile_blocks(net.blocks, backend=counter)
+
+    def batch(i: int, length: int) -> torch.Tensor:
+        return packed_rows(LAYOUTS[i], seed=i, eod=PACKED_EOD)[:, :length]
+
+    lm_loss(net, batch(0, 41))[1].backward()
+    first = counter.frame_count
+    for i in range(1, 4):
+        lm_loss(net, batch(i, 41))[1].backward()
+    assert counter.frame_count == first, (first, counter.frame_count)
+    lm_loss(net, batch(4, 45))[1].backward()  # a new length: the sizes become dynamic
+    second = counter.frame_count
+    for i in (5, 0, 1, 2, 3):
+        lm_loss(net, batch(i, 43))[1].backward()
+    assert counter.frame_count == second, (second, counter.frame_count)
+
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled.blocks, backend="aot_eager")
+    for i in (2, 3):
+        results = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            logits, loss = lm_loss(model, batch(i, 41))
+            loss.backward()
+            results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+        (out_e, grads_e), (out_c, grads_c) = results
+        torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads_c, grads_e):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_nvs_recompiles_at_most_once_per_dimension_across_view_counts():
     """The bidirectional schedule has no loop over views: the first call compiles for its shapes, the first
     new view count recompiles once with the view count dynamic, the first new batch size once more; then

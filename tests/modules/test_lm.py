@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -264,6 +265,41 @@ def test_bad_config_fails_before_training_naming_the_field(tmp_path, capsys, ove
     message = str(failure.value) + capsys.readouterr().err
     assert f"LMConfig.{field}" in message, message[-2000:]
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "data").exists()
+
+
+def test_an_eod_id_other_than_the_shards_one_fails_before_the_first_step(tmp_path):
+    """The tiny config's shards are packed by the byte tokenizer (end-of-document id 256, recorded in every
+    sample's meta.json); net.eod_id=10 would split documents at a byte: setup refuses, naming both."""
+    LossRecorder.losses = []
+    with pytest.raises(ValueError) as failure:
+        train.main(
+            [
+                "fit",
+                *tiny_args(tmp_path, 2),
+                "--model.init_args.net.eod_id=10",
+                "--trainer.callbacks+=tests.modules.test_lm.LossRecorder",
+            ]
+        )
+    message = str(failure.value)
+    assert "net.eod_id=10 (model.init_args.net.eod_id)" in message, message
+    assert "eod_id=256 in the meta.json of sample" in message and str(tmp_path / "data" / "train") in message
+    assert "model.init_args.net.eod_id: 256" in message
+    assert LossRecorder.losses == []
+
+
+def test_shards_without_a_recorded_eod_id_are_not_checked(tmp_path):
+    from datamodules.lm import LMDataModule
+    from datamodules.writers import TokenWriter
+
+    for meta, expected in (({}, []), ({"eod_id": 7}, [7, 7])):
+        writer = TokenWriter(str(tmp_path / str(len(meta))), samples_per_shard=4)
+        writer.write("seq000000000", np.arange(9, dtype=np.uint16), meta)
+        writer.close()
+        data = LMDataModule(train_shards=writer.shards, val_shards=writer.shards, seq_len=8)
+        assert [eod for eod, _ in data.packed_eod_ids("fit")] == expected
+        assert [eod for eod, _ in data.packed_eod_ids("validate")] == expected[:1]
+        assert [eod for eod, _ in data.packed_eod_ids("test")] == expected[:1]  # test shards: the val ones
+        assert data.packed_eod_ids("predict") == []
 
 
 @pytest.mark.slow
