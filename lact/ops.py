@@ -314,17 +314,17 @@ class LeanApply(torch.autograd.Function):
     def backward(ctx, grad_out):
         w_gate, w_up, w_down, x = ctx.saved_tensors
         hidden = w_gate.shape[1]
-        # [W_gate; W_up] stacked: one matmul for both pre-activations and one for both of their gradients.
-        w_gu = torch.cat([w_gate, w_up], dim=1)  # [B, 2h, d]
-        gate, up = (x @ w_gu.mT).split(hidden, dim=-1)  # [B, n, h] each
+        # [W_gate; W_up] stacked: one matmul recomputes both pre-activations. (Every product here is written
+        # functionally or accumulated with baddbmm_: `out=` into views of a stacked buffer breaks dynamo's
+        # graph when the block is compiled.)
+        gate, up = (x @ torch.cat([w_gate, w_up], dim=1).mT).split(hidden, dim=-1)  # [B, n, h] each
         silu_gate = F.silu(gate)
         g_hidden = grad_out @ w_down  # [B, n, h]
         g_w_down = grad_out.mT @ (silu_gate * up)  # [B, d, h]
-        g_gu = torch.empty(*gate.shape[:-1], 2 * hidden, dtype=gate.dtype, device=gate.device)
-        torch.mul(g_hidden, silu_gate, out=g_gu[..., hidden:])  # grad of U
-        torch.ops.aten.silu_backward.grad_input(g_hidden.mul_(up), gate, grad_input=g_gu[..., :hidden])
-        g_w_gu = g_gu.mT @ x  # [B, 2h, d]
-        return g_w_gu[:, :hidden], g_w_gu[:, hidden:], g_w_down, g_gu @ w_gu
+        g_up = g_hidden * silu_gate
+        g_gate = torch.ops.aten.silu_backward(g_hidden.mul_(up), gate)  # grad H U silu'(G), one kernel
+        g_x = torch.bmm(g_gate, w_gate).baddbmm_(g_up, w_up)
+        return g_gate.mT @ x, g_up.mT @ x, g_w_down, g_x
 
 
 class LeanUpdate(torch.autograd.Function):
@@ -406,12 +406,11 @@ class LeanUpdate(torch.autograd.Function):
         lr_g, lr_u, lr_d = lrs
         hidden = w_gate.shape[1]
         # With A = P * silu(G), C = P * U * silu'(G): dW_down = V^T (H * lr_down), dW_up = A^T (K * lr_up),
-        # dW_gate = C^T (K * lr_gate). Every product with K (with V) on the left is one matmul against the four
-        # (two) [h, d] matrices stacked: the recomputed G, U (P) and the gradients of A, C (of H * lr_down).
+        # dW_gate = C^T (K * lr_gate). The products with K (with V) on the left are one matmul against the
+        # four (two) [h, d] matrices stacked: the recomputed G, U (P) and the gradients of A, C (of H lr_down).
         right_k = torch.cat([gd_gate, gd_up, w_gate, w_up], dim=1)  # [B, 4h, d]
         e_gate, e_up, gate, up = (k @ right_k.mT).split(hidden, dim=-1)  # [B, b, h] each
-        right_v = torch.cat([gd_down, w_down], dim=-1)  # [B, d, 2h]
-        vg, p = (v @ right_v).split(hidden, dim=-1)
+        vg, p = (v @ torch.cat([gd_down, w_down], dim=-1)).split(hidden, dim=-1)
         sig = torch.sigmoid(gate)
         silu_gate = gate * sig
         one_minus = 1 - sig
@@ -424,30 +423,19 @@ class LeanUpdate(torch.autograd.Function):
         g_lr_up = (a_mat * e_up).sum(-1, keepdim=True)
         g_lr_gate = (c_mat * e_gate).sum(-1, keepdim=True)
         g_a, g_c, g_hid = e_up.mul_(lr_u), e_gate.mul_(lr_g), vg.mul_(lr_d)
-        # Left operands, laid out against right_k: [C lr_gate, A lr_up, grad G, grad U] and against
-        # right_v^T: [H lr_down, grad P]; the gradients of G, U, P are written in place.
-        left_k = torch.empty(*gate.shape[:-1], 4 * hidden, dtype=gate.dtype, device=gate.device)
-        left_v = torch.empty(*gate.shape[:-1], 2 * hidden, dtype=gate.dtype, device=gate.device)
-        torch.mul(c_mat, lr_g, out=left_k[..., :hidden])
-        torch.mul(a_mat, lr_u, out=left_k[..., hidden : 2 * hidden])
-        torch.mul(hid, lr_d, out=left_v[..., :hidden])
-        g_gate, g_up, g_p = (
-            left_k[..., 2 * hidden : 3 * hidden],
-            left_k[..., 3 * hidden :],
-            left_v[..., hidden:],
-        )
         # silu''(g) = s (1 - s) (2 + g (1 - 2 s)) = s (1 - s) (2 + g - 2 silu(g))
         silu_grad2 = torch.sub(gate, silu_gate, alpha=2).add_(2).mul_(sig).mul_(one_minus)
-        # grad G = (grad H U + grad A P) silu' + grad C P U silu''
-        torch.mul(g_hid, up, out=g_gate).addcmul_(g_a, p).mul_(silu_grad).addcmul_(g_c, silu_grad2.mul_(pu))
-        # grad U = grad H silu + grad C P silu';  grad P = grad A silu + grad C U silu'
-        torch.mul(g_hid, silu_gate, out=g_up).addcmul_(g_c, p.mul(silu_grad))
-        torch.mul(g_a, silu_gate, out=g_p).addcmul_(g_c, up.mul(silu_grad))
-        g_k = left_k @ right_k  # [B, b, d]
-        g_v = left_v @ right_v.mT
-        g_w_gu = left_k[..., 2 * hidden :].mT @ k  # [B, 2h, d]
-        g_w[0] = g_w[0] + g_w_gu[:, :hidden]
-        g_w[1] = g_w[1] + g_w_gu[:, hidden:]
+        # grad G = (grad H U + grad A P) silu' + grad C P U silu'';  grad U = grad H silu + grad C P silu';
+        # grad P = grad A silu + grad C U silu'
+        g_gate = (g_hid * up).addcmul_(g_a, p).mul_(silu_grad).addcmul_(g_c, silu_grad2.mul_(pu))
+        g_up = (g_hid * silu_gate).addcmul_(g_c, p * silu_grad)
+        g_p = (g_a * silu_gate).addcmul_(g_c, up * silu_grad)
+        # grad K, grad V: accumulated in place, the per-token lr folded into the [b, h] factors.
+        g_k = torch.bmm(c_mat.mul_(lr_g), gd_gate).baddbmm_(a_mat.mul_(lr_u), gd_up)
+        g_k = g_k.baddbmm_(g_gate, w_gate).baddbmm_(g_up, w_up)  # [B, b, d]
+        g_v = torch.bmm(hid.mul_(lr_d), gd_down.mT).baddbmm_(g_p, w_down.mT)
+        g_w[0] = g_w[0] + g_gate.mT @ k
+        g_w[1] = g_w[1] + g_up.mT @ k
         g_w[2] = g_w[2] + v.mT @ g_p
         g_lrs = (g_lr_gate.to(lr_gate.dtype), g_lr_up.to(lr_up.dtype), g_lr_down.to(lr_down.dtype))
         g_ms = tuple(g_m) if g_m is not None else (None, None, None)
