@@ -276,9 +276,10 @@ _LEAN: dict[str, bool | None] = {"mode": None}
 
 def set_lean_backward(mode: bool | None) -> None:
     """Choose the schedules' backward. True: the memory-lean hand-derived one everywhere; False: plain autograd;
-    None (the default): lean except for updates with Muon, where it measured 2-15% slower in CPU time than
-    autograd (benchmarks/README.md; without Muon it measured as fast or faster at 32K and 56K tokens).
-    Both give the same gradients (tests/lact/test_lean_backward.py)."""
+    None (the default): lean except for updates with Muon, where it measured 3-14% slower in CPU time than
+    autograd for about a third of its peak memory; without Muon it measured 7% slower at 32K and 56K tokens
+    for 0.37-0.40 of the peak (benchmarks/README.md, Memory-lean backward). Both give the same gradients
+    (tests/lact/test_lean_backward.py)."""
     if mode not in (True, False, None):
         raise ValueError(f"lean backward mode must be True, False or None (auto), got {mode!r}")
     _LEAN["mode"] = mode
