@@ -11,7 +11,23 @@ Prints one markdown table per section:
 With --backward, only section 5: the memory-lean backward (lact/ops.py LeanApply/LeanUpdate) against plain
 autograd, side by side: forward+backward time and peak memory of causal_lact at each L (chunk 2048, 4 heads,
 d = h = 128, momentum on, Muon off and "schedule"), each measurement in a fresh subprocess (peak resident
-memory only grows within a process). Only ratios inside one run mean anything: the machines are shared and noisy. Every time is the best of
+memory only grows within a process), and the matmul utilisation of forward+backward relative to the
+forward's, measured in the same subprocess (forward alone under no_grad, alternating with forward+backward).
+
+Matmul FLOPs, counted from the shapes (B = batch x heads rows, L tokens, chunks of C, n_c = ceil(L / C),
+n_u = n_c - 1 updates since the last chunk only reads, d = head dim, h = hidden width):
+  forward  F = B [ 6 d h L  +  12 d h C n_u  +  n_u 3 s (4 m^2 n + 2 m^3) ]
+    apply: 3 matmuls of [L, d] x [d, h] size (W_gate x, W_up x, W_down hidden) = 6 d h L;
+    update: per chunk the same 3 to recompute G, U, P = V^T W_down plus the 3 products giving dW = 12 d h C;
+    Muon (s Newton-Schulz iterations, s = 5, per update and per matrix m x n, m <= n): A = Y Y^T (2 m^2 n),
+    A A (2 m^3), (bA + cA^2) Y (2 m^2 n), three matrices.
+  forward+backward  3 F: every forward matmul Z = X Y costs two of the same size in the backward
+    (dX = dZ Y^T, dY = X^T dZ), which is what autograd runs. The lean backward's recomputation (the 5 of the
+    9 [C, d] x [d, h] matmuls per chunk that the forward had already done, and bA + cA^2 per Newton-Schulz
+    iteration) and all non-matmul work count as time, not as FLOPs.
+The utilisation ratio is (3 F / t_fwd+bwd) / (F / t_fwd) = 3 t_fwd / t_fwd+bwd: 1 means the forward+backward
+runs its matmul FLOPs as efficiently as the forward runs its own (issue 13's target: at least 0.85).
+Only ratios inside one run mean anything: the machines are shared and noisy. Every time is the best of
 several runs.
 """
 
@@ -83,8 +99,9 @@ def operator_inputs(length: int, dtype: torch.dtype, requires_grad: bool):
 
 
 def operator_flops(length: int, chunk: int, muon: bool) -> float:
-    """Forward FLOPs (docs/architecture.md, The operator: cost): apply 6dhL on every token, update 12dhL on every chunk but the last
-    (apply-only), and with Muon 5 (4 m^2 n + 2 m^3) per update and per matrix (m <= n)."""
+    """Forward matmul FLOPs of causal_lact on HEADS rows (the formula of this module's docstring): apply 6dhL
+    on every token, update 12dhC on every chunk but the last (apply-only), and with Muon 5 (4 m^2 n + 2 m^3)
+    per update and per matrix (m <= n). Forward+backward is 3x this."""
     d, h = HEAD_DIM, HIDDEN
     updates = -(-length // chunk) - 1  # every chunk but the last writes memory
     flops = 6 * d * h * length + 12 * d * h * updates * chunk
@@ -117,7 +134,7 @@ BACKWARD_STEP = textwrap.dedent(
     inputs = operator_inputs(length, torch.float32, requires_grad=True)
     momentum = torch.full((inputs[0].shape[0], length, 1), 0.5, requires_grad=True)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    wall, cpu = [], []
+    wall, cpu, fwd_wall, fwd_cpu = [], [], [], []
     for _ in range(3):  # the first run sets the peak; the best of the three is the time
         start, start_cpu = time.perf_counter(), time.process_time()
         causal_lact(*inputs, chunk_size=2048, momentum=momentum, muon=muon).square().mean().backward()
@@ -125,8 +142,15 @@ BACKWARD_STEP = textwrap.dedent(
         cpu.append(time.process_time() - start_cpu)
         for t in [*inputs, momentum]:
             t.grad = None
+        # The forward alone (it peaks lower), alternating with forward+backward so both see the same load.
+        start, start_cpu = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            causal_lact(*inputs, chunk_size=2048, momentum=momentum, muon=muon)
+        fwd_wall.append(time.perf_counter() - start)
+        fwd_cpu.append(time.process_time() - start_cpu)
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    print(json.dumps({"seconds": min(wall), "cpu_seconds": min(cpu), "peak_mib": peak}))
+    print(json.dumps({"seconds": min(wall), "cpu_seconds": min(cpu), "peak_mib": peak,
+                      "fwd_seconds": min(fwd_wall), "fwd_cpu_seconds": min(fwd_cpu)}))
     """
 )
 
@@ -154,7 +178,7 @@ def measure_backward(length: int, lean: bool, muon: str | None, threads: int) ->
 
 
 def backward_section(lengths: list[int], threads: int) -> None:
-    rows = []
+    rows, util_rows = [], []
     for muon in (None, "schedule"):
         for n in lengths:
             auto = measure_backward(n, False, muon, threads)
@@ -172,6 +196,17 @@ def backward_section(lengths: list[int], threads: int) -> None:
                 ]
             )
             print("|", " | ".join(rows[-1]), "|", flush=True)
+            flops = operator_flops(n, 2048, muon is not None)
+            cells = ["on" if muon else "off", str(n), f"{flops / 1e9:.1f}", f"{3 * flops / 1e9:.1f}"]
+            for result in (auto, lean):
+                cells += [
+                    f"{flops / result['fwd_cpu_seconds'] / 1e9:.1f}",
+                    f"{3 * flops / result['cpu_seconds'] / 1e9:.1f}",
+                    f"**{3 * result['fwd_cpu_seconds'] / result['cpu_seconds']:.2f}**"
+                    f" ({3 * result['fwd_seconds'] / result['seconds']:.2f})",
+                ]
+            util_rows.append(cells)
+            print("|", " | ".join(util_rows[-1]), "|", flush=True)
     print(
         f"\nlean vs autograd backward, causal_lact fwd+bwd, fp32, chunk 2048, {HEADS} heads, d=h={HEAD_DIM}, "
         f"momentum on, {threads} thread(s); cpu = process CPU time, which other jobs on a shared machine "
@@ -180,6 +215,14 @@ def backward_section(lengths: list[int], threads: int) -> None:
     header = ["Muon", "L", "autograd s (wall / cpu)", "lean s (wall / cpu)", "time lean/autograd (wall / cpu)",
               "autograd peak MiB", "lean peak MiB", "peak lean/autograd"]  # fmt: skip
     print(table(header, rows))
+    print(
+        "\nmatmul utilisation (FLOPs per the docstring; GFLOP/s from CPU time): ratio = fwd+bwd FLOP/s over "
+        "forward FLOP/s of the same process = 3 t_fwd / t_fwd+bwd, CPU time (wall time in brackets); "
+        "target >= 0.85\n"
+    )
+    header = ["Muon", "L", "fwd GFLOP", "fwd+bwd GFLOP", "autograd: fwd GFLOP/s", "fwd+bwd GFLOP/s", "ratio",
+              "lean: fwd GFLOP/s", "fwd+bwd GFLOP/s", "ratio"]  # fmt: skip
+    print(table(header, util_rows))
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,12 +1,14 @@
 """Training-step throughput, eager against `net.compile: true` (torch.compile per block), on the CPU.
 
-    .venv/bin/python benchmarks/train_step.py                      # lm/tiny, nvs/tiny, nvs/demo
+    .venv/bin/python benchmarks/train_step.py                      # lm/tiny, nvs/tiny, nvs/demo, video/tiny
     .venv/bin/python benchmarks/train_step.py --configs nvs/demo --rounds 8 --steps 5
+    .venv/bin/python benchmarks/train_step.py --configs lm/mid --rounds 3 --steps 2   # 27.5M parameters
 
 A step is what the trainer runs per batch without data loading and logging: the task's forward and loss,
 backward, and the AdamW step of `configure_optimizers`, on a random batch of the config's shapes (LM:
 data.batch_size x data.seq_len tokens; NVS: data.batch_size scenes of num_input_views + num_target_views
-views at data.image_size). Compilation goes through the task's own `configure_model`, as in training.
+views at data.image_size; video: data.batch_size clips of net.num_frames latent frames, with noise and flow
+times drawn once, so that every step of both sides computes the same per-chunk flow loss). Compilation goes through the task's own `configure_model`, as in training.
 
 Both modules are built from the same seed. The compiled one's first steps (until a step is within 2x of the
 eager step time, at most 3) are its compile time, reported separately. Then eager and compiled alternate
@@ -33,8 +35,10 @@ from lact.geometry import look_at  # noqa: E402
 from modules.lm import LMModule  # noqa: E402
 from modules.nvs import NVSModule  # noqa: E402
 from modules.task import OptimConfig  # noqa: E402
+from modules.video import VideoModule  # noqa: E402
 
-TASKS = {"lm": LMModule, "nvs": NVSModule}
+TASKS = {"lm": LMModule, "nvs": NVSModule, "video": VideoModule}
+UNITS = {"lm": "tokens", "nvs": "views", "video": "frames"}
 
 
 def load(name: str) -> tuple[str, dict, dict]:
@@ -42,13 +46,20 @@ def load(name: str) -> tuple[str, dict, dict]:
     spec = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
     task = name.split("/")[0]
     if task not in TASKS:
-        raise SystemExit(f"--configs {name}: expected lm/<config> or nvs/<config>")
+        raise SystemExit(f"--configs {name}: expected one of {sorted(TASKS)} / <config>, e.g. lm/tiny")
     return task, spec["model"]["init_args"], spec["data"]["init_args"]
 
 
 def make_batch(task: str, module, data: dict, generator: torch.Generator) -> tuple[dict, int]:
-    """A random batch of the config's shapes and how many tokens (LM) or views (NVS) it holds."""
+    """A random batch of the config's shapes and how many tokens (LM), views (NVS) or frames (video) it holds."""
     batch = data["batch_size"]
+    if task == "video":
+        cfg = module.net.cfg
+        shape = (batch, cfg.in_channels, cfg.num_frames, *cfg.latent_size)
+        latents = torch.randn(shape, generator=generator)
+        noise = torch.randn(shape, generator=generator)
+        t = torch.rand(batch, cfg.num_chunks, generator=generator)
+        return {"latents": latents, "noise": noise, "t": t}, batch * cfg.num_frames
     if task == "lm":
         length, vocab = data["seq_len"], module.net.cfg.vocab_size
         tokens = torch.randint(0, vocab, (batch, length + 1), generator=generator)
@@ -74,6 +85,8 @@ def loss_of(task: str, module, batch: dict) -> torch.Tensor:
     if task == "lm":
         losses, scored, _ = module.token_losses(batch)
         return losses.sum() / scored.sum().clamp(min=1)
+    if task == "video":
+        return module.flow_loss(batch["latents"], batch["t"], batch["noise"], None).mean()
     return torch.nn.functional.mse_loss(module(batch).float(), batch["target_images"].float())
 
 
@@ -120,7 +133,7 @@ def bench(name: str, rounds: int, steps: int) -> dict:
     eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
     return {
         "config": name,
-        "unit": "tokens" if task == "lm" else "views",
+        "unit": UNITS[task],
         "items": items,
         "eager_s": eager_s,
         "compiled_s": compiled_s,
@@ -131,7 +144,7 @@ def bench(name: str, rounds: int, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["lm/tiny", "nvs/tiny", "nvs/demo"])
+    parser.add_argument("--configs", nargs="+", default=["lm/tiny", "nvs/tiny", "nvs/demo", "video/tiny"])
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of eager and compiled")
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
     parser.add_argument("--threads", type=int, default=1)
@@ -145,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         r = bench(name, args.rounds, args.steps)
         unit = r["unit"]
         print(
-            f"| {r['config']} | {1 / r['eager_s']:.2f} | {1 / r['compiled_s']:.2f} "
+            f"| {r['config']} | {1 / r['eager_s']:.3g} | {1 / r['compiled_s']:.3g} "
             f"| {r['items'] / r['eager_s']:,.0f} {unit} | {r['items'] / r['compiled_s']:,.0f} {unit} "
             f"| **{r['eager_s'] / r['compiled_s']:.2f}x** | {r['compile_s']:.0f} ({r['warm_steps']}) |",
             flush=True,

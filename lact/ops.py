@@ -65,6 +65,21 @@ class FastWeightInputs(NamedTuple):
         """Tokens [start, end) of every field."""
         return FastWeightInputs(*(None if t is None else t[:, start:end] for t in self))
 
+    def split(self, spans: list[tuple[int, int]]) -> list[FastWeightInputs]:
+        """The records of consecutive token spans [(start, end)] that tile [0, spans[-1][1]) (`chunk_spans`).
+
+        One torch.split per field instead of one slice per span: the backward of a slice writes its gradient
+        into a zero tensor of the whole field, so slicing a field into n chunks costs n full-length gradient
+        buffers (quadratic in L: 1.7 s of CPU at 56K tokens for one [4, L, 128] field), while the backward of
+        a split is a single concatenation."""
+        sizes = [end - start for start, end in spans]
+        tail = self.length - spans[-1][1] if spans else self.length
+        parts = [
+            [None] * len(spans) if t is None else torch.split(t, sizes + [tail] if tail else sizes, dim=1)
+            for t in self
+        ]
+        return [FastWeightInputs(*fields) for fields in zip(*parts)][: len(spans)]
+
     def rows(self, start: int, end: int) -> FastWeightInputs:
         """Rows [start, end) of the batch dimension of every field."""
         return FastWeightInputs(*(None if t is None else t[start:end] for t in self))
@@ -164,9 +179,9 @@ def _muon_dtype(x: Tensor) -> torch.dtype:
     return torch.bfloat16 if x.is_cuda else torch.promote_types(x.dtype, torch.float32)
 
 
-def _newton_schulz(x: Tensor, coefficients) -> tuple[Tensor, list[Tensor]]:
-    """newton_schulz, also returning the iterate before every iteration (wide orientation, compute dtype),
-    which is all its backward needs."""
+def _newton_schulz(x: Tensor, coefficients) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """newton_schulz, also returning per iteration (Y, A = Y Y^T) (wide orientation, compute dtype; A is
+    [.., m, m], m <= n): all its backward needs, which then recomputes only Q = bA + cA^2 (one [m, m] matmul)."""
     coefficients = _muon_coefficients(coefficients)
     y = x.to(_muon_dtype(x))
     tall = y.shape[-2] > y.shape[-1]
@@ -175,8 +190,8 @@ def _newton_schulz(x: Tensor, coefficients) -> tuple[Tensor, list[Tensor]]:
     y = y / (torch.linalg.matrix_norm(y, keepdim=True) + 1e-7)
     iterates = []
     for a, b, c in coefficients:
-        iterates.append(y)
         gram = y @ y.mT
+        iterates.append((y, gram))
         y = a * y + (b * gram + c * (gram @ gram)) @ y
     if tall:
         y = y.mT
@@ -261,9 +276,10 @@ _LEAN: dict[str, bool | None] = {"mode": None}
 
 def set_lean_backward(mode: bool | None) -> None:
     """Choose the schedules' backward. True: the memory-lean hand-derived one everywhere; False: plain autograd;
-    None (the default): lean except for updates with Muon, where it measured 2-15% slower in CPU time than
-    autograd (benchmarks/README.md; without Muon it measured as fast or faster at 32K and 56K tokens).
-    Both give the same gradients (tests/lact/test_lean_backward.py)."""
+    None (the default): lean except for updates with Muon, where it measured 3-14% slower in CPU time than
+    autograd for about a third of its peak memory; without Muon it measured 7% slower at 32K and 56K tokens
+    for 0.37-0.40 of the peak (benchmarks/README.md, Memory-lean backward). Both give the same gradients
+    (tests/lact/test_lean_backward.py)."""
     if mode not in (True, False, None):
         raise ValueError(f"lean backward mode must be True, False or None (auto), got {mode!r}")
     _LEAN["mode"] = mode
@@ -298,13 +314,18 @@ class LeanApply(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         w_gate, w_up, w_down, x = ctx.saved_tensors
-        gate, up = x @ w_gate.mT, x @ w_up.mT  # [B, n, h]
-        _, silu_gate, silu_grad = _silu_parts(gate)
+        hidden = w_gate.shape[1]
+        # [W_gate; W_up] stacked: one matmul recomputes both pre-activations. (Every product here is written
+        # functionally or accumulated with baddbmm_: `out=` into views of a stacked buffer breaks dynamo's
+        # graph when the block is compiled.)
+        gate, up = (x @ torch.cat([w_gate, w_up], dim=1).mT).split(hidden, dim=-1)  # [B, n, h] each
+        silu_gate = F.silu(gate)
         g_hidden = grad_out @ w_down  # [B, n, h]
         g_w_down = grad_out.mT @ (silu_gate * up)  # [B, d, h]
-        g_gate = g_hidden * up * silu_grad
         g_up = g_hidden * silu_gate
-        return g_gate.mT @ x, g_up.mT @ x, g_w_down, g_gate @ w_gate + g_up @ w_up
+        g_gate = torch.ops.aten.silu_backward(g_hidden.mul_(up), gate)  # grad H U silu'(G), one kernel
+        g_x = torch.bmm(g_gate, w_gate).baddbmm_(g_up, w_up)
+        return g_gate.mT @ x, g_up.mT @ x, g_w_down, g_x
 
 
 class LeanUpdate(torch.autograd.Function):
@@ -325,10 +346,11 @@ class LeanUpdate(torch.autograd.Function):
             w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta, momentum, muon
         )
         # Besides the inputs, only [B, h, d]-sized matrices: the chunk's update before and after Muon and
-        # Muon's iterates, so the backward recomputes neither the three update matmuls over the chunk nor Muon.
+        # Muon's iterates with their Gram matrices, so the backward recomputes neither the three update matmuls
+        # over the chunk nor Muon's iterates.
         ctx.save_for_backward(w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta,
                               m_gate, m_up, m_down, *delta, *(step if muon is not None else ()),
-                              *(y for matrix in iterates for y in matrix))  # fmt: skip
+                              *(t for matrix in iterates for it in matrix for t in it))  # fmt: skip
         return (*weights, *(new_momentum or (None, None, None)))
 
     @staticmethod
@@ -338,8 +360,11 @@ class LeanUpdate(torch.autograd.Function):
         momentum = saved[12:15] if ctx.has_momentum else None
         delta = saved[15:18]
         stepped = saved[18:21] if ctx.muon is not None else delta
-        rounds = (len(saved) - 21) // 3  # Muon's iterates per matrix
-        iterates = [saved[21 + i * rounds : 21 + (i + 1) * rounds] for i in range(3)]
+        rounds = (len(saved) - 21) // 6  # Muon's iterations per matrix, (Y, A) each
+        iterates = [
+            [tuple(saved[21 + 2 * (i * rounds + j) : 23 + 2 * (i * rounds + j)]) for j in range(rounds)]
+            for i in range(3)
+        ]
         weights, norms = (w_gate, w_up, w_down), (n_gate, n_up, n_down)
         lrs = tuple(lr.to(k.dtype) for lr in (lr_gate, lr_up, lr_down))
         # Recompute the chunk's activations (docs/architecture.md notation, row layout: G^T = K^T W_gate^T, ...).
@@ -380,31 +405,39 @@ class LeanUpdate(torch.autograd.Function):
                 g_beta = torch.zeros_like(beta)
         gd_gate, gd_up, gd_down = g_delta  # gradients of dW_gate [B,h,d], dW_up [B,h,d], dW_down [B,d,h]
         lr_g, lr_u, lr_d = lrs
-        # dW_down = V^T (H * lr_down)
-        vg = v @ gd_down  # [B, b, h] = grad of (H * lr_down)
-        g_v = (hidden * lr_d) @ gd_down.mT
-        g_hidden = vg * lr_d
-        g_lr_down = (vg * hidden).sum(-1, keepdim=True)
-        # dW_up = (P * silu(G))^T (K * lr_up)
-        e_up = (k * lr_u) @ gd_up.mT  # [B, b, h] = grad of (P * silu(G))
-        ku = (p * silu_gate) @ gd_up  # [B, b, d] = grad of (K * lr_up)
-        g_k = ku * lr_u
-        g_lr_up = (ku * k).sum(-1, keepdim=True)
-        # dW_gate = (P * U * silu'(G))^T (K * lr_gate)
-        e_gate = (k * lr_g) @ gd_gate.mT
-        kg = (p * up * silu_grad) @ gd_gate
-        g_k = g_k + kg * lr_g
-        g_lr_gate = (kg * k).sum(-1, keepdim=True)
-        # Back through H = silu(G) U, P, silu(G), silu'(G) to G = K W_gate^T, U = K W_up^T, P = V W_down.
-        silu_grad2 = sig * (1 - sig) * (2 + gate * (1 - 2 * sig))  # silu''(g)
-        g_up = g_hidden * silu_gate + e_gate * p * silu_grad
-        g_p = e_up * silu_gate + e_gate * up * silu_grad
-        g_gate = (g_hidden * up + e_up * p) * silu_grad + e_gate * p * up * silu_grad2
+        hidden = w_gate.shape[1]
+        # With A = P * silu(G), C = P * U * silu'(G): dW_down = V^T (H * lr_down), dW_up = A^T (K * lr_up),
+        # dW_gate = C^T (K * lr_gate). The products with K (with V) on the left are one matmul against the
+        # four (two) [h, d] matrices stacked: the recomputed G, U (P) and the gradients of A, C (of H lr_down).
+        right_k = torch.cat([gd_gate, gd_up, w_gate, w_up], dim=1)  # [B, 4h, d]
+        e_gate, e_up, gate, up = (k @ right_k.mT).split(hidden, dim=-1)  # [B, b, h] each
+        vg, p = (v @ torch.cat([gd_down, w_down], dim=-1)).split(hidden, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu_gate = gate * sig
+        one_minus = 1 - sig
+        silu_grad = torch.addcmul(sig, silu_gate, one_minus)  # silu'(g) = s + silu(g) (1 - s)
+        hid = silu_gate * up
+        pu = p * up
+        a_mat, c_mat = p * silu_gate, pu * silu_grad
+        # The lr gradients: sum over h of (the matrix) x (its gradient before the per-token lr).
+        g_lr_down = (vg * hid).sum(-1, keepdim=True)
+        g_lr_up = (a_mat * e_up).sum(-1, keepdim=True)
+        g_lr_gate = (c_mat * e_gate).sum(-1, keepdim=True)
+        g_a, g_c, g_hid = e_up.mul_(lr_u), e_gate.mul_(lr_g), vg.mul_(lr_d)
+        # silu''(g) = s (1 - s) (2 + g (1 - 2 s)) = s (1 - s) (2 + g - 2 silu(g))
+        silu_grad2 = torch.sub(gate, silu_gate, alpha=2).add_(2).mul_(sig).mul_(one_minus)
+        # grad G = (grad H U + grad A P) silu' + grad C P U silu'';  grad U = grad H silu + grad C P silu';
+        # grad P = grad A silu + grad C U silu'
+        g_gate = (g_hid * up).addcmul_(g_a, p).mul_(silu_grad).addcmul_(g_c, silu_grad2.mul_(pu))
+        g_up = (g_hid * silu_gate).addcmul_(g_c, p * silu_grad)
+        g_p = (g_a * silu_gate).addcmul_(g_c, up * silu_grad)
+        # grad K, grad V: accumulated in place, the per-token lr folded into the [b, h] factors.
+        g_k = torch.bmm(c_mat.mul_(lr_g), gd_gate).baddbmm_(a_mat.mul_(lr_u), gd_up)
+        g_k = g_k.baddbmm_(g_gate, w_gate).baddbmm_(g_up, w_up)  # [B, b, d]
+        g_v = torch.bmm(hid.mul_(lr_d), gd_down.mT).baddbmm_(g_p, w_down.mT)
         g_w[0] = g_w[0] + g_gate.mT @ k
         g_w[1] = g_w[1] + g_up.mT @ k
         g_w[2] = g_w[2] + v.mT @ g_p
-        g_k = g_k + g_gate @ w_gate + g_up @ w_up
-        g_v = g_v + g_p @ w_down.mT
         g_lrs = (g_lr_gate.to(lr_gate.dtype), g_lr_up.to(lr_up.dtype), g_lr_down.to(lr_down.dtype))
         g_ms = tuple(g_m) if g_m is not None else (None, None, None)
         return (*g_w, *g_norms, g_k, g_v, *g_lrs, g_beta, *g_ms, None)
@@ -418,9 +451,11 @@ def newton_schulz_backward(
 ) -> Tensor:
     """The gradient of `newton_schulz(x, coefficients)` with respect to x, given the output's gradient.
 
-    iterates: the forward's (from `_newton_schulz`); recomputed when None. Runs in the forward's compute dtype.
-    With A = Y Y^T and Q = bA + cA^2 (both symmetric), Y' = aY + QY gives
-    dY = a dY' + Q dY' + (dA + dA^T) Y, where dQ = dY' Y^T and dA = b dQ + c (dQ A + A dQ).
+    iterates: the forward's (Y, A) per iteration (from `_newton_schulz`); recomputed when None. Runs in the
+    forward's compute dtype. With A = Y Y^T and Q = bA + cA^2 (both symmetric), Y' = aY + QY gives
+    dY = a dY' + Q dY' + (dA + dA^T) Y, where dQ = dY' Y^T, dA = b dQ + c (dQ A + A dQ), so that with
+    S = dQ + dQ^T (symmetric) and T = S A: dA + dA^T = b S + c (T + T^T). Three [m, n] and two [m, m]
+    matmuls per iteration (Q recomputed), against autograd's four and two.
     """
     coefficients = _muon_coefficients(coefficients)
     if iterates is None:
@@ -429,12 +464,13 @@ def newton_schulz_backward(
     tall = raw.shape[-2] > raw.shape[-1]
     if tall:
         raw, g = raw.mT, g.mT
-    for (a, b, c), y in zip(reversed(coefficients), reversed(iterates)):
-        gram = y @ y.mT
+    for (a, b, c), (y, gram) in zip(reversed(coefficients), reversed(iterates)):
         poly = b * gram + c * (gram @ gram)
         g_poly = g @ y.mT
-        g_gram = b * g_poly + c * (g_poly @ gram + gram @ g_poly)
-        g = a * g + poly @ g + (g_gram + g_gram.mT) @ y
+        sym = g_poly + g_poly.mT
+        t = sym @ gram
+        sym = b * sym + c * (t + t.mT)
+        g = a * g + poly @ g + sym @ y
     # Y_0 = X / (|X|_F + eps)
     norm = torch.linalg.matrix_norm(raw, keepdim=True)
     dot = (g * raw).sum(dim=(-2, -1), keepdim=True)
@@ -484,8 +520,8 @@ def run_causal(
     state = FastWeightState.initial(*weights)
     length = inputs.length
     outputs = []
-    for start, end in chunk_spans(length, chunk_size):
-        chunk = inputs.slice(start, end)
+    spans = chunk_spans(length, chunk_size)
+    for (_, end), chunk in zip(spans, inputs.split(spans)):
         outputs.append(apply_weights(*state.weights, chunk.q))
         if end < length:
             state = update_step(state, chunk, muon=muon, prenorm=prenorm)
@@ -577,8 +613,8 @@ def run_bidirectional(
         chunk_size = max(update_len, 1)
     check_chunk_size(chunk_size)
     state = FastWeightState.initial(*weights)
-    for start, end in chunk_spans(update_len, chunk_size):
-        state = update_step(state, inputs.slice(start, end), muon=muon)
+    for chunk in inputs.split(chunk_spans(update_len, chunk_size)):
+        state = update_step(state, chunk, muon=muon)
     return apply_weights(*state.weights, inputs.q), state.weights
 
 
@@ -599,8 +635,7 @@ def run_interleaved(
     if state is None:
         state = FastWeightState.initial(*weights)
     outputs = []
-    for segment, start in enumerate(range(0, length, chunk_size)):
-        chunk = inputs.slice(start, start + chunk_size)
+    for segment, chunk in enumerate(inputs.split(chunk_spans(length, chunk_size))):
         if segment % 2 == 1:  # clean: write it into memory first, then read it with the new weights
             state = update_step(state, chunk, muon=muon)
         outputs.append(apply_weights(*state.weights, chunk.q))

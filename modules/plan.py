@@ -200,7 +200,8 @@ def lact_operator_bytes(layer: LaCTLayer, batch: int, length: int, update_len: i
     without Newton-Schulz steps or the pre-norm variant) nothing [L, h]-sized is kept: an apply saves only the
     weights it read and its queries (held by the layer anyway), so the apply and update terms above vanish;
     a lean update keeps the same per-update state (W_c, its update before the weight norm, the momentum
-    buffer), with Muon also the update after Newton-Schulz and the s iterates:      n_u B H 3 (1 + s) m n a
+    buffer), with Muon also the update after Newton-Schulz, the s iterates and their s Gram matrices:
+                                                                                     n_u B H 3 ((1 + s) m n + s m^2) a
     """
     heads, d, h = layer.num_heads, layer.head_dim, layer.hidden
     bh = batch * heads
@@ -216,7 +217,7 @@ def lact_operator_bytes(layer: LaCTLayer, batch: int, length: int, update_len: i
         m, n = min(d, h), max(d, h)
         steps = len(MUON_COEFFICIENTS[layer.muon])
         if lean_update:
-            total += updates * bh * 3 * (1 + steps) * m * n * a
+            total += updates * bh * 3 * ((1 + steps) * m * n + steps * m * m) * a
         else:
             total += updates * bh * 3 * ((steps + 1) * m * n + 2 * steps * m * m) * a
     return total

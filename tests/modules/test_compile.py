@@ -1,6 +1,6 @@
 """`compile: true` in a network config (lact/nn.py compile_blocks, applied by TaskModule.configure_model):
-compiled blocks compute what eager blocks compute, recompile a bounded number of times across sequence lengths
-and view counts, and a compiled tiny fit runs and resumes. Compiling with FSDP2 is in tests/modules/test_scale.py.
+compiled blocks compute what eager blocks compute, recompile a bounded number of times across sequence lengths,
+view counts and clip lengths, and a compiled tiny fit runs and resumes. Compiling with FSDP2 is in tests/modules/test_scale.py.
 
 Inductor on the CPU compiles C++ with the system compiler, so these tests use the tiniest networks; the
 recompilation counts use dynamo's counting backend (recompiling is dynamo's decision, not the backend's)."""
@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Callback
 from torch._dynamo.testing import CompileCounter
 
 from lact.models.lm import LaCTLM, LMConfig
 from lact.models.nvs import NVSConfig, NVSNet
+from lact.models.video import VideoConfig, VideoNet
 from lact.nn import compile_blocks
 from modules.lm import LMModule
 from modules.nvs import NVSModule
@@ -28,6 +31,9 @@ LM_TINY = {
     "vocab_size": 32, "dim": 16, "num_layers": 2, "num_heads": 2, "window": 8,
     "lact": {"heads": 2, "chunk_size": 8, "momentum": True},
 }  # fmt: skip
+VIDEO_TINY = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/video/tiny.yaml").read_text())[
+    "model"
+]["init_args"]["net"]  # 16x16 clips of 4 chunks of 2 frames, 128 tokens per chunk, 2 blocks of width 32
 
 
 @pytest.fixture(autouse=True)
@@ -45,12 +51,42 @@ def nvs_loss(net: NVSNet, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return out, (out - batch["target_images"]).square().mean()
 
 
+def video_net() -> VideoNet:
+    """The tiny video network with its zero-initialised output head and LaCT output gates set non-zero, so that
+    the output and every parameter's gradient depend on both branches (at init the LaCT branch is off)."""
+    net = VideoNet(VideoConfig(**VIDEO_TINY))
+    with torch.no_grad():
+        net.head.weight.normal_(std=0.1)
+        for block in net.blocks:
+            block.lact.gate_proj.weight.normal_(std=0.5)
+    return net
+
+
+def video_batch(batch: int = 2, chunks: int = 4, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randn(batch, 3, 2 * chunks, 16, 16, generator=g)
+    return {
+        "clean": clean,
+        "noisy": torch.randn(clean.shape, generator=g),
+        "t": torch.rand(batch, chunks, generator=g),
+    }
+
+
+def video_loss(net: VideoNet, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    out = net(batch["noisy"], batch["clean"], batch["t"])
+    return out, (out - (batch["noisy"] - batch["clean"])).square().mean()
+
+
 def lm_loss(net: LaCTLM, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = net(tokens[:, :-1])
     return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
-@pytest.mark.parametrize("task", ["lm", "nvs"])
+@pytest.mark.parametrize(
+    "task",
+    # inductor compiles the video block's forward and backward in about 2 CPU-minutes (6 on a loaded machine)
+    ["lm", "nvs", pytest.param("video", marks=pytest.mark.slow)],
+)
 def test_compiled_blocks_match_eager_outputs_and_gradients(task):
     """fp32, inductor: outputs and every parameter gradient within 1e-4 (relative to the largest entry) of
     eager; the ops are the same, only their fusion and summation order differ."""
@@ -59,10 +95,14 @@ def test_compiled_blocks_match_eager_outputs_and_gradients(task):
         eager = LaCTLM(LMConfig(**LM_TINY))
         data = torch.randint(0, 32, (2, 13))  # 12 inputs: a chunk of 8 (an update) and a partial 4
         loss_fn = lm_loss
-    else:
+    elif task == "nvs":
         eager = NVSNet(NVSConfig(**TINY))
         data = make_batch(0)
         loss_fn = nvs_loss
+    else:  # configs/video/tiny.yaml: 4 chunks, 7 interleaved segments, 3 fast-weight updates per block
+        eager = video_net()
+        data = video_batch()
+        loss_fn = video_loss
     compiled = copy.deepcopy(eager)
     compile_blocks(compiled.blocks)
     assert all(block._compiled_call_impl is not None for block in compiled.blocks)
@@ -179,6 +219,32 @@ def test_nvs_recompiles_at_most_once_per_dimension_across_view_counts():
     for inputs, targets, batch in ((1, 1, 2), (5, 2, 2), (3, 4, 5)):
         nvs_loss(net, make_batch(0, batch=batch, inputs=inputs, targets=targets))[1].backward()
     assert counter.frame_count == 3, counter.frame_count
+
+
+def test_video_recompiles_once_for_batch_sizes_and_once_per_new_clip_length():
+    """The interleaved schedule's loop over chunks unrolls, so a new number of chunks per clip compiles one
+    more graph; the batch size becomes dynamic at its first change (size 1 is specialised by dynamo, one more
+    graph). Shapes seen before never compile again. Training clips all have one length (net.num_frames)."""
+    net = video_net()
+    counter = CompileCounter()
+    compile_blocks(net.blocks, backend=counter)
+
+    def step(batch: int, chunks: int) -> None:
+        video_loss(net, video_batch(batch, chunks))[1].backward()
+
+    step(2, 4)
+    assert counter.frame_count == 1  # both blocks share the graph, and the block has no graph break
+    for batch in (3, 5):
+        step(batch, 4)
+    assert counter.frame_count == 2, counter.frame_count
+    step(1, 4)
+    assert counter.frame_count == 3, counter.frame_count
+    for batch, chunks in ((2, 3), (3, 3), (2, 2), (4, 2)):
+        step(batch, chunks)
+    assert counter.frame_count == 5, counter.frame_count
+    for batch, chunks in ((2, 4), (3, 4), (1, 4), (5, 3), (3, 2)):
+        step(batch, chunks)
+    assert counter.frame_count == 5, counter.frame_count
 
 
 def test_compile_flag_is_validated_and_applied_by_configure_model():
