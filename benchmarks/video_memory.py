@@ -16,9 +16,10 @@ chunk c - 1 does not, so its colour is known only through the fast weights. The 
 gate (mean |silu(gate)|, 0 at init) and the fast weights' update ratio during training. Writes
 benchmarks/results/video_memory.json and .png.
 
-cost: one training step (forward, backward, AdamW) of LaCT + window attention (window 1) against full block
+cost: a training step (forward, backward, AdamW) of LaCT + window attention (window 1) against full block
 attention without LaCT (window = chunks - 1: every chunk sees all clean chunks before it) as the number of
-chunks doubles; time and peak resident memory above the model and inputs, each in a fresh subprocess.
+chunks doubles, each in a fresh subprocess: peak resident memory of the first step above the model and
+inputs, time as the mean of the next two steps.
 """
 
 from __future__ import annotations
@@ -50,9 +51,13 @@ NET = dict(
 )
 # one shape per clip, random RGB colour, crossing the frame and re-entering after 3-8 frames out of view
 CLIP = dict(num_frames=24, height=16, width=16, num_objects=(1, 1), motions=("wrap",), colors="random")
+# noise levels of the held-out measure: the task's fixed levels, then 1.0 (pure noise: the model supplies
+# the whole content of the chunk, so what it recalls is all that separates the two models there)
+LEVELS = (0.3, 0.6, 0.9, 1.0)
+VARIANTS = ("lact", "window_only")
 
 
-def clips(count: int, seed: int, batch: int) -> list[dict]:
+def clips(count: int, seed: int, batch: int, radius) -> list[dict]:
     import numpy as np
     import torch
 
@@ -60,7 +65,7 @@ def clips(count: int, seed: int, batch: int) -> list[dict]:
 
     out = []
     for b in range(count):
-        videos = [generate_video([seed, b, i], **CLIP) for i in range(batch)]
+        videos = [generate_video([seed, b, i], **CLIP, radius=tuple(radius)) for i in range(batch)]
         keys = [f"s{seed}_{b}_{i}" for i in range(batch)]
         out.append(
             {
@@ -120,24 +125,87 @@ def gate_probe(module, batch: dict) -> dict:
     return {"gate": float(torch.stack(seen).mean()), "update_ratio": sum(ratios) / len(ratios)}
 
 
-def train_and_validate(module, steps: int, train: list[dict], val: list[dict], probe_every: int) -> dict:
+def held_out(module, val: list[dict]) -> dict:
+    """Flow MSE [levels, clips, chunks] at each of LEVELS (the same seeded noise for every model) and the
+    re-entry flags [clips, chunks]."""
     import torch
+
+    module.eval()
+    losses, recall = [], []
+    with torch.no_grad():
+        for b, batch in enumerate(val):
+            x0 = module.latents(batch)
+            generator = torch.Generator().manual_seed(b)
+            rows = []
+            for level in LEVELS:
+                noise = torch.randn(x0.shape, generator=generator)
+                t = torch.full((x0.shape[0], module.net.cfg.num_chunks), level)
+                rows.append(module.flow_loss(x0, t, noise, None))
+            losses.append(torch.stack(rows))
+            recall.append(batch["recall"])
+    return {"losses": torch.cat(losses, dim=1), "recall": torch.cat(recall)}
+
+
+def summarise(losses, recall) -> dict:
+    """Per-chunk curve (mean over the task's fixed levels 0.3/0.6/0.9) and, per level, the mean loss on
+    chunk 0 (no past), on re-entry chunks and on the other chunks past the attention path."""
+    reach = NET["num_layers"] * NET["window"]
+    fixed = [i for i, level in enumerate(LEVELS) if level < 1.0]
+    out = {"chunks": losses[fixed].mean(0).mean(0).tolist(), "levels": {}}
+    other = ~recall
+    other[:, : reach + 1] = False
+    for i, level in enumerate(LEVELS):
+        out["levels"][str(level)] = {
+            "chunk0": float(losses[i, :, 0].mean()),
+            "reentry": float(losses[i][recall].mean()),
+            "other_past": float(losses[i][other].mean()),
+        }
+    out["reentry_fixed"] = float(losses[fixed][:, recall].mean())
+    out["other_past_fixed"] = float(losses[fixed][:, other].mean())
+    out["num_reentry"], out["num_past"] = int(recall.sum()), int(recall[:, reach + 1 :].numel())
+    return out
+
+
+def build(lact: bool, args):
+    import torch
+
+    from modules.video import VideoModule
+
+    lact_cfg = {**NET["lact"], "base_lr": args.base_lr, "momentum": not args.no_momentum}
+    net = {**NET, "lact": lact_cfg if lact else None}
+    torch.manual_seed(args.seed)
+    optim = dict(lr=args.lr, warmup_steps=50, total_steps=args.steps, **json.loads(args.optim))
+    return VideoModule(net=net, optim=optim, num_samples=0, seed=args.seed)
+
+
+def train_variant(variant: str, args) -> dict:
+    """Train one of the two models (from the common start) and measure it on the held-out clips."""
     from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader
 
-    trace = []
+    lact_model = build(True, args)
+    if variant == "lact":
+        module = lact_model
+    else:  # the same start: every weight the LaCT model shares; with the zero gate the same function
+        module = build(False, args)
+        module.load_state_dict(
+            {k: v for k, v in lact_model.state_dict().items() if ".lact." not in k}, strict=True
+        )
+    train = clips(args.steps, seed=args.seed, batch=args.batch, radius=args.radius)  # a fresh batch a step
+    val = clips(8, seed=10_000 + args.seed, batch=32, radius=args.radius)
+    trace, probe_every = [], max(args.steps // 8, 1)
 
     class Probe(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             step = trainer.global_step
-            if step % probe_every == 0 or step == steps:
+            if step % probe_every == 0 or step == args.steps:
                 row = {"step": step, "loss": float(outputs["loss"]), **gate_probe(pl_module, batch)}
                 trace.append(row)
-                print(json.dumps(row), flush=True)
+                print(variant, json.dumps(row), flush=True)
 
     trainer = Trainer(
         accelerator="cpu",
-        max_steps=steps,
+        max_steps=args.steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -148,102 +216,90 @@ def train_and_validate(module, steps: int, train: list[dict], val: list[dict], p
     start = time.perf_counter()
     trainer.fit(module, DataLoader(train, batch_size=None))
     seconds = time.perf_counter() - start
-    module.eval()
-    losses, recall = [], []
-    with torch.no_grad():
-        for b, batch in enumerate(val):  # the validation MSE of modules/video.py, kept per clip
-            x0 = module.latents(batch)
-            generator = torch.Generator().manual_seed(b)
-            per_chunk = 0
-            for level in module.hparams.val_noise_levels:
-                noise = torch.randn(x0.shape, generator=generator)
-                t = torch.full((x0.shape[0], NET["num_frames"] // NET["frames_per_chunk"]), level)
-                per_chunk = per_chunk + module.flow_loss(x0, t, noise, None)
-            losses.append(per_chunk / len(module.hparams.val_noise_levels))
-            recall.append(batch["recall"])
-    losses, recall = torch.cat(losses), torch.cat(recall)  # [clips, chunks]
-    reach = NET["num_layers"] * NET["window"]
-    past = losses[:, reach + 1 :]
-    return {
-        "chunks": losses.mean(0).tolist(),
-        "recall_chunks": float(losses[recall].mean()),
-        "other_chunks_past_window": float(past[~recall[:, reach + 1 :]].mean()),
-        "num_recall": int(recall.sum()),
-        "num_past": int(past.numel()),
-        "train_seconds": seconds,
-        "trace": trace,
-    }
+    measured = held_out(module, val)
+    return {**summarise(measured["losses"], measured["recall"]), "train_seconds": seconds, "trace": trace}
 
 
-def build(lact: bool, steps: int, base_lr: float, lr: float):
-    import torch
+def quality(args) -> dict:
+    """Both variants in two concurrent processes (same steps, same clips and noise, sharing the load)."""
+    import tempfile
 
-    from modules.video import VideoModule
-
-    net = {**NET, "lact": {**NET["lact"], "base_lr": base_lr} if lact else None}
-    torch.manual_seed(0)
-    return VideoModule(net=net, optim=dict(lr=lr, warmup_steps=50, total_steps=steps), num_samples=0)
-
-
-def quality(steps: int, batch: int, base_lr: float, lr: float) -> dict:
-    train = clips(steps, seed=0, batch=batch)  # a fresh batch every step
-    val = clips(8, seed=1, batch=32)
-    lact_model, window_model = build(True, steps, base_lr, lr), build(False, steps, base_lr, lr)
-    # the same start: the window-only model takes every shared weight of the LaCT one; with the zero gate
-    # both compute the same function at step 0 and differ only by what the LaCT branch learns
-    missing = window_model.load_state_dict(
-        {k: v for k, v in lact_model.state_dict().items() if ".lact." not in k}, strict=True
-    )
-    assert not missing.missing_keys and not missing.unexpected_keys
-    results = {}
-    for name, module in (("lact", lact_model), ("window_only", window_model)):
-        print(f"-- training {name}", flush=True)
-        results[name] = train_and_validate(module, steps, train, val, probe_every=max(steps // 8, 1))
-    lact, window = results["lact"]["chunks"], results["window_only"]["chunks"]
-    reach = NET["num_layers"] * NET["window"]
-    print(
-        f"\nper-chunk validation loss after {steps} steps (batch {batch}), {NET['num_layers']} block(s), "
-        f"window {NET['window']} chunk, LaCT base_lr {base_lr:g}"
-    )
-    print("| chunk | LaCT + window | window only | ratio |")
-    print("|---|---|---|---|")
-    for i, (a, b) in enumerate(zip(lact, window)):
-        print(f"| {i} | {a:.4f} | {b:.4f} | {a / b:.3f} |")
-    far = slice(reach + 1, None)  # chunks with clean context beyond the attention path
-    mean_l, mean_w = sum(lact[far]) / len(lact[far]), sum(window[far]) / len(window[far])
-    print(f"| mean of chunks {reach + 1}+ | {mean_l:.4f} | {mean_w:.4f} | {mean_l / mean_w:.3f} |")
-    for key in ("recall_chunks", "other_chunks_past_window"):
-        a, b = results["lact"][key], results["window_only"][key]
-        print(f"| {key} | {a:.4f} | {b:.4f} | {a / b:.3f} |")
-    print(f"recall chunks: {results['lact']['num_recall']} of {results['lact']['num_past']} past the window")
-    for name, r in results.items():
-        print(f"{name}: training {r['train_seconds']:.0f} s")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"steps": steps, "batch": batch, "base_lr": base_lr, "lr": lr, "net": NET, "clip": CLIP}
-    (out / "video_memory.json").write_text(json.dumps({**payload, **results}, indent=1))
+    name = "video_memory" + (f"_{args.tag}" if args.tag else "")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = {}
+        for variant in VARIANTS:
+            path = str(Path(tmp) / f"{variant}.json")
+            command = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--result", path]
+            procs[variant] = (subprocess.Popen(command, cwd=ROOT), path)
+        for variant, (proc, path) in procs.items():
+            if proc.wait():
+                raise RuntimeError(f"the {variant} run failed (exit {proc.returncode})")
+            results[variant] = json.loads(Path(path).read_text())
+    lact, window = results["lact"], results["window_only"]
+    reach = NET["num_layers"] * NET["window"]
+    print(
+        f"\nheld-out flow MSE after {args.steps} steps (batch {args.batch}), {NET['num_layers']} block(s), "
+        f"window {NET['window']} chunk, radius {args.radius}, LaCT base_lr {args.base_lr:g}, lr {args.lr:g}"
+    )
+    print("| chunk (mean of 0.3/0.6/0.9) | LaCT + window | window only | ratio |")
+    print("|---:|---:|---:|---:|")
+    for i, (a, b) in enumerate(zip(lact["chunks"], window["chunks"])):
+        print(f"| {i} | {a:.4f} | {b:.4f} | {a / b:.3f} |")
+    far = slice(reach + 1, None)
+    mean_l = sum(lact["chunks"][far]) / len(lact["chunks"][far])
+    mean_w = sum(window["chunks"][far]) / len(window["chunks"][far])
+    print(f"| mean of chunks {reach + 1}+ | {mean_l:.4f} | {mean_w:.4f} | {mean_l / mean_w:.3f} |")
+    print("\n| noise level | where | LaCT + window | window only | ratio |")
+    print("|---:|---|---:|---:|---:|")
+    for level in lact["levels"]:
+        for key in ("chunk0", "reentry", "other_past"):
+            a, b = lact["levels"][level][key], window["levels"][level][key]
+            print(f"| {level} | {key} | {a:.4f} | {b:.4f} | {a / b:.3f} |")
+    print(f"re-entry chunks: {lact['num_reentry']} of {lact['num_past']} past the window")
+    for variant, r in results.items():
+        print(f"{variant}: training {r['train_seconds']:.0f} s")
+    payload = {"steps": args.steps, "batch": args.batch, "base_lr": args.base_lr, "lr": args.lr}
+    payload.update(radius=args.radius, seed=args.seed, optim=json.loads(args.optim), net=NET, clip=CLIP)
+    payload.update(momentum=not args.no_momentum, levels=LEVELS)
+    (out / f"{name}.json").write_text(json.dumps({**payload, **results}, indent=1))
+    plot(results, args, out / f"{name}.png")
+    return results
+
+
+def plot(results: dict, args, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax.plot(lact, "o-", label="LaCT + window attention")
-    ax.plot(window, "s--", label="window attention only")
+    lact, window = results["lact"], results["window_only"]
+    reach = NET["num_layers"] * NET["window"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax.plot(lact["chunks"], "o-", label="LaCT + window attention")
+    ax.plot(window["chunks"], "s--", label="window attention only")
     ax.axvline(reach + 0.5, color="grey", lw=0.8)
-    ax.set_xlabel("chunk (2 latent frames each)")
-    ax.set_ylabel("validation flow MSE")
-    ax.set_title(f"{steps} steps, window {NET['window']}, {NET['num_layers']} block(s)")
+    ax.set_xlabel(f"chunk ({NET['frames_per_chunk']} frames each)")
+    ax.set_ylabel("flow MSE (mean of t' 0.3/0.6/0.9)")
+    ax.set_title(f"{args.steps} steps, window {NET['window']}, {NET['num_layers']} block(s)")
     ax.legend()
-    names = ("recall_chunks", "other_chunks_past_window")
-    for k, name in enumerate(("lact", "window_only")):
-        bx.bar([i + 0.38 * k for i in range(2)], [results[name][n] for n in names], 0.38, label=name)
-    bx.set_xticks([0.19, 1.19], ["re-entry chunks\n(colour only in memory)", "other chunks\npast the window"])
-    bx.set_ylabel("validation flow MSE")
-    bx.legend()
+    keys = ("chunk0", "reentry", "other_past")
+    labels = ("chunk 0 (no past)", "re-entry chunks", "other chunks past window")
+    levels = list(lact["levels"])
+    width = 0.8 / len(keys)
+    for k, (key, label) in enumerate(zip(keys, labels)):
+        ratios = [lact["levels"][lv][key] / window["levels"][lv][key] for lv in levels]
+        bx.bar([i + width * k for i in range(len(levels))], ratios, width, label=label)
+    bx.axhline(1.0, color="grey", lw=0.8)
+    bx.set_xticks([i + width for i in range(len(levels))], [f"t' = {lv}" for lv in levels])
+    bx.set_ylabel("loss ratio LaCT / window only")
+    lo = min(min(lact["levels"][lv][k] / window["levels"][lv][k] for k in keys) for lv in levels)
+    bx.set_ylim(min(0.95, lo - 0.02), 1.03)
+    bx.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "video_memory.png", dpi=120)
-    return results
+    fig.savefig(path, dpi=120)
 
 
 STEP = textwrap.dedent(
@@ -260,13 +316,19 @@ STEP = textwrap.dedent(
     torch.manual_seed(0)
     x0 = torch.rand(1, 3, chunks, 32, 32) * 2 - 1
     noise, t, _ = module.draw_noise(x0, None)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        module.flow_loss(x0, t, noise, None).mean().backward()
+        optimizer.step()
+
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    loss = module.flow_loss(x0, t, noise, None).mean()
-    loss.backward()
-    optimizer.step()
-    seconds = time.perf_counter() - start
+    step()  # the first step: its peak memory (a later step's peak stays under the high-water mark it set)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    for _ in range(2):  # warm steps: the time without first-call overheads
+        step()
+    seconds = (time.perf_counter() - start) / 2
     print(json.dumps({"peak_mib": (after - before) / 1024, "seconds": seconds,
                       "tokens": module.net.cfg.sequence_length}))
     """
@@ -303,17 +365,27 @@ def cost(chunk_counts: list[int]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("quality", "cost"))
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--chunks", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--base-lr", type=float, default=1e-2, help="LaCT inner learning rate at init")
+    parser.add_argument("--no-momentum", action="store_true", help="LaCT without momentum")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    parser.add_argument("--optim", default="{}", help="more OptimConfig fields, as JSON")
+    parser.add_argument("--radius", type=float, nargs=2, default=[0.09, 0.18], help="shape radius range")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation, clips and noise")
+    parser.add_argument("--tag", default="", help="results go to benchmarks/results/video_memory_<tag>.*")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one half of `quality`
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
+    if args.variant is not None:
+        Path(args.result).write_text(json.dumps(train_variant(args.variant, args)))
+        return
     if args.only in (None, "quality"):
-        quality(args.steps, args.batch, args.base_lr, args.lr)
+        quality(args)
     if args.only in (None, "cost"):
         cost(args.chunks)
 
