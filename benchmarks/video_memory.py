@@ -54,7 +54,11 @@ CLIP = dict(num_frames=24, height=16, width=16, num_objects=(1, 1), motions=("wr
 # noise levels of the held-out measure: the task's fixed levels, then 1.0 (pure noise: the model supplies
 # the whole content of the chunk, so what it recalls is all that separates the two models there)
 LEVELS = (0.3, 0.6, 0.9, 1.0)
-VARIANTS = ("lact", "window_only")
+# lact: LaCT + window attention; window_only: the LaCT branch off; full_attention: no LaCT, window = every
+# earlier chunk (the control: the same network when nothing is out of the attention path's reach)
+VARIANTS = ("lact", "window_only", "full_attention")
+# settings a window_only or full_attention run depends on: a --reference run must agree on them
+SHARED = ("steps", "batch", "lr", "radius", "seed", "optim", "net")
 
 
 def clips(count: int, seed: int, batch: int, radius) -> list[dict]:
@@ -166,20 +170,20 @@ def summarise(losses, recall) -> dict:
     return out
 
 
-def build(lact: bool, args):
+def build(lact: bool, args, window: int | None = None):
     import torch
 
     from modules.video import VideoModule
 
     lact_cfg = {**NET["lact"], "base_lr": args.base_lr, "momentum": not args.no_momentum}
-    net = {**NET, "lact": lact_cfg if lact else None}
+    net = {**NET, "lact": lact_cfg if lact else None, "window": window or NET["window"]}
     torch.manual_seed(args.seed)
     optim = dict(lr=args.lr, warmup_steps=50, total_steps=args.steps, **json.loads(args.optim))
     return VideoModule(net=net, optim=optim, num_samples=0, seed=args.seed)
 
 
 def train_variant(variant: str, args) -> dict:
-    """Train one of the two models (from the common start) and measure it on the held-out clips."""
+    """Train one variant (from the common start) and measure it on the held-out clips."""
     from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader
 
@@ -187,7 +191,8 @@ def train_variant(variant: str, args) -> dict:
     if variant == "lact":
         module = lact_model
     else:  # the same start: every weight the LaCT model shares; with the zero gate the same function
-        module = build(False, args)
+        window = NET["num_frames"] // NET["frames_per_chunk"] - 1 if variant == "full_attention" else None
+        module = build(False, args, window)
         module.load_state_dict(
             {k: v for k, v in lact_model.state_dict().items() if ".lact." not in k}, strict=True
         )
@@ -220,17 +225,35 @@ def train_variant(variant: str, args) -> dict:
     return {**summarise(measured["losses"], measured["recall"]), "train_seconds": seconds, "trace": trace}
 
 
+def settings(args) -> dict:
+    out = {"steps": args.steps, "batch": args.batch, "base_lr": args.base_lr, "lr": args.lr}
+    out.update(radius=list(args.radius), seed=args.seed, optim=json.loads(args.optim), layers=args.layers)
+    out.update(momentum=not args.no_momentum, levels=LEVELS, net=NET, clip=CLIP)
+    return out
+
+
 def quality(args) -> dict:
-    """Both variants in two concurrent processes (same steps, same clips and noise, sharing the load)."""
+    """The chosen variants in concurrent processes (same steps, same clips and noise, sharing the load);
+    variants taken from a --reference results file instead must have been run with the same SHARED settings
+    (every run is deterministic given them, whatever the load)."""
     import tempfile
 
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     name = "video_memory" + (f"_{args.tag}" if args.tag else "")
-    results = {}
+    results, sources = {}, {}
+    if args.reference:
+        reference = json.loads(Path(args.reference).read_text())
+        mine = settings(args)
+        differ = [k for k in SHARED if json.dumps(reference.get(k)) != json.dumps(mine[k])]
+        if differ:
+            raise SystemExit(f"--reference {args.reference} was run with other {differ}")
+        for variant in VARIANTS:
+            if variant in reference and variant not in args.variants and variant != "lact":
+                results[variant], sources[variant] = reference[variant], args.reference
     with tempfile.TemporaryDirectory() as tmp:
         procs = {}
-        for variant in VARIANTS:
+        for variant in args.variants:
             path = str(Path(tmp) / f"{variant}.json")
             command = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--result", path]
             procs[variant] = (subprocess.Popen(command, cwd=ROOT), path)
@@ -238,66 +261,89 @@ def quality(args) -> dict:
             if proc.wait():
                 raise RuntimeError(f"the {variant} run failed (exit {proc.returncode})")
             results[variant] = json.loads(Path(path).read_text())
-    lact, window = results["lact"], results["window_only"]
+    if "window_only" not in results:
+        raise SystemExit("no window_only results: run that variant or pass a --reference that has it")
+    window = results["window_only"]
+    others = [v for v in VARIANTS if v in results and v != "window_only"]
     reach = NET["num_layers"] * NET["window"]
     print(
         f"\nheld-out flow MSE after {args.steps} steps (batch {args.batch}), {NET['num_layers']} block(s), "
         f"window {NET['window']} chunk, radius {args.radius}, LaCT base_lr {args.base_lr:g}, lr {args.lr:g}"
     )
-    print("| chunk (mean of 0.3/0.6/0.9) | LaCT + window | window only | ratio |")
-    print("|---:|---:|---:|---:|")
-    for i, (a, b) in enumerate(zip(lact["chunks"], window["chunks"])):
-        print(f"| {i} | {a:.4f} | {b:.4f} | {a / b:.3f} |")
+    head = " | ".join(f"{v} | ratio" for v in others)
+    print(f"| chunk (mean of 0.3/0.6/0.9) | window_only | {head} |")
+    print("|---:|---:|" + "---:|---:|" * len(others))
+    for i, w in enumerate(window["chunks"]):
+        cells = " | ".join(
+            f"{results[v]['chunks'][i]:.4f} | {results[v]['chunks'][i] / w:.3f}" for v in others
+        )
+        print(f"| {i} | {w:.4f} | {cells} |")
     far = slice(reach + 1, None)
-    mean_l = sum(lact["chunks"][far]) / len(lact["chunks"][far])
-    mean_w = sum(window["chunks"][far]) / len(window["chunks"][far])
-    print(f"| mean of chunks {reach + 1}+ | {mean_l:.4f} | {mean_w:.4f} | {mean_l / mean_w:.3f} |")
-    print("\n| noise level | where | LaCT + window | window only | ratio |")
-    print("|---:|---|---:|---:|---:|")
-    for level in lact["levels"]:
+
+    def mean(v):
+        return sum(results[v]["chunks"][far]) / len(results[v]["chunks"][far])
+
+    cells = " | ".join(f"{mean(v):.4f} | {mean(v) / mean('window_only'):.3f}" for v in others)
+    print(f"| mean of chunks {reach + 1}+ | {mean('window_only'):.4f} | {cells} |")
+    print(f"\n| noise level | where | window_only | {head} |")
+    print("|---:|---|---:|" + "---:|---:|" * len(others))
+    for level in window["levels"]:
         for key in ("chunk0", "reentry", "other_past"):
-            a, b = lact["levels"][level][key], window["levels"][level][key]
-            print(f"| {level} | {key} | {a:.4f} | {b:.4f} | {a / b:.3f} |")
-    print(f"re-entry chunks: {lact['num_reentry']} of {lact['num_past']} past the window")
+            w = window["levels"][level][key]
+            cells = " | ".join(
+                f"{results[v]['levels'][level][key]:.4f} | {results[v]['levels'][level][key] / w:.3f}"
+                for v in others
+            )
+            print(f"| {level} | {key} | {w:.4f} | {cells} |")
+    print(f"re-entry chunks: {window['num_reentry']} of {window['num_past']} past the window")
     for variant, r in results.items():
-        print(f"{variant}: training {r['train_seconds']:.0f} s")
-    payload = {"steps": args.steps, "batch": args.batch, "base_lr": args.base_lr, "lr": args.lr}
-    payload.update(radius=args.radius, seed=args.seed, optim=json.loads(args.optim), net=NET, clip=CLIP)
-    payload.update(momentum=not args.no_momentum, levels=LEVELS)
+        source = f" (from {sources[variant]})" if variant in sources else ""
+        print(f"{variant}: training {r['train_seconds']:.0f} s{source}")
+    payload = {**settings(args), "sources": sources}
     (out / f"{name}.json").write_text(json.dumps({**payload, **results}, indent=1))
     plot(results, args, out / f"{name}.png")
     return results
 
 
 def plot(results: dict, args, path: Path) -> None:
+    """Left: the per-chunk curve of every variant. Right, one panel per variant against window_only: the loss
+    ratio at each noise level on chunk 0, on re-entry chunks and on the other chunks past the window."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lact, window = results["lact"], results["window_only"]
+    window = results["window_only"]
+    others = [v for v in VARIANTS if v in results and v != "window_only"]
     reach = NET["num_layers"] * NET["window"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax.plot(lact["chunks"], "o-", label="LaCT + window attention")
-    ax.plot(window["chunks"], "s--", label="window attention only")
+    fig, axes = plt.subplots(1, 1 + len(others), figsize=(5 + 4.5 * len(others), 3.6), squeeze=False)
+    ax = axes[0][0]
+    for variant, style in zip(VARIANTS, ("o-", "s--", "^:")):
+        if variant in results:
+            ax.plot(results[variant]["chunks"], style, label=variant)
     ax.axvline(reach + 0.5, color="grey", lw=0.8)
     ax.set_xlabel(f"chunk ({NET['frames_per_chunk']} frames each)")
     ax.set_ylabel("flow MSE (mean of t' 0.3/0.6/0.9)")
     ax.set_title(f"{args.steps} steps, window {NET['window']}, {NET['num_layers']} block(s)")
-    ax.legend()
+    ax.legend(fontsize=8)
     keys = ("chunk0", "reentry", "other_past")
     labels = ("chunk 0 (no past)", "re-entry chunks", "other chunks past window")
-    levels = list(lact["levels"])
+    levels = list(window["levels"])
     width = 0.8 / len(keys)
-    for k, (key, label) in enumerate(zip(keys, labels)):
-        ratios = [lact["levels"][lv][key] / window["levels"][lv][key] for lv in levels]
-        bx.bar([i + width * k for i in range(len(levels))], ratios, width, label=label)
-    bx.axhline(1.0, color="grey", lw=0.8)
-    bx.set_xticks([i + width for i in range(len(levels))], [f"t' = {lv}" for lv in levels])
-    bx.set_ylabel("loss ratio LaCT / window only")
-    lo = min(min(lact["levels"][lv][k] / window["levels"][lv][k] for k in keys) for lv in levels)
-    bx.set_ylim(min(0.95, lo - 0.02), 1.03)
-    bx.legend(fontsize=8)
+    for bx, variant in zip(axes[0][1:], others):
+        ratios = {
+            key: [results[variant]["levels"][lv][key] / window["levels"][lv][key] for lv in levels]
+            for key in keys
+        }
+        for k, (key, label) in enumerate(zip(keys, labels)):
+            bx.bar([i + width * k for i in range(len(levels))], ratios[key], width, label=label)
+        bx.axhline(1.0, color="grey", lw=0.8)
+        bx.set_xticks([i + width for i in range(len(levels))], [f"t' = {lv}" for lv in levels])
+        bx.set_ylabel(f"loss ratio {variant} / window_only")
+        lo = min(min(r) for r in ratios.values())
+        hi = max(max(r) for r in ratios.values())
+        bx.set_ylim(min(0.95, lo - 0.02), max(1.03, hi + 0.02))
+        bx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -373,14 +419,20 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     parser.add_argument("--optim", default="{}", help="more OptimConfig fields, as JSON")
     parser.add_argument("--radius", type=float, nargs=2, default=[0.09, 0.18], help="shape radius range")
+    parser.add_argument(
+        "--layers", type=int, default=1, help="blocks (the attention path reaches layers x window)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="initialisation, clips and noise")
     parser.add_argument("--tag", default="", help="results go to benchmarks/results/video_memory_<tag>.*")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one half of `quality`
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["lact", "window_only"])
+    parser.add_argument("--reference", help="a results JSON whose window_only / full_attention runs to reuse")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one run of `quality`
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
+    NET["num_layers"] = args.layers
     if args.variant is not None:
         Path(args.result).write_text(json.dumps(train_variant(args.variant, args)))
         return
