@@ -242,15 +242,18 @@ def quality(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     name = "video_memory" + (f"_{args.tag}" if args.tag else "")
     results, sources = {}, {}
-    if args.reference:
-        reference = json.loads(Path(args.reference).read_text())
-        mine = settings(args)
+    mine = settings(args)
+    for reference_path in args.reference or ():
+        reference = json.loads(Path(reference_path).read_text())
         differ = [k for k in SHARED if json.dumps(reference.get(k)) != json.dumps(mine[k])]
         if differ:
-            raise SystemExit(f"--reference {args.reference} was run with other {differ}")
+            raise SystemExit(f"--reference {reference_path} was run with other {differ}")
         for variant in VARIANTS:
-            if variant in reference and variant not in args.variants and variant != "lact":
-                results[variant], sources[variant] = reference[variant], args.reference
+            if variant not in reference or variant in args.variants or variant in results:
+                continue
+            if variant == "lact" and any(reference.get(k) != mine[k] for k in ("base_lr", "momentum")):
+                continue  # another LaCT setting: not this run's
+            results[variant], sources[variant] = reference[variant], reference_path
     with tempfile.TemporaryDirectory() as tmp:
         procs = {}
         for variant in args.variants:
@@ -260,7 +263,7 @@ def quality(args) -> dict:
         for variant, (proc, path) in procs.items():
             if proc.wait():
                 raise RuntimeError(f"the {variant} run failed (exit {proc.returncode})")
-            results[variant] = json.loads(Path(path).read_text())
+            results[variant] = json.loads(Path(path).read_text())[variant]
     if "window_only" not in results:
         raise SystemExit("no window_only results: run that variant or pass a --reference that has it")
     window = results["window_only"]
@@ -424,8 +427,13 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="initialisation, clips and noise")
     parser.add_argument("--tag", default="", help="results go to benchmarks/results/video_memory_<tag>.*")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["lact", "window_only"])
-    parser.add_argument("--reference", help="a results JSON whose window_only / full_attention runs to reuse")
+    parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=["lact", "window_only"])
+    parser.add_argument(
+        "--reference",
+        action="append",
+        help="a results JSON (repeatable) whose runs of variants not in --variants are reused; it must share "
+        "the settings those runs depend on (and base_lr, momentum for lact)",
+    )
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one run of `quality`
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -434,7 +442,9 @@ def main() -> None:
     torch.set_num_threads(1)
     NET["num_layers"] = args.layers
     if args.variant is not None:
-        Path(args.result).write_text(json.dumps(train_variant(args.variant, args)))
+        # with the settings, so that the file can serve as a --reference
+        result = {**settings(args), args.variant: train_variant(args.variant, args)}
+        Path(args.result).write_text(json.dumps(result))
         return
     if args.only in (None, "quality"):
         quality(args)
