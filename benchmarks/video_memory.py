@@ -1,20 +1,24 @@
 """Video diffusion: does the LaCT branch carry memory past the attention window, and what does it cost?
 
-    .venv/bin/python benchmarks/video_memory.py                     # both parts, one CPU thread
-    .venv/bin/python benchmarks/video_memory.py --only quality --steps 1500 --base-lr 1e-2
-    .venv/bin/python benchmarks/video_memory.py --only cost --chunks 4 8 16 32
+    .venv/bin/python benchmarks/video_memory.py --only quality --steps 1500 --radius 0.25 0.35 --tag NAME
+    .venv/bin/python benchmarks/video_memory.py --only quality ... --variant full_attention --result FILE
+    .venv/bin/python benchmarks/video_memory.py --only quality ... --variants --reference A --reference B
+    .venv/bin/python benchmarks/video_memory.py --only cost --chunks 4 8 16 32 64
 
-quality: the same network (lact.models.video.VideoNet, 1 block, window 1 chunk) trained for the same steps on
-the same clips with and without its LaCT branch (`net.lact: null` = window attention only), with the task's
-own loss (modules/video.py), from the same start (the window-only model takes the LaCT model's shared weights;
-with the zero output gate both compute the same function at step 0); then the validation flow MSE at fixed
-noise levels 0.3/0.6/0.9 (the same seeded noise for both) on held-out clips, per chunk and on "re-entry"
-chunks. Clips (datamodules/videos.py, motions=("wrap",), colors="random"): one shape of a random RGB colour
-crossing the frame, leaving it and re-entering after 3-8 frames out of view. With 1 block and a window of 1
-chunk, the attention path of chunk c reaches clean chunk c - 1 only; a re-entry chunk shows the shape while
-chunk c - 1 does not, so its colour is known only through the fast weights. The LaCT run logs its output
-gate (mean |silu(gate)|, 0 at init) and the fast weights' update ratio during training. Writes
-benchmarks/results/video_memory.json and .png.
+quality: the same network (lact.models.video.VideoNet, --layers blocks, window 1 chunk) trained for the same
+steps on the same clips with the same noise, in concurrent one-thread processes, as `--variants`: "lact"
+(LaCT + window attention), "window_only" (`net.lact: null`) and "full_attention" (no LaCT, every earlier
+chunk in the window: the control that shows what direct access to the past buys with the same training). All
+start from the same weights (the others take the LaCT model's shared weights; with the zero output gate all
+compute the same function at step 0). Then the held-out flow MSE at noise levels t' = 0.3/0.6/0.9 (the task's
+validation levels) and 1.0 (the same seeded noise for every model), per chunk, on chunk 0 (no past), on
+"re-entry" chunks and on the other chunks past the window. Clips (datamodules/videos.py, motions=("wrap",),
+colors="random", shape radius --radius): one shape of a random RGB colour crossing the frame, leaving it and
+re-entering after 3-8 frames out of view. A re-entry chunk shows the shape while every chunk the attention
+path reaches (layers x window chunks back) does not, so its colour is known only from older chunks. The LaCT
+run logs its output gate (mean |silu(gate)|, 0 at init) and the fast weights' update ratio. Every run is
+deterministic given its settings, so a `--variant` run written to `--result` can stand in (`--reference`)
+for the same variant of a later comparison. Writes benchmarks/results/video_memory[_TAG].json and .png.
 
 cost: a training step (forward, backward, AdamW) of LaCT + window attention (window 1) against full block
 attention without LaCT (window = chunks - 1: every chunk sees all clean chunks before it) as the number of
@@ -434,8 +438,10 @@ def main() -> None:
         help="a results JSON (repeatable) whose runs of variants not in --variants are reused; it must share "
         "the settings those runs depend on (and base_lr, momentum for lact)",
     )
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one run of `quality`
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--variant", choices=VARIANTS, help="train this one variant only and write it to --result"
+    )
+    parser.add_argument("--result", help="the JSON file of a --variant run (usable as a --reference)")
     args = parser.parse_args()
     import torch
 
