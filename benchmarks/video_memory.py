@@ -1,24 +1,29 @@
 """Video diffusion: does the LaCT branch carry memory past the attention window, and what does it cost?
 
-    .venv/bin/python benchmarks/video_memory.py                     # both parts, one CPU thread
-    .venv/bin/python benchmarks/video_memory.py --only quality --steps 1500 --base-lr 1e-2
-    .venv/bin/python benchmarks/video_memory.py --only cost --chunks 4 8 16 32
+    .venv/bin/python benchmarks/video_memory.py --only quality --steps 1500 --radius 0.25 0.35 --tag NAME
+    .venv/bin/python benchmarks/video_memory.py --only quality ... --variant full_attention --result FILE
+    .venv/bin/python benchmarks/video_memory.py --only quality ... --variants --reference A --reference B
+    .venv/bin/python benchmarks/video_memory.py --only cost --chunks 4 8 16 32 64
 
-quality: the same network (lact.models.video.VideoNet, 1 block, window 1 chunk) trained for the same steps on
-the same clips with and without its LaCT branch (`net.lact: null` = window attention only), with the task's
-own loss (modules/video.py), from the same start (the window-only model takes the LaCT model's shared weights;
-with the zero output gate both compute the same function at step 0); then the validation flow MSE at fixed
-noise levels 0.3/0.6/0.9 (the same seeded noise for both) on held-out clips, per chunk and on "re-entry"
-chunks. Clips (datamodules/videos.py, motions=("wrap",), colors="random"): one shape of a random RGB colour
-crossing the frame, leaving it and re-entering after 3-8 frames out of view. With 1 block and a window of 1
-chunk, the attention path of chunk c reaches clean chunk c - 1 only; a re-entry chunk shows the shape while
-chunk c - 1 does not, so its colour is known only through the fast weights. The LaCT run logs its output
-gate (mean |silu(gate)|, 0 at init) and the fast weights' update ratio during training. Writes
-benchmarks/results/video_memory.json and .png.
+quality: the same network (lact.models.video.VideoNet, --layers blocks, window 1 chunk) trained for the same
+steps on the same clips with the same noise, in concurrent one-thread processes, as `--variants`: "lact"
+(LaCT + window attention), "window_only" (`net.lact: null`) and "full_attention" (no LaCT, every earlier
+chunk in the window: the control that shows what direct access to the past buys with the same training). All
+start from the same weights (the others take the LaCT model's shared weights; with the zero output gate all
+compute the same function at step 0). Then the held-out flow MSE at noise levels t' = 0.3/0.6/0.9 (the task's
+validation levels) and 1.0 (the same seeded noise for every model), per chunk, on chunk 0 (no past), on
+"re-entry" chunks and on the other chunks past the window. Clips (datamodules/videos.py, motions=("wrap",),
+colors="random", shape radius --radius): one shape of a random RGB colour crossing the frame, leaving it and
+re-entering after 3-8 frames out of view. A re-entry chunk shows the shape while every chunk the attention
+path reaches (layers x window chunks back) does not, so its colour is known only from older chunks. The LaCT
+run logs its output gate (mean |silu(gate)|, 0 at init) and the fast weights' update ratio. Every run is
+deterministic given its settings, so a `--variant` run written to `--result` can stand in (`--reference`)
+for the same variant of a later comparison. Writes benchmarks/results/video_memory[_TAG].json and .png.
 
-cost: one training step (forward, backward, AdamW) of LaCT + window attention (window 1) against full block
+cost: a training step (forward, backward, AdamW) of LaCT + window attention (window 1) against full block
 attention without LaCT (window = chunks - 1: every chunk sees all clean chunks before it) as the number of
-chunks doubles; time and peak resident memory above the model and inputs, each in a fresh subprocess.
+chunks doubles, each in a fresh subprocess: peak resident memory of the first step above the model and
+inputs, time as the mean of the next two steps.
 """
 
 from __future__ import annotations
@@ -50,9 +55,17 @@ NET = dict(
 )
 # one shape per clip, random RGB colour, crossing the frame and re-entering after 3-8 frames out of view
 CLIP = dict(num_frames=24, height=16, width=16, num_objects=(1, 1), motions=("wrap",), colors="random")
+# noise levels of the held-out measure: the task's fixed levels, then 1.0 (pure noise: the model supplies
+# the whole content of the chunk, so what it recalls is all that separates the two models there)
+LEVELS = (0.3, 0.6, 0.9, 1.0)
+# lact: LaCT + window attention; window_only: the LaCT branch off; full_attention: no LaCT, window = every
+# earlier chunk (the control: the same network when nothing is out of the attention path's reach)
+VARIANTS = ("lact", "window_only", "full_attention")
+# settings a window_only or full_attention run depends on: a --reference run must agree on them
+SHARED = ("steps", "batch", "lr", "radius", "seed", "optim", "net")
 
 
-def clips(count: int, seed: int, batch: int) -> list[dict]:
+def clips(count: int, seed: int, batch: int, radius) -> list[dict]:
     import numpy as np
     import torch
 
@@ -60,7 +73,7 @@ def clips(count: int, seed: int, batch: int) -> list[dict]:
 
     out = []
     for b in range(count):
-        videos = [generate_video([seed, b, i], **CLIP) for i in range(batch)]
+        videos = [generate_video([seed, b, i], **CLIP, radius=tuple(radius)) for i in range(batch)]
         keys = [f"s{seed}_{b}_{i}" for i in range(batch)]
         out.append(
             {
@@ -120,24 +133,88 @@ def gate_probe(module, batch: dict) -> dict:
     return {"gate": float(torch.stack(seen).mean()), "update_ratio": sum(ratios) / len(ratios)}
 
 
-def train_and_validate(module, steps: int, train: list[dict], val: list[dict], probe_every: int) -> dict:
+def held_out(module, val: list[dict]) -> dict:
+    """Flow MSE [levels, clips, chunks] at each of LEVELS (the same seeded noise for every model) and the
+    re-entry flags [clips, chunks]."""
     import torch
+
+    module.eval()
+    losses, recall = [], []
+    with torch.no_grad():
+        for b, batch in enumerate(val):
+            x0 = module.latents(batch)
+            generator = torch.Generator().manual_seed(b)
+            rows = []
+            for level in LEVELS:
+                noise = torch.randn(x0.shape, generator=generator)
+                t = torch.full((x0.shape[0], module.net.cfg.num_chunks), level)
+                rows.append(module.flow_loss(x0, t, noise, None))
+            losses.append(torch.stack(rows))
+            recall.append(batch["recall"])
+    return {"losses": torch.cat(losses, dim=1), "recall": torch.cat(recall)}
+
+
+def summarise(losses, recall) -> dict:
+    """Per-chunk curve (mean over the task's fixed levels 0.3/0.6/0.9) and, per level, the mean loss on
+    chunk 0 (no past), on re-entry chunks and on the other chunks past the attention path."""
+    reach = NET["num_layers"] * NET["window"]
+    fixed = [i for i, level in enumerate(LEVELS) if level < 1.0]
+    out = {"chunks": losses[fixed].mean(0).mean(0).tolist(), "levels": {}}
+    other = ~recall
+    other[:, : reach + 1] = False
+    for i, level in enumerate(LEVELS):
+        out["levels"][str(level)] = {
+            "chunk0": float(losses[i, :, 0].mean()),
+            "reentry": float(losses[i][recall].mean()),
+            "other_past": float(losses[i][other].mean()),
+        }
+    out["reentry_fixed"] = float(losses[fixed][:, recall].mean())
+    out["other_past_fixed"] = float(losses[fixed][:, other].mean())
+    out["num_reentry"], out["num_past"] = int(recall.sum()), int(recall[:, reach + 1 :].numel())
+    return out
+
+
+def build(lact: bool, args, window: int | None = None):
+    import torch
+
+    from modules.video import VideoModule
+
+    lact_cfg = {**NET["lact"], "base_lr": args.base_lr, "momentum": not args.no_momentum}
+    net = {**NET, "lact": lact_cfg if lact else None, "window": window or NET["window"]}
+    torch.manual_seed(args.seed)
+    optim = dict(lr=args.lr, warmup_steps=50, total_steps=args.steps, **json.loads(args.optim))
+    return VideoModule(net=net, optim=optim, num_samples=0, seed=args.seed)
+
+
+def train_variant(variant: str, args) -> dict:
+    """Train one variant (from the common start) and measure it on the held-out clips."""
     from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader
 
-    trace = []
+    lact_model = build(True, args)
+    if variant == "lact":
+        module = lact_model
+    else:  # the same start: every weight the LaCT model shares; with the zero gate the same function
+        window = NET["num_frames"] // NET["frames_per_chunk"] - 1 if variant == "full_attention" else None
+        module = build(False, args, window)
+        module.load_state_dict(
+            {k: v for k, v in lact_model.state_dict().items() if ".lact." not in k}, strict=True
+        )
+    train = clips(args.steps, seed=args.seed, batch=args.batch, radius=args.radius)  # a fresh batch a step
+    val = clips(8, seed=10_000 + args.seed, batch=32, radius=args.radius)
+    trace, probe_every = [], max(args.steps // 8, 1)
 
     class Probe(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             step = trainer.global_step
-            if step % probe_every == 0 or step == steps:
+            if step % probe_every == 0 or step == args.steps:
                 row = {"step": step, "loss": float(outputs["loss"]), **gate_probe(pl_module, batch)}
                 trace.append(row)
-                print(json.dumps(row), flush=True)
+                print(variant, json.dumps(row), flush=True)
 
     trainer = Trainer(
         accelerator="cpu",
-        max_steps=steps,
+        max_steps=args.steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -148,102 +225,134 @@ def train_and_validate(module, steps: int, train: list[dict], val: list[dict], p
     start = time.perf_counter()
     trainer.fit(module, DataLoader(train, batch_size=None))
     seconds = time.perf_counter() - start
-    module.eval()
-    losses, recall = [], []
-    with torch.no_grad():
-        for b, batch in enumerate(val):  # the validation MSE of modules/video.py, kept per clip
-            x0 = module.latents(batch)
-            generator = torch.Generator().manual_seed(b)
-            per_chunk = 0
-            for level in module.hparams.val_noise_levels:
-                noise = torch.randn(x0.shape, generator=generator)
-                t = torch.full((x0.shape[0], NET["num_frames"] // NET["frames_per_chunk"]), level)
-                per_chunk = per_chunk + module.flow_loss(x0, t, noise, None)
-            losses.append(per_chunk / len(module.hparams.val_noise_levels))
-            recall.append(batch["recall"])
-    losses, recall = torch.cat(losses), torch.cat(recall)  # [clips, chunks]
-    reach = NET["num_layers"] * NET["window"]
-    past = losses[:, reach + 1 :]
-    return {
-        "chunks": losses.mean(0).tolist(),
-        "recall_chunks": float(losses[recall].mean()),
-        "other_chunks_past_window": float(past[~recall[:, reach + 1 :]].mean()),
-        "num_recall": int(recall.sum()),
-        "num_past": int(past.numel()),
-        "train_seconds": seconds,
-        "trace": trace,
-    }
+    measured = held_out(module, val)
+    return {**summarise(measured["losses"], measured["recall"]), "train_seconds": seconds, "trace": trace}
 
 
-def build(lact: bool, steps: int, base_lr: float, lr: float):
-    import torch
-
-    from modules.video import VideoModule
-
-    net = {**NET, "lact": {**NET["lact"], "base_lr": base_lr} if lact else None}
-    torch.manual_seed(0)
-    return VideoModule(net=net, optim=dict(lr=lr, warmup_steps=50, total_steps=steps), num_samples=0)
+def settings(args) -> dict:
+    out = {"steps": args.steps, "batch": args.batch, "base_lr": args.base_lr, "lr": args.lr}
+    out.update(radius=list(args.radius), seed=args.seed, optim=json.loads(args.optim), layers=args.layers)
+    out.update(momentum=not args.no_momentum, levels=LEVELS, net=NET, clip=CLIP)
+    return out
 
 
-def quality(steps: int, batch: int, base_lr: float, lr: float) -> dict:
-    train = clips(steps, seed=0, batch=batch)  # a fresh batch every step
-    val = clips(8, seed=1, batch=32)
-    lact_model, window_model = build(True, steps, base_lr, lr), build(False, steps, base_lr, lr)
-    # the same start: the window-only model takes every shared weight of the LaCT one; with the zero gate
-    # both compute the same function at step 0 and differ only by what the LaCT branch learns
-    missing = window_model.load_state_dict(
-        {k: v for k, v in lact_model.state_dict().items() if ".lact." not in k}, strict=True
-    )
-    assert not missing.missing_keys and not missing.unexpected_keys
-    results = {}
-    for name, module in (("lact", lact_model), ("window_only", window_model)):
-        print(f"-- training {name}", flush=True)
-        results[name] = train_and_validate(module, steps, train, val, probe_every=max(steps // 8, 1))
-    lact, window = results["lact"]["chunks"], results["window_only"]["chunks"]
-    reach = NET["num_layers"] * NET["window"]
-    print(
-        f"\nper-chunk validation loss after {steps} steps (batch {batch}), {NET['num_layers']} block(s), "
-        f"window {NET['window']} chunk, LaCT base_lr {base_lr:g}"
-    )
-    print("| chunk | LaCT + window | window only | ratio |")
-    print("|---|---|---|---|")
-    for i, (a, b) in enumerate(zip(lact, window)):
-        print(f"| {i} | {a:.4f} | {b:.4f} | {a / b:.3f} |")
-    far = slice(reach + 1, None)  # chunks with clean context beyond the attention path
-    mean_l, mean_w = sum(lact[far]) / len(lact[far]), sum(window[far]) / len(window[far])
-    print(f"| mean of chunks {reach + 1}+ | {mean_l:.4f} | {mean_w:.4f} | {mean_l / mean_w:.3f} |")
-    for key in ("recall_chunks", "other_chunks_past_window"):
-        a, b = results["lact"][key], results["window_only"][key]
-        print(f"| {key} | {a:.4f} | {b:.4f} | {a / b:.3f} |")
-    print(f"recall chunks: {results['lact']['num_recall']} of {results['lact']['num_past']} past the window")
-    for name, r in results.items():
-        print(f"{name}: training {r['train_seconds']:.0f} s")
+def quality(args) -> dict:
+    """The chosen variants in concurrent processes (same steps, same clips and noise, sharing the load);
+    variants taken from a --reference results file instead must have been run with the same SHARED settings
+    (every run is deterministic given them, whatever the load)."""
+    import tempfile
+
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"steps": steps, "batch": batch, "base_lr": base_lr, "lr": lr, "net": NET, "clip": CLIP}
-    (out / "video_memory.json").write_text(json.dumps({**payload, **results}, indent=1))
+    name = "video_memory" + (f"_{args.tag}" if args.tag else "")
+    results, sources = {}, {}
+    mine = settings(args)
+    for reference_path in args.reference or ():
+        reference = json.loads(Path(reference_path).read_text())
+        differ = [k for k in SHARED if json.dumps(reference.get(k)) != json.dumps(mine[k])]
+        if differ:
+            raise SystemExit(f"--reference {reference_path} was run with other {differ}")
+        for variant in VARIANTS:
+            if variant not in reference or variant in args.variants or variant in results:
+                continue
+            if variant == "lact" and any(reference.get(k) != mine[k] for k in ("base_lr", "momentum")):
+                continue  # another LaCT setting: not this run's
+            results[variant], sources[variant] = reference[variant], reference_path
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = {}
+        for variant in args.variants:
+            path = str(Path(tmp) / f"{variant}.json")
+            command = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--result", path]
+            procs[variant] = (subprocess.Popen(command, cwd=ROOT), path)
+        for variant, (proc, path) in procs.items():
+            if proc.wait():
+                raise RuntimeError(f"the {variant} run failed (exit {proc.returncode})")
+            results[variant] = json.loads(Path(path).read_text())[variant]
+    if "window_only" not in results:
+        raise SystemExit("no window_only results: run that variant or pass a --reference that has it")
+    window = results["window_only"]
+    others = [v for v in VARIANTS if v in results and v != "window_only"]
+    reach = NET["num_layers"] * NET["window"]
+    print(
+        f"\nheld-out flow MSE after {args.steps} steps (batch {args.batch}), {NET['num_layers']} block(s), "
+        f"window {NET['window']} chunk, radius {args.radius}, LaCT base_lr {args.base_lr:g}, lr {args.lr:g}"
+    )
+    head = " | ".join(f"{v} | ratio" for v in others)
+    print(f"| chunk (mean of 0.3/0.6/0.9) | window_only | {head} |")
+    print("|---:|---:|" + "---:|---:|" * len(others))
+    for i, w in enumerate(window["chunks"]):
+        cells = " | ".join(
+            f"{results[v]['chunks'][i]:.4f} | {results[v]['chunks'][i] / w:.3f}" for v in others
+        )
+        print(f"| {i} | {w:.4f} | {cells} |")
+    far = slice(reach + 1, None)
+
+    def mean(v):
+        return sum(results[v]["chunks"][far]) / len(results[v]["chunks"][far])
+
+    cells = " | ".join(f"{mean(v):.4f} | {mean(v) / mean('window_only'):.3f}" for v in others)
+    print(f"| mean of chunks {reach + 1}+ | {mean('window_only'):.4f} | {cells} |")
+    print(f"\n| noise level | where | window_only | {head} |")
+    print("|---:|---|---:|" + "---:|---:|" * len(others))
+    for level in window["levels"]:
+        for key in ("chunk0", "reentry", "other_past"):
+            w = window["levels"][level][key]
+            cells = " | ".join(
+                f"{results[v]['levels'][level][key]:.4f} | {results[v]['levels'][level][key] / w:.3f}"
+                for v in others
+            )
+            print(f"| {level} | {key} | {w:.4f} | {cells} |")
+    print(f"re-entry chunks: {window['num_reentry']} of {window['num_past']} past the window")
+    for variant, r in results.items():
+        source = f" (from {sources[variant]})" if variant in sources else ""
+        print(f"{variant}: training {r['train_seconds']:.0f} s{source}")
+    payload = {**settings(args), "sources": sources}
+    (out / f"{name}.json").write_text(json.dumps({**payload, **results}, indent=1))
+    plot(results, args, out / f"{name}.png")
+    return results
+
+
+def plot(results: dict, args, path: Path) -> None:
+    """Left: the per-chunk curve of every variant. Right, one panel per variant against window_only: the loss
+    ratio at each noise level on chunk 0, on re-entry chunks and on the other chunks past the window."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax.plot(lact, "o-", label="LaCT + window attention")
-    ax.plot(window, "s--", label="window attention only")
+    window = results["window_only"]
+    others = [v for v in VARIANTS if v in results and v != "window_only"]
+    reach = NET["num_layers"] * NET["window"]
+    fig, axes = plt.subplots(1, 1 + len(others), figsize=(5 + 4.5 * len(others), 3.6), squeeze=False)
+    ax = axes[0][0]
+    for variant, style in zip(VARIANTS, ("o-", "s--", "^:")):
+        if variant in results:
+            ax.plot(results[variant]["chunks"], style, label=variant)
     ax.axvline(reach + 0.5, color="grey", lw=0.8)
-    ax.set_xlabel("chunk (2 latent frames each)")
-    ax.set_ylabel("validation flow MSE")
-    ax.set_title(f"{steps} steps, window {NET['window']}, {NET['num_layers']} block(s)")
-    ax.legend()
-    names = ("recall_chunks", "other_chunks_past_window")
-    for k, name in enumerate(("lact", "window_only")):
-        bx.bar([i + 0.38 * k for i in range(2)], [results[name][n] for n in names], 0.38, label=name)
-    bx.set_xticks([0.19, 1.19], ["re-entry chunks\n(colour only in memory)", "other chunks\npast the window"])
-    bx.set_ylabel("validation flow MSE")
-    bx.legend()
+    ax.set_xlabel(f"chunk ({NET['frames_per_chunk']} frames each)")
+    ax.set_ylabel("flow MSE (mean of t' 0.3/0.6/0.9)")
+    ax.set_title(f"{args.steps} steps, window {NET['window']}, {NET['num_layers']} block(s)")
+    ax.legend(fontsize=8)
+    keys = ("chunk0", "reentry", "other_past")
+    labels = ("chunk 0 (no past)", "re-entry chunks", "other chunks past window")
+    levels = list(window["levels"])
+    width = 0.8 / len(keys)
+    for bx, variant in zip(axes[0][1:], others):
+        ratios = {
+            key: [results[variant]["levels"][lv][key] / window["levels"][lv][key] for lv in levels]
+            for key in keys
+        }
+        for k, (key, label) in enumerate(zip(keys, labels)):
+            bx.bar([i + width * k for i in range(len(levels))], ratios[key], width, label=label)
+        bx.axhline(1.0, color="grey", lw=0.8)
+        bx.set_xticks([i + width for i in range(len(levels))], [f"t' = {lv}" for lv in levels])
+        bx.set_ylabel(f"loss ratio {variant} / window_only")
+        lo = min(min(r) for r in ratios.values())
+        hi = max(max(r) for r in ratios.values())
+        bx.set_ylim(min(0.95, lo - 0.02), max(1.03, hi + 0.02))
+        bx.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "video_memory.png", dpi=120)
-    return results
+    fig.savefig(path, dpi=120)
 
 
 STEP = textwrap.dedent(
@@ -260,13 +369,19 @@ STEP = textwrap.dedent(
     torch.manual_seed(0)
     x0 = torch.rand(1, 3, chunks, 32, 32) * 2 - 1
     noise, t, _ = module.draw_noise(x0, None)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        module.flow_loss(x0, t, noise, None).mean().backward()
+        optimizer.step()
+
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    loss = module.flow_loss(x0, t, noise, None).mean()
-    loss.backward()
-    optimizer.step()
-    seconds = time.perf_counter() - start
+    step()  # the first step: its peak memory (a later step's peak stays under the high-water mark it set)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    for _ in range(2):  # warm steps: the time without first-call overheads
+        step()
+    seconds = (time.perf_counter() - start) / 2
     print(json.dumps({"peak_mib": (after - before) / 1024, "seconds": seconds,
                       "tokens": module.net.cfg.sequence_length}))
     """
@@ -303,17 +418,42 @@ def cost(chunk_counts: list[int]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("quality", "cost"))
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--chunks", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--base-lr", type=float, default=1e-2, help="LaCT inner learning rate at init")
+    parser.add_argument("--no-momentum", action="store_true", help="LaCT without momentum")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    parser.add_argument("--optim", default="{}", help="more OptimConfig fields, as JSON")
+    parser.add_argument("--radius", type=float, nargs=2, default=[0.09, 0.18], help="shape radius range")
+    parser.add_argument(
+        "--layers", type=int, default=1, help="blocks (the attention path reaches layers x window)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="initialisation, clips and noise")
+    parser.add_argument("--tag", default="", help="results go to benchmarks/results/video_memory_<tag>.*")
+    parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=["lact", "window_only"])
+    parser.add_argument(
+        "--reference",
+        action="append",
+        help="a results JSON (repeatable) whose runs of variants not in --variants are reused; it must share "
+        "the settings those runs depend on (and base_lr, momentum for lact)",
+    )
+    parser.add_argument(
+        "--variant", choices=VARIANTS, help="train this one variant only and write it to --result"
+    )
+    parser.add_argument("--result", help="the JSON file of a --variant run (usable as a --reference)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
+    NET["num_layers"] = args.layers
+    if args.variant is not None:
+        # with the settings, so that the file can serve as a --reference
+        result = {**settings(args), args.variant: train_variant(args.variant, args)}
+        Path(args.result).write_text(json.dumps(result))
+        return
     if args.only in (None, "quality"):
-        quality(args.steps, args.batch, args.base_lr, args.lr)
+        quality(args)
     if args.only in (None, "cost"):
         cost(args.chunks)
 

@@ -127,11 +127,14 @@ def generate_video(
     num_objects=(2, 4),
     motions: Sequence[str] = MOTIONS,
     colors: str = "palette",
+    radius: tuple[float, float] = (0.09, 0.18),
 ) -> dict:
     """One procedural clip.
 
     ``motions``: the motions a shape draws from (MOTIONS and EXTRA_MOTIONS); ``colors``: "palette" (eight
-    named colours, distinct within a clip) or "random" (a uniform RGB colour per shape).
+    named colours, distinct within a clip) or "random" (a uniform RGB colour per shape); ``radius``: the
+    range (lo, hi) of shape radii, uniform, in units of the short side of the frame (larger shapes put more
+    of a clip's pixels on what a re-entering shape looks like).
 
     Returns ``frames`` uint8 ``[T, H, W, 3]``, ``caption`` (str), ``tracks`` float ``[K, T, 2]``
     (shape centres in frame units, x right, y down; the frame spans ``extent``), ``radii`` ``[K]``,
@@ -142,6 +145,8 @@ def generate_video(
         raise ValueError(f"motions must be a non-empty subset of {MOTIONS + EXTRA_MOTIONS}, got {motions!r}")
     if colors not in ("palette", "random"):
         raise ValueError(f"colors must be 'palette' or 'random', got {colors!r}")
+    if len(radius) != 2 or not 0 < radius[0] <= radius[1] <= 0.5:
+        raise ValueError(f"radius must be a range (lo, hi) with 0 < lo <= hi <= 0.5, got {radius!r}")
     choices = tuple(motions)  # `motions` below is the list of drawn ones
     rng = np.random.default_rng(seed)
     extent = np.array([width, height]) / min(width, height)
@@ -159,12 +164,12 @@ def generate_video(
     tracks, radii, motions, shapes, phrases = [], [], [], [], []
     for k in range(count):
         shape, motion = SHAPES[rng.integers(len(SHAPES))], choices[rng.integers(len(choices))]
-        radius = rng.uniform(0.09, 0.18)
-        track = simulate(rng, motion, num_frames, extent, radius)
+        size = rng.uniform(*radius)
+        track = simulate(rng, motion, num_frames, extent, size)
         spin = rng.uniform(0, 2 * np.pi) + rng.uniform(-0.15, 0.15) * np.arange(num_frames)
-        frames[_masks(shape, track, radius, spin, xs, ys)] = rgb[k]  # later shapes cover earlier ones
+        frames[_masks(shape, track, size, spin, xs, ys)] = rgb[k]  # later shapes cover earlier ones
         tracks.append(track)
-        radii.append(radius)
+        radii.append(size)
         motions.append(motion)
         shapes.append(shape)
         verb = {

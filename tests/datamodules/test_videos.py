@@ -118,3 +118,17 @@ def test_default_clips_unchanged_by_the_options_and_bad_options_named():
         generate_video(0, motions=("teleport",))
     with pytest.raises(ValueError, match="colors"):
         generate_video(0, colors="pastel")
+    c = generate_video(3, num_frames=6, height=16, width=16, radius=(0.09, 0.18))
+    assert np.array_equal(a["frames"], c["frames"])
+    with pytest.raises(ValueError, match="radius"):
+        generate_video(0, radius=(0.3, 0.1))
+
+
+def test_radius_range_sets_the_shape_sizes():
+    small, large = [], []
+    for seed in range(8):
+        for radii, sizes in (((0.05, 0.08), small), ((0.3, 0.35), large)):
+            video = generate_video(seed, num_frames=2, height=32, width=32, radius=radii)
+            assert ((video["radii"] >= radii[0]) & (video["radii"] <= radii[1])).all()
+            sizes.append(video["radii"])
+    assert np.concatenate(large).min() > np.concatenate(small).max()
