@@ -19,7 +19,14 @@ from collections.abc import Callable, Sequence
 from lightning.pytorch import LightningDataModule
 
 from datamodules.errors import DamageRegistry
-from datamodules.readers import scene_dataset, token_dataset, train_loader, val_loader, video_dataset
+from datamodules.readers import (
+    CurriculumReader,
+    scene_dataset,
+    token_dataset,
+    train_loader,
+    val_loader,
+    video_dataset,
+)
 from datamodules.shards import ShardReader
 
 
@@ -32,6 +39,26 @@ def check_sizes(owner: str, minimum: int = 1, **fields) -> None:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < minimum):
                 raise ValueError(f"{owner}: {name} must be >= {minimum} (an integer), got {value!r}")
+
+
+def check_curriculum(owner: str, curriculum: Sequence[dict] | None) -> list[dict]:
+    """The ``curriculum`` argument of the DataModules, checked: a list of ``{"shards", "until_step"}`` with
+    until_step positive and increasing. Raises ValueError naming the stage and what is expected."""
+    stages = []
+    for i, stage in enumerate(curriculum or []):
+        if not isinstance(stage, dict) or set(stage) != {"shards", "until_step"}:
+            raise ValueError(
+                f"{owner}: curriculum[{i}] must be a mapping with the keys shards and until_step, got {stage!r}"
+            )
+        until = stage["until_step"]
+        previous = stages[-1]["until_step"] if stages else 0
+        if isinstance(until, bool) or not isinstance(until, int) or until <= previous:
+            raise ValueError(
+                f"{owner}: curriculum[{i}].until_step must be an integer above {previous} (the stages' "
+                f"until_step increase), got {until!r}"
+            )
+        stages.append(dict(stage))
+    return stages
 
 
 def fit_loop_position(trainer) -> int | None:
@@ -52,6 +79,12 @@ class ShardDataModule(LightningDataModule):
         seed: base seed of the training stream.
         max_bad_samples: distinct damaged samples/shards skipped on this rank before the run stops.
         pin_memory: passed to the DataLoader.
+        curriculum: stages trained before ``train_shards``: a list of ``{"shards": spec, "until_step": N}``
+            with increasing N. A training pass that starts at global step s reads the shards of the first
+            stage with s < until_step, and ``train_shards`` once s is past every stage. Stages switch at pass
+            boundaries (every ``batches_per_epoch`` steps; an until_step that is a multiple of it switches
+            exactly there), and the stage is a function of the step, so resumed runs read what the
+            uninterrupted run read. E.g. simple scenes first, then the full distribution.
     """
 
     def __init__(
@@ -66,6 +99,7 @@ class ShardDataModule(LightningDataModule):
         seed: int = 0,
         max_bad_samples: int = 16,
         pin_memory: bool = False,
+        curriculum: Sequence[dict] | None = None,
     ):
         super().__init__()
         name = type(self).__name__
@@ -81,6 +115,7 @@ class ShardDataModule(LightningDataModule):
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.max_bad_samples, self.pin_memory = max_bad_samples, pin_memory
+        self.curriculum = check_curriculum(name, curriculum)
 
     def dataset(self, shards, train: bool, **reader_kwargs) -> ShardReader:
         """The modality's reader; subclasses call scene_dataset / token_dataset / video_dataset."""
@@ -117,8 +152,15 @@ class ShardDataModule(LightningDataModule):
     def train_dataloader(self):
         if self.train_shards is None:
             raise ValueError(f"{type(self).__name__}: train_shards is not set")
+        dataset = self.dataset(self.train_shards, True, **self._reader_kwargs(True))
+        if self.curriculum:
+            stages = [
+                (s["until_step"], self.dataset(s["shards"], True, **self._reader_kwargs(True)))
+                for s in self.curriculum
+            ]
+            dataset = CurriculumReader([*stages, (None, dataset)])
         return train_loader(
-            self.dataset(self.train_shards, True, **self._reader_kwargs(True)),
+            dataset,
             batch_size=self.batch_size,
             batches_per_epoch=self.batches_per_epoch,
             num_workers=self.num_workers,
