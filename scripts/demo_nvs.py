@@ -61,7 +61,9 @@ def used_splits(data_args: dict) -> list[str]:
     names = {Path(str(p)).name for p in paths if p is not None} | {"test"}
     unknown = names - set(SPLITS)
     if unknown:
-        raise SystemExit(f"{CONFIG} reads data/{sorted(unknown)}, which this script does not generate: {list(SPLITS)}")
+        raise SystemExit(
+            f"{CONFIG} reads data/{sorted(unknown)}, which this script does not generate: {list(SPLITS)}"
+        )
     return [name for name in SPLITS if name in names]
 
 
@@ -73,7 +75,13 @@ def generate_data(out: Path, splits: list[str]) -> None:
         meta = folder / "meta.json"
         if meta.exists():
             args = json.loads(meta.read_text())["args"]
-            made = (args["seed"], args["num_scenes"], args["views"], args["height"], tuple(args["primitives"]))
+            made = (
+                args["seed"],
+                args["num_scenes"],
+                args["views"],
+                args["height"],
+                tuple(args["primitives"]),
+            )
             if made == (seed, scenes, VIEWS, SIZE, primitives):
                 continue
         run([sys.executable, "-m", "datamodules.prepare", "scenes", "--out", str(folder), "--num-scenes",
