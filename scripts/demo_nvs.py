@@ -112,9 +112,10 @@ def main(argv=None) -> None:
     config = yaml.safe_load((ROOT / CONFIG).read_text())
     data_args = config["data"]["init_args"]
     generate_data(out, used_splits(data_args))
-    threads, step_seconds = pick_threads(args.threads, config)
     checkpoint = out / "run" / "checkpoints" / "last.ckpt"
+    threads = args.threads or 1  # evaluation only: no step timing
     if not args.skip_train:
+        threads, step_seconds = pick_threads(args.threads, config)
         shutil.rmtree(out / "run", ignore_errors=True)  # a fresh run, not a resumed one
         fit_within(CONFIG, args.minutes, step_seconds, threads, list(args.override))
     # Per-scene PNGs and turntable GIFs through the CLI (reconstruct once, render many).

@@ -213,13 +213,35 @@ def test_curriculum_reads_each_stage_by_the_step_a_pass_starts_at_also_when_resu
     assert [batch["key"] for batch in resumed] == uninterrupted[1:]
 
 
+def test_curriculum_stage_can_end_at_a_fraction_of_max_steps(shards, easy_shards):
+    dm = NVSDataModule(
+        shards,
+        curriculum=[{"shards": easy_shards, "until_fraction": 0.25}],
+        num_input_views=2,
+        num_target_views=1,
+        batch_size=2,
+        batches_per_epoch=3,
+    )
+    dm.trainer = StepTrainer(5)
+    dm.trainer.max_steps = 24  # the stage ends at step 6
+    assert pass_keys(dm.train_dataloader()) <= {f"easy{i}" for i in range(3)}
+    dm.trainer = StepTrainer(6)
+    dm.trainer.max_steps = 24
+    assert pass_keys(dm.train_dataloader()) <= {f"scene{i}" for i in range(6)}
+    dm.trainer.max_steps = -1  # Lightning's "no limit"
+    with pytest.raises(ValueError, match=r"curriculum\[0\]\.until_fraction needs trainer.max_steps >= 1"):
+        dm.train_dataloader()
+
+
 def test_curriculum_errors_name_the_stage(shards, easy_shards):
-    with pytest.raises(ValueError, match=r"curriculum\[1\]\.until_step must be an integer above 6"):
-        NVSDataModule(
-            shards,
-            curriculum=[{"shards": easy_shards, "until_step": 6}, {"shards": easy_shards, "until_step": 6}],
-        )
+    stages = [{"shards": easy_shards, "until_step": 6}, {"shards": easy_shards, "until_step": 6}]
+    dm = NVSDataModule(shards, curriculum=stages)
+    dm.trainer = StepTrainer(0)
+    with pytest.raises(ValueError, match=r"curriculum\[1\] ends at step 6, not after the stage before it"):
+        dm.train_dataloader()
     with pytest.raises(
         ValueError, match=r"curriculum\[0\] must be a mapping with the keys shards and until_step"
     ):
         NVSDataModule(shards, curriculum=[{"shards": easy_shards, "steps": 6}])
+    with pytest.raises(ValueError, match=r"curriculum\[0\]\.until_fraction must be a number in \(0, 1\)"):
+        NVSDataModule(shards, curriculum=[{"shards": easy_shards, "until_fraction": 1.5}])
