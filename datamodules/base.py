@@ -19,7 +19,14 @@ from collections.abc import Callable, Sequence
 from lightning.pytorch import LightningDataModule
 
 from datamodules.errors import DamageRegistry
-from datamodules.readers import scene_dataset, token_dataset, train_loader, val_loader, video_dataset
+from datamodules.readers import (
+    CurriculumReader,
+    scene_dataset,
+    token_dataset,
+    train_loader,
+    val_loader,
+    video_dataset,
+)
 from datamodules.shards import ShardReader
 
 
@@ -32,6 +39,59 @@ def check_sizes(owner: str, minimum: int = 1, **fields) -> None:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < minimum):
                 raise ValueError(f"{owner}: {name} must be >= {minimum} (an integer), got {value!r}")
+
+
+def check_curriculum(owner: str, curriculum: Sequence[dict] | None) -> list[dict]:
+    """The ``curriculum`` argument of the DataModules, checked: a list of mappings with ``shards`` and one of
+    ``until_step`` (an integer >= 1) or ``until_fraction`` (of the trainer's max_steps, in (0, 1)). Raises
+    ValueError naming the stage and what is expected."""
+    stages = []
+    for i, stage in enumerate(curriculum or []):
+        keys = set(stage) if isinstance(stage, dict) else set()
+        if keys not in ({"shards", "until_step"}, {"shards", "until_fraction"}):
+            raise ValueError(
+                f"{owner}: curriculum[{i}] must be a mapping with the keys shards and until_step (or "
+                f"until_fraction), got {stage!r}"
+            )
+        if "until_step" in stage:
+            until = stage["until_step"]
+            if isinstance(until, bool) or not isinstance(until, int) or until < 1:
+                raise ValueError(
+                    f"{owner}: curriculum[{i}].until_step must be an integer >= 1, got {until!r}"
+                )
+        else:
+            until = stage["until_fraction"]
+            if isinstance(until, bool) or not isinstance(until, (int, float)) or not 0 < until < 1:
+                raise ValueError(
+                    f"{owner}: curriculum[{i}].until_fraction must be a number in (0, 1) (a fraction of "
+                    f"trainer.max_steps), got {until!r}"
+                )
+        stages.append(dict(stage))
+    return stages
+
+
+def curriculum_steps(owner: str, curriculum: list[dict], max_steps: int | None) -> list[int]:
+    """Each stage's until_step, with until_fraction resolved against ``max_steps`` (the trainer's; fixed for
+    a run, so resumed runs resolve it alike). Raises ValueError when the steps do not increase or a fraction
+    has no max_steps to refer to."""
+    steps = []
+    for i, stage in enumerate(curriculum):
+        if "until_step" in stage:
+            until = stage["until_step"]
+        elif max_steps is None or max_steps < 1:
+            raise ValueError(
+                f"{owner}: curriculum[{i}].until_fraction needs trainer.max_steps >= 1, got {max_steps!r}; "
+                "set max_steps or use until_step"
+            )
+        else:
+            until = max(1, round(stage["until_fraction"] * max_steps))
+        if steps and until <= steps[-1]:
+            raise ValueError(
+                f"{owner}: curriculum[{i}] ends at step {until}, not after the stage before it (step "
+                f"{steps[-1]}); the stages must end in increasing order"
+            )
+        steps.append(until)
+    return steps
 
 
 def fit_loop_position(trainer) -> int | None:
@@ -52,6 +112,12 @@ class ShardDataModule(LightningDataModule):
         seed: base seed of the training stream.
         max_bad_samples: distinct damaged samples/shards skipped on this rank before the run stops.
         pin_memory: passed to the DataLoader.
+        curriculum: stages trained before ``train_shards``: a list of ``{"shards": spec, "until_step": N}``
+            (or ``"until_fraction": f``, the step f * trainer.max_steps) in increasing order. A training pass that starts at global step s reads the shards of the first
+            stage with s < until_step, and ``train_shards`` once s is past every stage. Stages switch at pass
+            boundaries (every ``batches_per_epoch`` steps; an until_step that is a multiple of it switches
+            exactly there), and the stage is a function of the step, so resumed runs read what the
+            uninterrupted run read. E.g. simple scenes first, then the full distribution.
     """
 
     def __init__(
@@ -66,6 +132,7 @@ class ShardDataModule(LightningDataModule):
         seed: int = 0,
         max_bad_samples: int = 16,
         pin_memory: bool = False,
+        curriculum: Sequence[dict] | None = None,
     ):
         super().__init__()
         name = type(self).__name__
@@ -81,6 +148,7 @@ class ShardDataModule(LightningDataModule):
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.max_bad_samples, self.pin_memory = max_bad_samples, pin_memory
+        self.curriculum = check_curriculum(name, curriculum)
 
     def dataset(self, shards, train: bool, **reader_kwargs) -> ShardReader:
         """The modality's reader; subclasses call scene_dataset / token_dataset / video_dataset."""
@@ -117,8 +185,18 @@ class ShardDataModule(LightningDataModule):
     def train_dataloader(self):
         if self.train_shards is None:
             raise ValueError(f"{type(self).__name__}: train_shards is not set")
+        dataset = self.dataset(self.train_shards, True, **self._reader_kwargs(True))
+        if self.curriculum:
+            trainer = self.trainer
+            max_steps = getattr(trainer, "max_steps", None) if trainer is not None else None
+            untils = curriculum_steps(type(self).__name__, self.curriculum, max_steps)
+            stages = [
+                (until, self.dataset(s["shards"], True, **self._reader_kwargs(True)))
+                for until, s in zip(untils, self.curriculum, strict=True)
+            ]
+            dataset = CurriculumReader([*stages, (None, dataset)])
         return train_loader(
-            self.dataset(self.train_shards, True, **self._reader_kwargs(True)),
+            dataset,
             batch_size=self.batch_size,
             batches_per_epoch=self.batches_per_epoch,
             num_workers=self.num_workers,

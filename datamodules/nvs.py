@@ -150,6 +150,8 @@ class NVSDataModule(ShardDataModule):
         held_out_views: view indices that training never uses and evaluation renders.
         normalize_poses: express each sample's cameras in the frame of its input views (scene-level data).
         seed: seeds the training stream and the training views (see the module docstring).
+        curriculum: scene shards trained on before train_shards, by global step (e.g. scenes of one
+            primitive first: configs/nvs/demo.yaml); see datamodules.base.ShardDataModule.
         Other arguments: the shard reading of datamodules.base.ShardDataModule.
     """
 
@@ -173,6 +175,7 @@ class NVSDataModule(ShardDataModule):
         seed: int = 0,
         max_bad_samples: int = 16,
         pin_memory: bool = False,
+        curriculum: list[dict] | None = None,
     ):
         check_sizes(
             type(self).__name__,
@@ -193,6 +196,7 @@ class NVSDataModule(ShardDataModule):
             seed=seed,
             max_bad_samples=max_bad_samples,
             pin_memory=pin_memory,
+            curriculum=curriculum,
         )
         if isinstance(image_size, int):
             image_size = (image_size, image_size)

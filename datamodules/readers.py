@@ -10,7 +10,8 @@ Datasets (one per modality; each sample is a dict of tensors plus ``key`` and ``
 
 Loaders: :func:`train_loader` cuts the endless resampled stream into epochs of exactly
 ``batches_per_epoch`` batches on every rank (DDP hangs when ranks disagree); :func:`val_loader` runs one
-exact pass. ``iter_scenes`` / ``iter_tokens`` / ``iter_videos`` are the one-process shortcut for scripts.
+exact pass; :class:`CurriculumReader` switches the training shards with the step (a curriculum).
+``iter_scenes`` / ``iter_tokens`` / ``iter_videos`` are the one-process shortcut for scripts.
 """
 
 from __future__ import annotations
@@ -88,6 +89,43 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
+class CurriculumReader(torch.utils.data.IterableDataset):
+    """A training stream that changes its shards with the training step: a curriculum over the data.
+
+    ``stages`` is a list of ``(until, reader)``: a pass whose epoch (``set_epoch``; the DataModules pass the
+    trainer's global step when the pass starts) is below ``until`` reads that stage's reader, the first such
+    stage in the list; the last stage has ``until=None`` and reads every later pass. The stage is a function of
+    the pass's epoch alone, so a resumed run (which replays the pass's seed) reads the same stage as the
+    uninterrupted run. A stage switches at pass boundaries only: the first pass that starts at or after
+    ``until`` reads the next stage.
+    """
+
+    def __init__(self, stages: Sequence[tuple[int | None, ShardReader]]):
+        super().__init__()
+        untils = [until for until, _ in stages]
+        if not stages or untils[-1] is not None or any(u is None for u in untils[:-1]):
+            raise ValueError(f"CurriculumReader: the last stage (only) must have until=None, got {untils}")
+        if any(not r.train for _, r in stages):
+            raise ValueError("CurriculumReader: every stage needs a reader built with train=True")
+        self.stages, self.train, self.epoch = list(stages), True, 0
+
+    def active(self) -> ShardReader:
+        """The reader of the stage that the current epoch falls in."""
+        return next(r for until, r in self.stages if until is None or self.epoch < until)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        for _, reader in self.stages:
+            reader.set_epoch(epoch)
+
+    def set_position(self, batches: int, batch_size: int | None) -> None:
+        for _, reader in self.stages:
+            reader.set_position(batches, batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.active())
+
+
 def _batched(dataset: ShardReader, batch_size: int | None, partial: bool):
     if batch_size is None:
         return dataset
@@ -109,7 +147,7 @@ class TrainLoader(wds.WebLoader):
 
     def __init__(
         self,
-        dataset: ShardReader,
+        dataset: ShardReader | CurriculumReader,
         *,
         batch_size: int | None,
         batches_per_epoch: int,
@@ -163,7 +201,7 @@ class TrainLoader(wds.WebLoader):
 
 
 def train_loader(
-    dataset: ShardReader,
+    dataset: ShardReader | CurriculumReader,
     *,
     batch_size: int | None,
     batches_per_epoch: int,

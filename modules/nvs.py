@@ -5,7 +5,7 @@ Batches (from datamodules.nvs) are dicts of
     target_images [B, Vt, 3, H, W], target_intrinsics [B, Vt, 4], target_w2c [B, Vt, 4, 4], key: list[str]
 (OpenCV cameras, see lact/geometry.py).
 
-Loss MSE + lpips_weight * LPIPS from `lpips_start_step` on; PSNR and SSIM with data_range 1. Optimisation,
+Loss MSE + chroma_weight * chroma MSE + lpips_weight * LPIPS from `lpips_start_step` on; PSNR and SSIM with data_range 1. Optimisation,
 clipping and step skipping are the shared layer of modules/task.py. `test` scores the held-out views
 (the datamodule's test_dataloader): PSNR, SSIM, LPIPS when its backbone weights are on disk, and the same
 for the nearest-input-view baseline, as test/<metric> and test/<metric>_nearest_view.
@@ -43,6 +43,15 @@ def nearest_input_view(input_images: Tensor, input_w2c: Tensor, target_w2c: Tens
     return input_images[torch.arange(input_images.shape[0], device=nearest.device)[:, None], nearest]
 
 
+def chroma_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared chroma error: the error of every pixel minus its mean over the RGB channels, squared.
+
+    pred, target [..., 3, H, W] -> a scalar. Zero when the prediction is off by the same amount in every
+    channel (a brightness error), large when it has the wrong hue: a grey prediction of a red object."""
+    error = pred - target
+    return (error - error.mean(dim=-3, keepdim=True)).square().mean()
+
+
 def object_mask(images: Tensor, background: float = 1.0, tolerance: float = 0.02) -> Tensor:
     """Pixels that are not the (white) background: [..., 3, H, W] -> bool [..., 1, H, W]."""
     return ((images - background).abs() > tolerance).any(dim=-3, keepdim=True)
@@ -74,6 +83,10 @@ class NVSModule(TaskModule):
     """Args:
     net: the network's sizes (NVSConfig; a dict with its fields also works: checkpoints store a dict).
     optim: OptimConfig (lr, betas, weight decay, warmup + cosine, grad_clip, skip_grad_norm, ...).
+    chroma_weight: add chroma_weight * chroma_mse (the error's part that is not the same in every channel) to
+        the loss. Object colours are a small part of the MSE of a white-background render, and a grey guess
+        already removes most of it, so without it a small model learns colour late; with 4 it learns it
+        several times sooner (benchmarks/README.md, colour probes).
     lpips_weight, lpips_start_step: add lpips_weight * LPIPS to the loss from this global step on.
     lpips_metric: also report LPIPS in validation and test. LPIPS needs its backbone weights on disk
         (modules/lpips.py); `test` reports it whenever they are there.
@@ -96,6 +109,7 @@ class NVSModule(TaskModule):
         self,
         net: NVSConfig | None = None,
         optim: OptimConfig | None = None,
+        chroma_weight: float = 0.0,
         lpips_weight: float = 0.0,
         lpips_start_step: int = 0,
         lpips_metric: bool = False,
@@ -106,6 +120,12 @@ class NVSModule(TaskModule):
         fsdp_param_dtype: str | None = None,
     ):
         super().__init__(optim, fsdp_param_dtype)
+        if (
+            isinstance(chroma_weight, bool)
+            or not isinstance(chroma_weight, (int, float))
+            or chroma_weight < 0
+        ):
+            raise ValueError(f"NVSModule.chroma_weight must be a number >= 0, got {chroma_weight!r}")
         self.net = NVSNet(as_config(NVSConfig, net))
         # Built now, so that missing backbone weights fail at start instead of at lpips_start_step. Kept out
         # of the module tree (a list): the frozen metric is neither trained nor saved in checkpoints.
@@ -153,6 +173,10 @@ class NVSModule(TaskModule):
         mse = F.mse_loss(pred, target)
         loss = mse
         size = len(pred)
+        if self.hparams.chroma_weight > 0:
+            chroma = chroma_mse(pred, target)
+            loss = loss + self.hparams.chroma_weight * chroma
+            self.log("train/chroma_mse", chroma, batch_size=size)
         if self.lpips_active():
             # metric.net is the LPIPS network itself: per-image distances, differentiable in the input.
             lp = self.lpips().net(pred.flatten(0, 1), target.flatten(0, 1), normalize=True).mean()

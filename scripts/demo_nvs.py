@@ -43,27 +43,50 @@ from modules.nvs import colour_transfer
 
 CONFIG = "configs/nvs/demo.yaml"  # its paths point into OUT
 OUT = "outputs/demo"
-SPLITS = {"train": (1, 2000), "val": (2, 32), "test": (3, 64)}  # seed, scenes
+# split: (seed, scenes, primitives per scene (inclusive range)). Held-out scenes have 2-4 primitives of
+# different hues; `train_single` (one primitive per scene) is the first stage of the config's curriculum.
+SPLITS = {
+    "train": (1, 2000, (2, 4)),
+    "train_single": (4, 1000, (1, 1)),
+    "val": (2, 32, (2, 4)),
+    "test": (3, 64, (2, 4)),
+}
 VIEWS, SIZE = 10, 32
 
 
-def generate_data(out: Path) -> None:
+def used_splits(data_args: dict) -> list[str]:
+    """The SPLITS the config's data section reads (train/val shards, curriculum stages), and the test split."""
+    paths = [data_args.get("train_shards"), data_args.get("val_shards")]
+    paths += [stage["shards"] for stage in data_args.get("curriculum") or []]
+    names = {Path(str(p)).name for p in paths if p is not None} | {"test"}
+    unknown = names - set(SPLITS)
+    if unknown:
+        raise SystemExit(
+            f"{CONFIG} reads data/{sorted(unknown)}, which this script does not generate: {list(SPLITS)}"
+        )
+    return [name for name in SPLITS if name in names]
+
+
+def generate_data(out: Path, splits: list[str]) -> None:
     """Procedural scenes, regenerated only when missing or made with other settings."""
-    for split, (seed, scenes) in SPLITS.items():
+    for split in splits:
+        seed, scenes, primitives = SPLITS[split]
         folder = out / "data" / split
         meta = folder / "meta.json"
         if meta.exists():
             args = json.loads(meta.read_text())["args"]
-            if (args["seed"], args["num_scenes"], args["views"], args["height"]) == (
-                seed,
-                scenes,
-                VIEWS,
-                SIZE,
-            ):
+            made = (
+                args["seed"],
+                args["num_scenes"],
+                args["views"],
+                args["height"],
+                tuple(args["primitives"]),
+            )
+            if made == (seed, scenes, VIEWS, SIZE, primitives):
                 continue
         run([sys.executable, "-m", "datamodules.prepare", "scenes", "--out", str(folder), "--num-scenes",
              str(scenes), "--views", str(VIEWS), "--height", str(SIZE), "--width", str(SIZE), "--seed", str(seed),
-             "--overwrite"])  # fmt: skip
+             "--primitives", *map(str, primitives), "--overwrite"])  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -74,19 +97,25 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--skip-train", action="store_true", help="evaluate the existing checkpoint only")
     parser.add_argument(
+        "--out", default=OUT, help=f"output folder (default {OUT}); e.g. to run two variants side by side"
+    )
+    parser.add_argument(
         "--override",
         action="append",
         default=[],
         help="a train.py option for fit, predict and test, e.g. --override=--model.init_args.net.colour_values=true",
     )
     args = parser.parse_args(argv)
-    out = ROOT / OUT
+    out = ROOT / args.out
+    if args.out != OUT:  # every path of the config derives from the run directory
+        args.override.insert(0, f"--trainer.default_root_dir={out / 'run'}")
     config = yaml.safe_load((ROOT / CONFIG).read_text())
     data_args = config["data"]["init_args"]
-    generate_data(out)
-    threads, step_seconds = pick_threads(args.threads, config)
+    generate_data(out, used_splits(data_args))
     checkpoint = out / "run" / "checkpoints" / "last.ckpt"
+    threads = args.threads or 1  # evaluation only: no step timing
     if not args.skip_train:
+        threads, step_seconds = pick_threads(args.threads, config)
         shutil.rmtree(out / "run", ignore_errors=True)  # a fresh run, not a resumed one
         fit_within(CONFIG, args.minutes, step_seconds, threads, list(args.override))
     # Per-scene PNGs and turntable GIFs through the CLI (reconstruct once, render many).
@@ -130,9 +159,9 @@ def main(argv=None) -> None:
         f"psnr_gain_db {gain:+.2f} (goal >= +3 dB over the nearest input view: {'met' if gain >= 3 else 'NOT met'})"
     )
     print(f"colour_transfer {transfer:.3f} (goal >= 0.5: {'met' if transfer >= 0.5 else 'NOT met'})")
-    print(f"wrote {OUT}/heldout_grid.png (rows: inputs | ground truth | prediction | nearest input view), "
-          f"{OUT}/turntable.gif, {OUT}/predict/<scene>/, {OUT}/summary.json")  # fmt: skip
-    print(f"TensorBoard: .venv/bin/tensorboard --logdir {OUT}/run")
+    print(f"wrote {args.out}/heldout_grid.png (rows: inputs | ground truth | prediction | nearest input view), "
+          f"{args.out}/turntable.gif, {args.out}/predict/<scene>/, {args.out}/summary.json")  # fmt: skip
+    print(f"TensorBoard: .venv/bin/tensorboard --logdir {args.out}/run")
 
 
 if __name__ == "__main__":

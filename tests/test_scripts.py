@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,3 +73,21 @@ def test_slurm_script_requeues_after_the_time_limit_signal_only(tmp_path):
         ["bash", "scripts/slurm.sbatch", "fit", "--ckpt_path", "x.ckpt"], cwd=ROOT, env=env, check=True
     )
     assert "last_or_fresh" not in calls.read_text()
+
+
+def test_demo_generates_every_split_its_config_reads():
+    """scripts/demo_nvs.py generates the data configs/nvs/demo.yaml reads (the curriculum's one-primitive
+    scenes too), with one primitive per scene in that stage and 2-4 in the held-out test scenes."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import demo_nvs
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    data = yaml.safe_load((ROOT / demo_nvs.CONFIG).read_text())["data"]["init_args"]
+    assert demo_nvs.used_splits(data) == ["train", "train_single", "val", "test"]
+    assert demo_nvs.SPLITS["train_single"][2] == (1, 1) and demo_nvs.SPLITS["test"][2] == (2, 4)
+    assert demo_nvs.used_splits({"train_shards": "x/data/train"}) == ["train", "test"]
+    with pytest.raises(SystemExit, match="data/\\['other'\\]"):
+        demo_nvs.used_splits({"train_shards": "x/data/other"})

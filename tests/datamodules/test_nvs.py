@@ -172,3 +172,76 @@ def test_view_count_errors(shards):
         select_views(6, 4, 1, None, held_out=[0, 1], scene="s")
     with pytest.raises(ValueError, match=r"held_out_views \[9\]"):
         select_views(6, 1, 1, None, held_out=[9], scene="s")
+
+
+@pytest.fixture(scope="module")
+def easy_shards(tmp_path_factory):
+    """Three one-primitive scenes (keys easy*), the first stage of a curriculum."""
+    out = tmp_path_factory.mktemp("nvs_easy")
+    with SceneWriter(str(out), samples_per_shard=3) as writer:
+        for i in range(3):
+            scene = generate_scene([8, i], num_views=6, height=16, width=16, num_primitives=(1, 1))
+            writer.write(f"easy{i}", scene["images"], scene["intrinsics"], scene["w2c"])
+    return str(out)
+
+
+def pass_keys(loader) -> set[str]:
+    return {key for batch in loader for key in batch["key"]}
+
+
+def test_curriculum_reads_each_stage_by_the_step_a_pass_starts_at_also_when_resumed(shards, easy_shards):
+    curriculum = [{"shards": easy_shards, "until_step": 6}]
+    options = dict(num_input_views=2, num_target_views=1, batch_size=2, batches_per_epoch=3)
+
+    def loader(step: int):
+        dm = NVSDataModule(shards, curriculum=curriculum, **options)
+        dm.trainer = StepTrainer(step)
+        return dm.train_dataloader()
+
+    easy, full = {f"easy{i}" for i in range(3)}, {f"scene{i}" for i in range(6)}
+    assert pass_keys(loader(0)) <= easy and pass_keys(loader(3)) <= easy
+    assert pass_keys(loader(6)) <= full and pass_keys(loader(9)) <= full
+    # The same stream as without a curriculum once past it: the stage reader is the plain one.
+    assert training_views(shards, 9, batch_size=2) == training_views(
+        shards, 9, batch_size=2, curriculum=curriculum
+    )
+    # A run stopped one batch into the pass that started at step 3 resumes at step 4 in that pass, after
+    # the stage's end: it replays the pass from its seed, so it still reads the first stage.
+    uninterrupted = [batch["key"] for batch in loader(3)]
+    resumed = loader(7)
+    resumed.load_state_dict({"pass_seed": 3, "batches": 1})
+    assert [batch["key"] for batch in resumed] == uninterrupted[1:]
+
+
+def test_curriculum_stage_can_end_at_a_fraction_of_max_steps(shards, easy_shards):
+    dm = NVSDataModule(
+        shards,
+        curriculum=[{"shards": easy_shards, "until_fraction": 0.25}],
+        num_input_views=2,
+        num_target_views=1,
+        batch_size=2,
+        batches_per_epoch=3,
+    )
+    dm.trainer = StepTrainer(5)
+    dm.trainer.max_steps = 24  # the stage ends at step 6
+    assert pass_keys(dm.train_dataloader()) <= {f"easy{i}" for i in range(3)}
+    dm.trainer = StepTrainer(6)
+    dm.trainer.max_steps = 24
+    assert pass_keys(dm.train_dataloader()) <= {f"scene{i}" for i in range(6)}
+    dm.trainer.max_steps = -1  # Lightning's "no limit"
+    with pytest.raises(ValueError, match=r"curriculum\[0\]\.until_fraction needs trainer.max_steps >= 1"):
+        dm.train_dataloader()
+
+
+def test_curriculum_errors_name_the_stage(shards, easy_shards):
+    stages = [{"shards": easy_shards, "until_step": 6}, {"shards": easy_shards, "until_step": 6}]
+    dm = NVSDataModule(shards, curriculum=stages)
+    dm.trainer = StepTrainer(0)
+    with pytest.raises(ValueError, match=r"curriculum\[1\] ends at step 6, not after the stage before it"):
+        dm.train_dataloader()
+    with pytest.raises(
+        ValueError, match=r"curriculum\[0\] must be a mapping with the keys shards and until_step"
+    ):
+        NVSDataModule(shards, curriculum=[{"shards": easy_shards, "steps": 6}])
+    with pytest.raises(ValueError, match=r"curriculum\[0\]\.until_fraction must be a number in \(0, 1\)"):
+        NVSDataModule(shards, curriculum=[{"shards": easy_shards, "until_fraction": 1.5}])

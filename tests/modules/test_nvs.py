@@ -268,3 +268,32 @@ def test_colour_probe_a_small_model_learns_to_carry_single_colours(tmp_path):
     quiet_trainer(tmp_path, max_steps=700, limit_val_batches=0).fit(module, train)
     after = colour_transfer(module.net.eval(), val)
     assert before < 0.01 and after > 0.15, (before, after)
+
+
+def test_chroma_mse_ignores_brightness_errors_and_counts_wrong_hues():
+    from modules.nvs import chroma_mse
+
+    red = torch.zeros(2, 3, 4, 4)
+    red[:, 0] = 0.9
+    assert chroma_mse(red + 0.1, red) < 1e-12  # the same error in every channel: brightness only
+    grey = red.mean(dim=1, keepdim=True).expand_as(red)  # 0.3 in every channel
+    # error (-0.6, 0.3, 0.3) has mean 0, so its chroma part is itself: (0.36 + 0.09 + 0.09) / 3
+    torch.testing.assert_close(chroma_mse(grey, red), torch.tensor(0.18))
+
+
+def test_chroma_weight_adds_the_weighted_chroma_mse_to_the_training_loss():
+    from modules.nvs import chroma_mse
+
+    torch.manual_seed(0)
+    batch = make_batch(0)
+    plain = NVSModule(net=TINY, optim=nvs_optim())
+    weighted = NVSModule(net=TINY, optim=nvs_optim(), chroma_weight=4.0)
+    weighted.load_state_dict(plain.state_dict())
+    for module in (plain, weighted):
+        module.log = lambda *args, **kwargs: None  # no trainer attached
+    with torch.no_grad():
+        pred = plain(batch).float()
+        expected = plain.training_step(batch, 0) + 4.0 * chroma_mse(pred, batch["target_images"].float())
+        torch.testing.assert_close(weighted.training_step(batch, 0), expected)
+    with pytest.raises(ValueError, match="NVSModule.chroma_weight must be a number >= 0"):
+        NVSModule(net=TINY, chroma_weight=-1.0)

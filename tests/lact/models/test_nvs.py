@@ -123,7 +123,8 @@ def expected_parameters(c: NVSConfig) -> tuple[int, int]:
     lact = 4 * d * d + (d * 3 * c.lact.heads + 3 * c.lact.heads) + state + d // c.lact.heads + gate
     mlp = (2 if c.mlp == "gelu" else 3) * d * c.mlp_hidden
     norm = (2 if c.norm_bias else 1) * d  # LayerNorm weight (and bias)
-    block = 3 * norm + attn + lact + mlp  # three LayerNorms
+    colour = 3 * p * p * d if c.colour_values else 0  # the colour_values projection, no bias
+    block = 3 * norm + attn + lact + mlp + colour  # three LayerNorms
     out_bias = 0 if c.output_bias is None else 3 * p * p
     total = 12 * p * p * d + norm + c.num_layers * block + norm + (d * 3 * p * p + out_bias)
     return total, c.num_layers * state
