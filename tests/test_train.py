@@ -112,3 +112,22 @@ def test_overlay_configs_parse_with_the_cli(base, overlay, checks):
         assert cli.config["model.init_args.optim.betas"] == (0.9, 0.98)
         assert cli.config["model.init_args.net.max_len"] == 7
     assert cli.trainer.logger.log_dir.rstrip("/") == root
+
+
+@pytest.mark.parametrize(("overlay", "stop_after"), [("lm/active.yaml", None), ("lm/temporary.yaml", 25)])
+def test_lm_forgetting_overlays_keep_the_completion_writer(overlay, stop_after):
+    # The overlay's callback list replaces the base's: it must name the completion writer again, and a
+    # command-line K / N reaches the forgetting schedule (the last callback of the list).
+    args = ["--config", str(ROOT / "configs/lm/tiny.yaml"), "--config", str(ROOT / "configs" / overlay)]
+    args += ["--trainer.callbacks.init_args.every_k=10"]
+    if stop_after is not None:
+        args += [f"--trainer.callbacks.init_args.stop_after={stop_after}"]
+    cli = train.main(args, run=False)
+    by_name = {type(c).__name__: c for c in cli.trainer.callbacks}
+    assert "CompletionWriter" in by_name
+    forget = by_name["ForgettingSchedule"]
+    assert (forget.every_k, forget.stop_after, forget.targets_spec) == (10, stop_after, ["input", "output"])
+    assert [s for s in range(1, 40) if forget.is_reset_step(s)] == (
+        [10, 20, 30] if stop_after is None else [10, 20]
+    )
+    assert cli.config["model.init_args.net.dim"] == 128  # the base survives the overlay
