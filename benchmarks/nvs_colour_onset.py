@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
-from datamodules.scenes import generate_scene
+from datamodules.scenes import single_primitive_batches
 from lact.models.nvs import NVSConfig, NVSNet
 from modules.nvs import chroma_mse, colour_transfer
 
@@ -31,24 +30,6 @@ VARIANTS = {
     "no_colour_values": {"colour_values": False},
     "base_lr_4": {"base_lr": 4.0},
 }
-
-
-def scene_batches(count: int, seed: int, batch: int = 8, size: int = 16) -> list[dict]:
-    """`count` batches of one-primitive scenes, views 0-1 inputs and 2-3 targets."""
-    batches = []
-    for b in range(count):
-        scenes = [
-            generate_scene((seed, b, i), num_views=4, height=size, width=size, num_primitives=(1, 1))
-            for i in range(batch)
-        ]
-        images = torch.from_numpy(np.stack([s["images"] for s in scenes])).permute(0, 1, 4, 2, 3) / 255
-        k = torch.from_numpy(np.stack([s["intrinsics"] for s in scenes]))
-        w = torch.from_numpy(np.stack([s["w2c"] for s in scenes]))
-        batches.append(
-            {"input_images": images[:, :2], "input_intrinsics": k[:, :2], "input_w2c": w[:, :2],
-             "target_images": images[:, 2:], "target_intrinsics": k[:, 2:], "target_w2c": w[:, 2:]}
-        )  # fmt: skip
-    return batches
 
 
 def onset(train: list[dict], val: dict, steps: int, lr, colour_values, base_lr, chroma_weight) -> list[float]:
@@ -84,7 +65,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    train, val = scene_batches(8, seed=1), scene_batches(1, seed=2, batch=16)[0]
+    train, val = single_primitive_batches(8, seed=1), single_primitive_batches(1, seed=2, batch=16)[0]
     print(f"colour transfer after every 100 steps ({', '.join(f'{k}={v}' for k, v in BASE.items())})")
     for name in args.only:
         start = time.perf_counter()

@@ -228,3 +228,27 @@ def generate_scene(
     intrinsics, w2c = intrinsics.astype(np.float32), w2c.astype(np.float32)
     images = render(prims, intrinsics, w2c, height, width, background)
     return {"images": images, "intrinsics": intrinsics, "w2c": w2c, "primitives": prims}
+
+
+def single_primitive_batches(count: int, seed: int, batch: int = 8, size: int = 16) -> list[dict]:
+    """`count` in-memory training batches of one-primitive scenes (the colour probes: one colour per scene, so
+    a model that carries the inputs' colour can be told from one that predicts grey): 4 views of size x size
+    each, views 0-1 as inputs and 2-3 as targets; images [B, 2, 3, size, size] in [0, 1], intrinsics
+    [B, 2, 3, 3], w2c [B, 2, 4, 4], keys "<seed>_<b>_<i>"."""
+    import torch
+
+    batches = []
+    for b in range(count):
+        scenes = [
+            generate_scene((seed, b, i), num_views=4, height=size, width=size, num_primitives=(1, 1))
+            for i in range(batch)
+        ]
+        images = torch.from_numpy(np.stack([s["images"] for s in scenes])).permute(0, 1, 4, 2, 3) / 255
+        k = torch.from_numpy(np.stack([s["intrinsics"] for s in scenes]))
+        w = torch.from_numpy(np.stack([s["w2c"] for s in scenes]))
+        batches.append(
+            {"input_images": images[:, :2], "input_intrinsics": k[:, :2], "input_w2c": w[:, :2],
+             "target_images": images[:, 2:], "target_intrinsics": k[:, 2:], "target_w2c": w[:, 2:],
+             "key": [f"{seed}_{b}_{i}" for i in range(batch)]}
+        )  # fmt: skip
+    return batches

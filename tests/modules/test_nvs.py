@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from datamodules.scenes import single_primitive_batches
 from modules.lpips import backbone_path
 from modules.nvs import NVSModule, nearest_input_view
 from modules.nvs_outputs import NVSPredictionWriter, to_uint8
@@ -230,29 +231,6 @@ def test_train_py_test_scores_held_out_views_against_the_nearest_input_view(tmp_
     assert all(name in printed for name in names)
 
 
-def single_colour_batches(count: int, seed: int, batch: int = 8, size: int = 16) -> list[dict]:
-    """`count` batches of procedural one-primitive scenes (datamodules/scenes.py), 2 input + 2 target views."""
-    import numpy as np
-
-    from datamodules.scenes import generate_scene
-
-    batches = []
-    for b in range(count):
-        scenes = [
-            generate_scene((seed, b, i), num_views=4, height=size, width=size, num_primitives=(1, 1))
-            for i in range(batch)
-        ]
-        images = torch.from_numpy(np.stack([s["images"] for s in scenes])).permute(0, 1, 4, 2, 3) / 255
-        k = torch.from_numpy(np.stack([s["intrinsics"] for s in scenes]))
-        w = torch.from_numpy(np.stack([s["w2c"] for s in scenes]))
-        batches.append(
-            {"input_images": images[:, :2], "input_intrinsics": k[:, :2], "input_w2c": w[:, :2],
-             "target_images": images[:, 2:], "target_intrinsics": k[:, 2:], "target_w2c": w[:, 2:],
-             "key": [f"{seed}_{b}_{i}" for i in range(batch)]}
-        )  # fmt: skip
-    return batches
-
-
 def test_colour_probe_a_small_model_learns_to_carry_single_colours(tmp_path):
     """Fails when colour stops flowing from the input views to the predictions: a tiny model trained 700
     steps (~15 s) on single-primitive scenes must move its predicted object pixels by a good fraction of an
@@ -262,9 +240,9 @@ def test_colour_probe_a_small_model_learns_to_carry_single_colours(tmp_path):
     torch.manual_seed(0)
     net = {**TINY, "lact": {"heads": 2, "inter_multi": 2.0, "base_lr": 1.0}, "output_bias": 2.0}
     module = NVSModule(net={**net, "colour_values": True}, optim=nvs_optim(lr=3e-3, warmup_steps=10))
-    val = single_colour_batches(1, seed=2, batch=16)[0]
+    val = single_primitive_batches(1, seed=2, batch=16)[0]
     before = colour_transfer(module.net.eval(), val)
-    train = DataLoader(single_colour_batches(8, seed=1) * 100, batch_size=None)
+    train = DataLoader(single_primitive_batches(8, seed=1) * 100, batch_size=None)
     quiet_trainer(tmp_path, max_steps=700, limit_val_batches=0).fit(module, train)
     after = colour_transfer(module.net.eval(), val)
     assert before < 0.01 and after > 0.15, (before, after)
