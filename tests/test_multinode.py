@@ -10,11 +10,13 @@ of processes, so the losses of all runs must agree step by step."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -137,18 +139,28 @@ def assert_losses_equal(got: dict[int, float], expected: dict[int, float], steps
 def two_nodes(request, tmp_path_factory) -> dict:
     """A 2-node sharded run and, alongside, the 1-process reference with the same global batches."""
     task, tmp = request.param, tmp_path_factory.mktemp(f"nodes_{request.param}")
-    port, args = free_port(), fit_args(request.param, tmp / "run", tmp / "nodes.jsonl", world=2)
-    runs = [
-        (torchrun(args, tmp / f"node{i}.log", nnodes=2, nproc=1, port=port), tmp / f"node{i}.log")
-        for i in (0, 1)
-    ]
-    runs.append(
-        (
-            plain(fit_args(task, tmp / "single", tmp / "single.jsonl", world=None), tmp / "single.log"),
-            tmp / "single.log",
-        )
-    )
-    finish(runs)
+    single = plain(fit_args(task, tmp / "single", tmp / "single.jsonl", world=None), tmp / "single.log")
+    for attempt in (1, 2):
+        port, args = free_port(), fit_args(task, tmp / "run", tmp / "nodes.jsonl", world=2)
+        nodes = [
+            (torchrun(args, tmp / f"node{i}.log", nnodes=2, nproc=1, port=port), tmp / f"node{i}.log")
+            for i in (0, 1)
+        ]
+        for proc, _ in nodes:
+            proc.wait(timeout=300)
+        logs = "".join(log.read_text() for _, log in nodes)
+        # Open, cause not found: in about one fresh-clone run in three, one torchrun agent lost the c10d
+        # store while polling it (RendezvousConnectionError in the agent's monitor loop, no worker
+        # traceback). Such a run is repeated once from scratch, with a warning; any other failure fails.
+        if attempt == 1 and any(p.returncode for p, _ in nodes) and "RendezvousConnectionError" in logs:
+            warnings.warn(
+                f"{task}: torchrun agent lost its rendezvous store; the 2-node run is repeated", stacklevel=2
+            )
+            shutil.rmtree(tmp / "run", ignore_errors=True)
+            (tmp / "nodes.jsonl").unlink(missing_ok=True)
+            continue
+        break
+    finish([*nodes, (single, tmp / "single.log")])
     return {"task": task, "tmp": tmp, "checkpoints": tmp / "run" / "checkpoints"}
 
 
