@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, Timer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
-from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
+from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 
 from lact.layer import LaCTLayer
 from lact.nn import compile_blocks
@@ -59,6 +59,11 @@ class OptimConfig:
         (1.0 = constant after warmup).
     total_steps: the schedule's length in optimizer steps; None = trainer.max_steps, else the trainer's
         estimate for max_epochs. A run bounded by neither is refused.
+    schedule: what the cosine runs over. "steps": optimizer steps, to `total_steps`. "time": the training
+        wall-clock time, to trainer.max_time (Lightning's Timer, which checkpoints carry over a resume):
+        a run given a fixed time (a demo, a comparison at equal wall time) anneals exactly when its time
+        runs out, however fast the machine is, and max_steps only bounds it. Warmup is in steps either
+        way. The learning rate then depends on the machine's speed, so two such runs are not bitwise equal.
     grad_clip: clip the global gradient L2 norm to this; None or 0 = no clipping.
     skip_grad_norm: skip the optimizer step when the unclipped norm is above this (None: only when
         non-finite). A step with a non-finite loss or gradient norm is always skipped.
@@ -74,6 +79,7 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     total_steps: int | None = None
+    schedule: str = "steps"
     grad_clip: float | None = 1.0
     skip_grad_norm: float | None = None
     max_consecutive_skips: int | None = 20
@@ -97,6 +103,8 @@ class OptimConfig:
             raise bad("min_lr_ratio", "a ratio in [0, 1]")
         if self.total_steps is not None and self.total_steps < 1:
             raise bad("total_steps", "None (the trainer's max_steps) or a positive step count")
+        if self.schedule not in ("steps", "time"):
+            raise bad("schedule", '"steps" (cosine to total_steps) or "time" (cosine to trainer.max_time)')
         if self.grad_clip is not None and self.grad_clip < 0:
             raise bad("grad_clip", "None, 0 (off) or a positive norm")
         if self.skip_grad_norm is not None and not self.skip_grad_norm > 0:
@@ -169,6 +177,36 @@ def warmup_cosine(
     milestones.append(total)
     phases.append(ConstantLR(optimizer, factor=min_ratio, total_iters=2**62))  # flat after the cosine
     return SequentialLR(optimizer, phases, milestones=milestones)
+
+
+def warmup_cosine_over_time(
+    optimizer: torch.optim.Optimizer, warmup: int, min_ratio: float, progress: typing.Callable[[], float]
+) -> LambdaLR:
+    """Per optimizer step s: lr * (s + 1) / warmup for s < warmup, then lr times a cosine from 1 down to
+    min_ratio over `progress()`, the fraction of the time budget spent (0 to 1, read at every step)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        spent = min(max(progress(), 0.0), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * spent))
+
+    return LambdaLR(optimizer, factor)
+
+
+def training_time_spent(trainer) -> float:
+    """The fraction of trainer.max_time that training has used (validation within fit included), from the
+    Timer callback Lightning adds for max_time; its state survives a resume."""
+    timers = [c for c in trainer.callbacks if isinstance(c, Timer)]
+    if not timers or timers[0].time_remaining("train") is None:
+        raise ValueError(
+            'model.init_args.optim.schedule="time" anneals over trainer.max_time, which is not set: '
+            'set trainer.max_time (e.g. "00:00:10:00") or use schedule="steps"'
+        )
+    spent = timers[0].time_elapsed("train")
+    fraction = spent / (spent + timers[0].time_remaining("train"))
+    # Every rank must step with the same lr, and their clocks differ: rank 0's reading decides.
+    return trainer.strategy.broadcast(fraction) if trainer.world_size > 1 else fraction
 
 
 class TaskModule(LightningModule):
@@ -246,7 +284,13 @@ class TaskModule(LightningModule):
         o = self.optim
         groups = parameter_groups(self, o.weight_decay, o.no_decay)
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
-        schedule = warmup_cosine(optimizer, o.warmup_steps, self.total_steps(), o.min_lr_ratio)
+        if o.schedule == "time":
+            training_time_spent(self.trainer)  # fails now, not at the first step, without max_time
+            schedule = warmup_cosine_over_time(
+                optimizer, o.warmup_steps, o.min_lr_ratio, lambda: training_time_spent(self.trainer)
+            )
+        else:
+            schedule = warmup_cosine(optimizer, o.warmup_steps, self.total_steps(), o.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_fit_start(self) -> None:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch.nn.functional import interpolate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,13 +37,23 @@ def run(cmd: list[str], threads: int | None = None) -> None:
 
 
 def fit_within(config: str, minutes: float, step_seconds: float, threads: int, extra: list[str]) -> None:
-    """`train.py fit --config config` capped at `minutes` of wall time. The cosine schedule should end within
-    the limit: it is sized from the measured step time, keeping a fifth of the budget for the optimizer, data
-    loading and validation. On a machine shared with other jobs steps get slower than measured and max_time
-    (the hard cap) ends training before the schedule."""
+    """`train.py fit --config config` capped at `minutes` of wall time. With the config's `optim.schedule:
+    time` the cosine runs over those minutes, however fast the steps are. Otherwise (steps) it is sized from
+    the measured step time, keeping a fifth of the budget for the optimizer, data loading and validation:
+    on a machine shared with other jobs steps get slower than measured and max_time (the hard cap) ends
+    training before the schedule; on a quiet one the schedule ends before the time does."""
     limit = time.strftime("%H:%M:%S", time.gmtime(round(minutes * 60)))
-    steps = max(100, int(0.8 * minutes * 60 / step_seconds))
-    print(f"training for min({steps} steps, {minutes:g} minutes)", flush=True)
+    optim = yaml.safe_load((ROOT / config).read_text())["model"]["init_args"].get("optim", {})
+    schedule = optim.get("schedule", "steps")
+    for option in extra:  # a command-line override wins, as in train.py
+        if option.startswith("--model.init_args.optim.schedule="):
+            schedule = option.split("=", 1)[1]
+    if schedule == "time":
+        steps = -1  # only the time ends the run, and the learning rate anneals over it
+        print(f"training for {minutes:g} minutes (the cosine runs over the time)", flush=True)
+    else:
+        steps = max(100, int(0.8 * minutes * 60 / step_seconds))
+        print(f"training for min({steps} steps, {minutes:g} minutes)", flush=True)
     start = time.time()
     limits = [f"--trainer.max_time=00:{limit}", f"--trainer.max_steps={steps}"]
     run([sys.executable, "train.py", "fit", "--config", config, *limits, *extra], threads)

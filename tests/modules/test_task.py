@@ -277,3 +277,48 @@ def test_fast_weight_diagnostics_reach_tensorboard_every_log_step(task, tmp_path
                 assert max(ratio) < 1e-4 and max(lr) < 1e-5, (ratio, lr)
             else:
                 assert min(ratio) > 1e-2 and 0.2 < min(lr) < 2, (ratio, lr)
+
+
+class FakeClock:
+    """Replaces time.monotonic in Lightning's Timer: `seconds` advance only when told."""
+
+    def __init__(self):
+        self.seconds = 1000.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+class SecondPerStep(Callback):
+    """Each training step takes exactly one second of the fake clock; records the lr every step used."""
+
+    def __init__(self, clock: FakeClock):
+        self.clock, self.lrs = clock, []
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.clock.seconds += 1.0  # by the scheduler's step at its end, step s has used s + 1 seconds
+
+
+@pytest.mark.parametrize("task", ["lm", "nvs"])
+def test_a_time_schedule_anneals_exactly_when_max_time_runs_out(task, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr("lightning.pytorch.callbacks.timer.time.monotonic", clock)
+    optim = OptimConfig(lr=1e-3, warmup_steps=2, min_lr_ratio=0.1, schedule="time")
+    steps = SecondPerStep(clock)
+    trainer = quiet_trainer(max_time={"seconds": 8}, max_steps=-1, max_epochs=100, callbacks=[steps])
+    trainer.fit(build(task, optim), batches(task, 4))
+    # One second per step of an 8-second budget: the time, not a step count, ends the run after 8 steps,
+    # and the cosine runs over the fraction of the budget spent before each step (warmup in steps).
+    assert trainer.global_step == 8
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(8)]
+    expected = [1e-3 / 2, 2e-3 / 2] + [1e-3 * c for c in cosine[2:]]
+    assert steps.lrs == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_time_schedule_without_max_time_is_refused_before_training():
+    module = build("lm", OptimConfig(schedule="time"))
+    with pytest.raises(ValueError, match="trainer.max_time"):
+        quiet_trainer(max_steps=3).fit(module, batches("lm", 3))
+    with pytest.raises(ValueError, match="OptimConfig.schedule"):
+        OptimConfig(schedule="epochs")
