@@ -117,17 +117,23 @@ def plain(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def finish(runs: list[tuple[subprocess.Popen, Path]]) -> None:
+    """Wait for every process; on failure show each failed one's log (a torchrun agent that lost its peer
+    fails too, so the other node's log may hold the cause)."""
     for proc, _ in runs:
         proc.wait(timeout=300)
-    for proc, log in runs:
-        assert proc.returncode == 0, f"{log.name}:\n{failure_excerpt(log.read_text())}"
+    failed = [(proc, log) for proc, log in runs if proc.returncode != 0]
+    assert not failed, "\n\n".join(
+        f"{log.name} (exit {proc.returncode}):\n{failure_excerpt(log.read_text())}" for proc, log in failed
+    )
 
 
 def failure_excerpt(text: str) -> str:
-    """The first worker traceback (torchrun's own messages after it can fill any tail) and the tail."""
-    first = text.find("Traceback")
-    head = text[first : first + 4000] + "\n[...]\n" if first >= 0 else ""
-    return head + text[-3000:]
+    """The first tracebacks (a worker's, then torchrun's own, which can fill any tail) and the tail."""
+    parts, start = [], 0
+    while len(parts) < 2 and (first := text.find("Traceback", start)) >= 0:
+        parts.append(text[first : first + 3000] + "\n[...]\n")
+        start = first + 3000
+    return "".join(parts) + text[-2000:]
 
 
 def assert_losses_equal(got: dict[int, float], expected: dict[int, float], steps) -> None:
@@ -150,12 +156,21 @@ def two_nodes(request, tmp_path_factory) -> dict:
             proc.wait(timeout=300)
         logs = "".join(log.read_text() for _, log in nodes)
         # Open, cause not found: in about one fresh-clone run in three, one torchrun agent lost the c10d
-        # store while polling it (RendezvousConnectionError in the agent's monitor loop, no worker
-        # traceback). Such a run is repeated once from scratch, with a warning; any other failure fails.
+        # store while polling it (RendezvousConnectionError in the agent's monitor loop). Such a run is
+        # repeated once from scratch, with a warning that carries both nodes' tracebacks (the store's host
+        # may show why it went away); any other failure fails.
         if attempt == 1 and any(p.returncode for p, _ in nodes) and "RendezvousConnectionError" in logs:
-            warnings.warn(
-                f"{task}: torchrun agent lost its rendezvous store; the 2-node run is repeated", stacklevel=2
+            excerpts = "\n\n".join(
+                f"{log.name} (exit {proc.returncode}):\n{failure_excerpt(log.read_text())}"
+                for proc, log in nodes
             )
+            warnings.warn(
+                f"{task}: a torchrun agent lost its rendezvous store; the 2-node run is repeated. The failed "
+                f"attempt's logs:\n{excerpts}",
+                stacklevel=2,
+            )
+            for _, log in nodes:
+                log.rename(log.with_suffix(".attempt1.log"))
             shutil.rmtree(tmp / "run", ignore_errors=True)
             (tmp / "nodes.jsonl").unlink(missing_ok=True)
             continue
