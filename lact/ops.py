@@ -80,9 +80,11 @@ class FastWeightInputs(NamedTuple):
         ]
         return [FastWeightInputs(*fields) for fields in zip(*parts)][: len(spans)]
 
-    def rows(self, start: int, end: int) -> FastWeightInputs:
-        """Rows [start, end) of the batch dimension of every field."""
-        return FastWeightInputs(*(None if t is None else t[start:end] for t in self))
+    def split_rows(self, sizes: list[int]) -> list[FastWeightInputs]:
+        """Consecutive groups of `sizes` rows (batch dimension) that tile every field, by one torch.split per
+        field (see `split`: slicing instead would make the backward quadratic in the number of groups)."""
+        parts = [[None] * len(sizes) if t is None else torch.split(t, sizes) for t in self]
+        return [FastWeightInputs(*fields) for fields in zip(*parts)]
 
     def cat(self, other: FastWeightInputs) -> FastWeightInputs:
         """These tokens followed by `other`'s (the same fields present in both)."""
@@ -574,17 +576,16 @@ def run_causal_documents(
     initial = tuple(w.unflatten(0, (batch, heads))[documents.rows].flatten(0, 1) for w in weights)
     state = FastWeightState.initial(*initial)
     steps = documents.docs_per_step
-    outputs, finished, first = [], [], 0
-    for s, running in enumerate(steps):
-        writing = (steps[s + 1] if s + 1 < len(steps) else 0) * heads
-        if running * heads > writing:  # documents whose last chunk is chunk s: their final weights
-            finished.append(tuple(w[writing : running * heads] for w in state.weights))
-        if writing:
-            chunk = writes.rows(first, first + writing)
-            current = state.rows(writing)
+    writing = [n * heads for n in steps[1:]] + [0]  # step s writes the documents that have a chunk s + 1
+    chunks = iter(writes.split_rows([n for n in writing if n]))
+    outputs, finished = [], []
+    for running, writers in zip(steps, writing):
+        if running * heads > writers:  # documents whose last chunk is chunk s: their final weights
+            finished.append(tuple(w[writers : running * heads] for w in state.weights))
+        if writers:
+            chunk, current = next(chunks), state.rows(writers)
             outputs.append(apply_weights(*current.weights, chunk.q).flatten(0, 1))
             state = update_step(current, chunk, muon=muon)
-            first += writing
     final = tuple(torch.cat(ws) if len(ws) > 1 else ws[0] for ws in zip(*finished))
     start, done = written, 0
     for count, size in documents.tail_groups:

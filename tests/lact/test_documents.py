@@ -76,6 +76,28 @@ def test_causal_schedule_on_packed_documents_equals_each_alone(momentum, muon):
             torch.testing.assert_close(out[rows, start:end], alone, rtol=1e-12, atol=1e-12)
 
 
+def test_packed_documents_backward_equals_each_document_alone():
+    # The schedule splits its write chunks into per-step groups of rows; their gradients must land in the
+    # right rows of every input, momentum and Muon included.
+    tokens = packed([[3, 15, 1, 1, 7, 14, 2], [30, 13]])
+    heads, length = 2, tokens.shape[1]
+    args = [t.requires_grad_() for t in make_inputs(batch=2 * heads, length=length)]
+    w, inputs = args[:3], FastWeightInputs(*args[3:10])
+    docs = pack_documents(tokens, EOD, chunk_size=7)
+    weight = torch.randn(2 * heads, length, inputs.q.shape[-1], dtype=torch.float64)
+    out = run_causal(w, inputs, chunk_size=7, muon="schedule", documents=docs)
+    packed_grads = torch.autograd.grad((out * weight).sum(), args)
+    alone = 0
+    for b in range(2):
+        rows = slice(b * heads, (b + 1) * heads)
+        for start, end in spans(tokens, b):
+            part = FastWeightInputs(*(t[rows, start:end] for t in inputs))
+            o = run_causal(tuple(t[rows] for t in w), part, chunk_size=7, muon="schedule")
+            alone = alone + (o * weight[rows, start:end]).sum()
+    for got, expected in zip(packed_grads, torch.autograd.grad(alone, args)):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_causal_schedule_refuses_a_layout_of_another_chunk_size():
     tokens = packed([[5, 9]])
     args = make_inputs(batch=1, length=tokens.shape[1])
