@@ -425,6 +425,12 @@ def main() -> None:
     parser.add_argument("--no-momentum", action="store_true", help="LaCT without momentum")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     parser.add_argument("--optim", default="{}", help="more OptimConfig fields, as JSON")
+    parser.add_argument(
+        "--net",
+        default="{}",
+        help='VideoConfig fields over the probe network, as JSON (a "lact" dict updates the LaCT fields), e.g. '
+        '\'{"lact_qkv": "own"}\'',
+    )
     parser.add_argument("--radius", type=float, nargs=2, default=[0.09, 0.18], help="shape radius range")
     parser.add_argument(
         "--layers", type=int, default=1, help="blocks (the attention path reaches layers x window)"
@@ -447,6 +453,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     NET["num_layers"] = args.layers
+    for key, value in json.loads(args.net).items():
+        NET[key] = {**NET[key], **value} if key == "lact" else value
     if args.variant is not None:
         # with the settings, so that the file can serve as a --reference
         result = {**settings(args), args.variant: train_variant(args.variant, args)}
