@@ -62,7 +62,17 @@ LEVELS = (0.3, 0.6, 0.9, 1.0)
 # earlier chunk (the control: the same network when nothing is out of the attention path's reach)
 VARIANTS = ("lact", "window_only", "full_attention")
 # settings a window_only or full_attention run depends on: a --reference run must agree on them
-SHARED = ("steps", "batch", "lr", "radius", "seed", "optim", "net")
+SHARED = ("steps", "batch", "lr", "radius", "seed", "optim", "net", "momentum")  # momentum: the start
+# OptimConfig fields that act on LaCT parameters only: a run without LaCT does not depend on them
+LACT_OPTIM = ("lact_lr_scale",)
+
+
+def shared_value(run: dict, key: str):
+    """A SHARED setting of a run as compared between runs (LaCT-only optimiser fields left out)."""
+    value = run.get(key)
+    if key == "optim" and value is not None:
+        value = {k: v for k, v in value.items() if k not in LACT_OPTIM}
+    return json.dumps(value)
 
 
 def clips(count: int, seed: int, batch: int, radius) -> list[dict]:
@@ -249,13 +259,14 @@ def quality(args) -> dict:
     mine = settings(args)
     for reference_path in args.reference or ():
         reference = json.loads(Path(reference_path).read_text())
-        differ = [k for k in SHARED if json.dumps(reference.get(k)) != json.dumps(mine[k])]
+        differ = [k for k in SHARED if shared_value(reference, k) != shared_value(mine, k)]
         if differ:
             raise SystemExit(f"--reference {reference_path} was run with other {differ}")
         for variant in VARIANTS:
             if variant not in reference or variant in args.variants or variant in results:
                 continue
-            if variant == "lact" and any(reference.get(k) != mine[k] for k in ("base_lr", "momentum")):
+            lact_settings = ("base_lr", "momentum", "optim")  # optim in full: lact_lr_scale included
+            if variant == "lact" and any(reference.get(k) != mine[k] for k in lact_settings):
                 continue  # another LaCT setting: not this run's
             results[variant], sources[variant] = reference[variant], reference_path
     with tempfile.TemporaryDirectory() as tmp:
