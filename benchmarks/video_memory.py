@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/video_memory.py --only quality --steps 1500 --radius 0.25 0.35 --tag NAME
     .venv/bin/python benchmarks/video_memory.py --only quality ... --variant full_attention --result FILE
     .venv/bin/python benchmarks/video_memory.py --only quality ... --variants --reference A --reference B
+    .venv/bin/python benchmarks/video_memory.py --only quality ... --net '{"lact_qkv": "own"}' --optim '{"lact_lr_scale": 5}'
     .venv/bin/python benchmarks/video_memory.py --only cost --chunks 4 8 16 32 64
 
 quality: the same network (lact.models.video.VideoNet, --layers blocks, window 1 chunk) trained for the same
