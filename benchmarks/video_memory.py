@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/video_memory.py --only quality --steps 1500 --radius 0.25 0.35 --tag NAME
     .venv/bin/python benchmarks/video_memory.py --only quality ... --variant full_attention --result FILE
     .venv/bin/python benchmarks/video_memory.py --only quality ... --variants --reference A --reference B
+    .venv/bin/python benchmarks/video_memory.py --only quality ... --net '{"lact_qkv": "own"}' --optim '{"lact_lr_scale": 5}'
     .venv/bin/python benchmarks/video_memory.py --only cost --chunks 4 8 16 32 64
 
 quality: the same network (lact.models.video.VideoNet, --layers blocks, window 1 chunk) trained for the same
@@ -62,7 +63,17 @@ LEVELS = (0.3, 0.6, 0.9, 1.0)
 # earlier chunk (the control: the same network when nothing is out of the attention path's reach)
 VARIANTS = ("lact", "window_only", "full_attention")
 # settings a window_only or full_attention run depends on: a --reference run must agree on them
-SHARED = ("steps", "batch", "lr", "radius", "seed", "optim", "net")
+SHARED = ("steps", "batch", "lr", "radius", "seed", "optim", "net", "momentum")  # momentum: the start
+# OptimConfig fields that act on LaCT parameters only: a run without LaCT does not depend on them
+LACT_OPTIM = ("lact_lr_scale",)
+
+
+def shared_value(run: dict, key: str):
+    """A SHARED setting of a run as compared between runs (LaCT-only optimiser fields left out)."""
+    value = run.get(key)
+    if key == "optim" and value is not None:
+        value = {k: v for k, v in value.items() if k not in LACT_OPTIM}
+    return json.dumps(value)
 
 
 def clips(count: int, seed: int, batch: int, radius) -> list[dict]:
@@ -249,13 +260,14 @@ def quality(args) -> dict:
     mine = settings(args)
     for reference_path in args.reference or ():
         reference = json.loads(Path(reference_path).read_text())
-        differ = [k for k in SHARED if json.dumps(reference.get(k)) != json.dumps(mine[k])]
+        differ = [k for k in SHARED if shared_value(reference, k) != shared_value(mine, k)]
         if differ:
             raise SystemExit(f"--reference {reference_path} was run with other {differ}")
         for variant in VARIANTS:
             if variant not in reference or variant in args.variants or variant in results:
                 continue
-            if variant == "lact" and any(reference.get(k) != mine[k] for k in ("base_lr", "momentum")):
+            lact_settings = ("base_lr", "momentum", "optim")  # optim in full: lact_lr_scale included
+            if variant == "lact" and any(reference.get(k) != mine[k] for k in lact_settings):
                 continue  # another LaCT setting: not this run's
             results[variant], sources[variant] = reference[variant], reference_path
     with tempfile.TemporaryDirectory() as tmp:
@@ -425,6 +437,12 @@ def main() -> None:
     parser.add_argument("--no-momentum", action="store_true", help="LaCT without momentum")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     parser.add_argument("--optim", default="{}", help="more OptimConfig fields, as JSON")
+    parser.add_argument(
+        "--net",
+        default="{}",
+        help='VideoConfig fields over the probe network, as JSON (a "lact" dict updates the LaCT fields), e.g. '
+        '\'{"lact_qkv": "own"}\'',
+    )
     parser.add_argument("--radius", type=float, nargs=2, default=[0.09, 0.18], help="shape radius range")
     parser.add_argument(
         "--layers", type=int, default=1, help="blocks (the attention path reaches layers x window)"
@@ -447,6 +465,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     NET["num_layers"] = args.layers
+    for key, value in json.loads(args.net).items():
+        NET[key] = {**NET[key], **value} if key == "lact" else value
     if args.variant is not None:
         # with the settings, so that the file can serve as a --reference
         result = {**settings(args), args.variant: train_variant(args.variant, args)}

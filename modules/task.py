@@ -54,6 +54,11 @@ class OptimConfig:
         (as in ``named_parameters()``, e.g. ``net.pos``) matches a pattern of `no_decay` (fnmatch).
         Vectors (biases, norm scales, learned scalars) never decay.
     no_decay: fnmatch patterns of further parameter names without weight decay.
+    lact_lr_scale: the parameters of the LaCT layers (every `lact.layer.LaCTLayer`: its projections, lr and
+        gate projections, initial fast weights) train at lr * lact_lr_scale, in groups of their own
+        ("lact_matrices", "lact_vectors"); the warmup and the cosine scale every group alike (the cosine's
+        floor is min(lr, lr * lact_lr_scale) * min_lr_ratio for every group with schedule "steps": one
+        floor per schedule; with "time" each group ends at its own lr * min_lr_ratio).
     warmup_steps: linear warmup from lr / warmup_steps to lr over this many optimizer steps (0: none).
     min_lr_ratio: a cosine then decays to lr * min_lr_ratio at `total_steps` and stays there
         (1.0 = constant after warmup).
@@ -76,6 +81,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     no_decay: list[str] = field(default_factory=list)
+    lact_lr_scale: float = 1.0
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     total_steps: int | None = None
@@ -97,6 +103,8 @@ class OptimConfig:
             raise bad("betas", "two numbers in [0, 1)")
         if self.weight_decay < 0:
             raise bad("weight_decay", ">= 0")
+        if isinstance(self.lact_lr_scale, bool) or not self.lact_lr_scale > 0:
+            raise bad("lact_lr_scale", "a positive factor on lr for the LaCT layers' parameters")
         if self.warmup_steps < 0:
             raise bad("warmup_steps", ">= 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -141,23 +149,39 @@ def plain(value):
     return value
 
 
-def parameter_groups(module: nn.Module, weight_decay: float, no_decay: list[str] = ()) -> list[dict]:
+def parameter_groups(
+    module: nn.Module,
+    weight_decay: float,
+    no_decay: list[str] = (),
+    lact_lr: float | None = None,
+) -> list[dict]:
     """AdamW groups of `module`'s trainable parameters, each named: "matrices" (weight decay), "embeddings"
     (the weights of nn.Embedding modules, no decay; their own group so that a callback can scale their lr
-    alone) and "vectors" (ndim < 2, or a name matching `no_decay`: no decay). Empty groups are left out."""
+    alone) and "vectors" (ndim < 2, or a name matching `no_decay`: no decay). With `lact_lr`, the parameters
+    of LaCTLayer modules go to "lact_matrices" and "lact_vectors" (the same decay rule) with that "lr".
+    Empty groups are left out."""
     embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
-    groups = {"matrices": [], "embeddings": [], "vectors": []}
+    lact = set()
+    if lact_lr is not None:
+        lact = {id(p) for m in module.modules() if isinstance(m, LaCTLayer) for p in m.parameters()}
+    groups = {"matrices": [], "embeddings": [], "vectors": [], "lact_matrices": [], "lact_vectors": []}
     for name, p in module.named_parameters():  # a tied parameter is listed once
         if not p.requires_grad:
             continue
+        prefix = "lact_" if id(p) in lact else ""
         if id(p) in embeddings:
             groups["embeddings"].append(p)
         elif p.ndim >= 2 and not any(fnmatch.fnmatchcase(name, pat) for pat in no_decay):
-            groups["matrices"].append(p)
+            groups[prefix + "matrices"].append(p)
         else:
-            groups["vectors"].append(p)
+            groups[prefix + "vectors"].append(p)
     decay = {"matrices": weight_decay, "embeddings": 0.0, "vectors": 0.0}
-    return [{"name": k, "params": v, "weight_decay": decay[k]} for k, v in groups.items() if v]
+    decay.update(lact_matrices=weight_decay, lact_vectors=0.0)
+    out = [{"name": k, "params": v, "weight_decay": decay[k]} for k, v in groups.items() if v]
+    for group in out:
+        if group["name"].startswith("lact_"):
+            group["lr"] = lact_lr
+    return out
 
 
 def warmup_cosine(
@@ -282,7 +306,8 @@ class TaskModule(LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        groups = parameter_groups(self, o.weight_decay, o.no_decay)
+        lact_lr = o.lr * o.lact_lr_scale if o.lact_lr_scale != 1 else None
+        groups = parameter_groups(self, o.weight_decay, o.no_decay, lact_lr)
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
         if o.schedule == "time":
             training_time_spent(self.trainer)  # fails now, not at the first step, without max_time

@@ -11,9 +11,10 @@ and the network predicts the flow (eps - x0) of every noisy chunk. Block (pre-no
 
     shift1, scale1, gate1, shift2, scale2, gate2 = modulation + TimeProj(t of the token's segment)
     y  = LN(x) * (1 + scale1) + shift1
-    q, k, v = Linear(D, 3D)(y)                                      one projection for both token mixers
+    q, k, v = Linear(D, 3D)(y)                                      attention's projection
     x += gate1 * o_proj( WindowAttn(rope3d(RMSNorm q), rope3d(RMSNorm k), v)
-                         + zero_gate(y) * RMSNorm_head(LaCT_interleaved(q, k, v)) )
+                         + zero_gate(y) * RMSNorm_head(LaCT_interleaved(q', k', v')) )
+    q', k', v' = q, k, v (lact_qkv "shared") or LaCT's own Linear(D, 3D, bias=False)(y) (lact_qkv "own")
     x += CrossAttn(LN(x), caption embeddings)                       only with text_dim set
     x += gate2 * FFN(LN(x) * (1 + scale2) + shift2)                 Linear -> GELU(tanh) -> Linear
 
@@ -71,6 +72,10 @@ class VideoConfig:
         (default) starts the branch switched off. Through the CLI (jsonargparse), fields a YAML `lact:` block
         leaves out take LaCTConfig's class defaults (chunk_size 2048, output_gate "silu"), so the configs in
         configs/video/ spell out chunk_size: null and output_gate: zero.
+    lact_qkv: where the LaCT branch takes its fast-weight q, k, v from: "shared" (attention's projection,
+        taken before its RMSNorm and rotary; the published LaCT video model shares attention's q, k, v too) or
+        "own" (the LaCT layer's own bias-free Linear(D, 3D): fast-weight keys and values that need not also
+        serve attention).
     text_dim: width of caption embeddings for cross-attention; None = unconditional.
     freq_dim: sinusoidal time-embedding width.  rope_base: rotary base.  eps: norm epsilon.
     activation_checkpointing: recompute each block in the backward pass.
@@ -89,6 +94,7 @@ class VideoConfig:
     ffn_dim: int = 256
     window: int = 1
     lact: LaCTConfig | None = field(default_factory=LaCTConfig)
+    lact_qkv: str = "shared"
     text_dim: int | None = None
     freq_dim: int = 256
     rope_base: float = 10000.0
@@ -149,6 +155,11 @@ class VideoConfig:
         for name in ("activation_checkpointing", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"VideoConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.lact_qkv not in ("shared", "own"):
+            raise ValueError(
+                f"VideoConfig.lact_qkv must be 'shared' (attention's q, k, v) or 'own' (LaCT's own projection), "
+                f"got {self.lact_qkv!r}"
+            )
         if self.lact is not None:
             self.lact = lact_config(self.lact, default_lact(), "VideoConfig", self.dim)
             if self.lact.chunk_size not in (None, self.tokens_per_chunk):
@@ -192,10 +203,11 @@ def parameter_count(cfg: VideoConfig) -> int:
            + 2 D F + F + D + 6 D          FFN, modulation
            + 4 D^2 + 4 D + 2 D + 2 D)     cross-attention with q/k RMSNorm and its LayerNorm (with text_dim)
       + D P + P + 2 D                     head and its modulation
-      + N (3 H d h + 3 (D + 1) H + m (D + 1) H + g D H + d)  LaCT: W0, lr (and momentum) projections,
-                                                              gate, per-head RMSNorm (H = lact.heads,
-                                                              d = D / H, h = int(inter_multi d), m = 1 with
-                                                              momentum, g = 1 with an output gate)
+      + N (3 H d h + 3 (D + 1) H + m (D + 1) H + g D H + d   LaCT: W0, lr (and momentum) projections,
+           + o 3 D^2)                                         gate, per-head RMSNorm, own q/k/v projection
+                                                              (H = lact.heads, d = D / H, h = int(inter_multi
+                                                              d), m = 1 with momentum, g = 1 with an output
+                                                              gate, o = 1 with lact_qkv "own")
 
     Wan 2.1 1.3B (D 1536, F 8960, N 30, E 4096) gives 1.42e9 without LaCT; 14B (D 5120, F 13824, N 40) 14.3e9.
     """
@@ -214,7 +226,10 @@ def parameter_count(cfg: VideoConfig) -> int:
         h = int(cfg.lact.inter_multi * d)
         m = 1 if cfg.lact.momentum else 0
         g = 1 if cfg.lact.output_gate else 0
-        total += layers * (3 * heads * d * h + (3 + m) * (d_model + 1) * heads + g * d_model * heads + d)
+        o = 1 if cfg.lact_qkv == "own" else 0
+        total += layers * (
+            3 * heads * d * h + (3 + m) * (d_model + 1) * heads + g * d_model * heads + d + o * 3 * d_model**2
+        )
     return total
 
 
@@ -289,6 +304,8 @@ class VideoBlock(nn.Module):
         self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=cfg.eps), nn.RMSNorm(dim, eps=cfg.eps)
         self.rotary = Rotary3D(self.head_dim, cfg.rope_base)
         self.lact = None
+        # with its own projection the LaCT branch is given no qkv and projects y itself
+        self.lact_shares_qkv = cfg.lact_qkv == "shared"
         if cfg.lact is not None:
             # the schedule's chunk is always one segment of the interleaved sequence
             self.lact = LaCTLayer.from_config(
@@ -297,7 +314,7 @@ class VideoBlock(nn.Module):
                 schedule="interleaved",
                 qk_silu=False,
                 rope_base=cfg.rope_base,
-                own_qkv=False,
+                own_qkv=not self.lact_shares_qkv,
                 out_proj=False,
             )
         self.o_proj = nn.Linear(dim, dim)
@@ -350,19 +367,21 @@ class VideoBlock(nn.Module):
         mixed = attn.transpose(1, 2).flatten(2)
         if self.lact is not None:
             lact_positions = positions[0] if self.lact.rotary is not None else None
+            lact_qkv = qkv if self.lact_shares_qkv else None
             if cache is None:
-                mixed = mixed + self.lact(y, qkv=qkv, positions=lact_positions)
+                mixed = mixed + self.lact(y, qkv=lact_qkv, positions=lact_positions)
             else:
-                mixed = mixed + self.lact_step(y, qkv, lact_positions, cache, clean)
+                mixed = mixed + self.lact_step(y, lact_qkv, lact_positions, cache, clean)
         x = x + gate1 * self.o_proj(mixed).unflatten(1, (segments, tokens))
         if self.cross is not None:
             x = x + self.cross(self.norm3(x).flatten(1, 2), context).unflatten(1, (segments, tokens))
         y = self.norm2(x) * (1 + scale2) + shift2
         return x + gate2 * self.ffn(y)
 
-    def lact_step(self, y: Tensor, qkv: Tensor, positions, cache: BlockCache, clean: bool) -> Tensor:
+    def lact_step(self, y: Tensor, qkv: Tensor | None, positions, cache: BlockCache, clean: bool) -> Tensor:
         """One segment of the interleaved schedule from the cached state: a clean segment first updates the
-        fast weights on itself (exactly `interleaved_lact`'s step), then every segment reads them."""
+        fast weights on itself (exactly `interleaved_lact`'s step), then every segment reads them. qkv: the
+        shared projection, or None when the LaCT layer has its own."""
         layer = self.lact
         inputs = layer.fast_weight_inputs(y, qkv, positions)
         if cache.state is None:

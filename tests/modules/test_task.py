@@ -126,6 +126,35 @@ def test_weight_decay_groups_follow_the_documented_rule():
     assert all(p.ndim >= 2 for p in groups["matrices"]["params"])
 
 
+def test_lact_parameters_train_at_their_own_learning_rate():
+    module = build("video", OptimConfig(lr=2e-3, warmup_steps=2, total_steps=10, lact_lr_scale=5.0))
+    lact = {id(p) for layer in module.lact_layers().values() for p in layer.parameters()}
+    config = module.configure_optimizers()
+    optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert set(groups) == {"matrices", "vectors", "lact_matrices", "lact_vectors"}
+    assert {id(p) for n in ("lact_matrices", "lact_vectors") for p in groups[n]["params"]} == lact
+    assert groups["lact_matrices"]["weight_decay"] == groups["matrices"]["weight_decay"] > 0
+    assert groups["lact_vectors"]["weight_decay"] == 0.0
+    floor = 2e-3 * OptimConfig().min_lr_ratio  # the cosine's one floor: the smaller group's
+    for step in range(8):  # warmup: the LaCT groups at 5x the others; cosine: 5x lr down to the same floor
+        other = groups["matrices"]["lr"]
+        for name in ("lact_matrices", "lact_vectors"):
+            if step < 2:
+                assert groups[name]["lr"] == pytest.approx(5 * other)
+            else:
+                expected = (5 * 2e-3 - floor) / (2e-3 - floor)
+                assert (groups[name]["lr"] - floor) / (other - floor) == pytest.approx(expected)
+        optimizer.step()
+        schedule.step()
+    assert floor < groups["matrices"]["lr"] < 2e-3  # the schedule moved
+    plain_run = build("video", OptimConfig(total_steps=10)).configure_optimizers()
+    default = {g["name"] for g in plain_run["optimizer"].param_groups}
+    assert default == {"matrices", "vectors"}  # scale 1: the usual groups
+    with pytest.raises(ValueError, match="OptimConfig.lact_lr_scale"):
+        OptimConfig(lact_lr_scale=0)
+
+
 class Poison(Callback):
     """Snapshots the parameters around the poisoned batch and after the last one."""
 

@@ -48,26 +48,29 @@ def latents(chunks: int, batch: int = 2, seed: int = 1, frames: int = 2) -> torc
     return torch.randn(batch, 3, chunks * frames, 8, 8, generator=g, dtype=torch.float64)
 
 
-def test_lact_gate_is_zero_after_the_whole_models_init():
+@pytest.mark.parametrize("lact_qkv", ["shared", "own"])
+def test_lact_gate_is_zero_after_the_whole_models_init(lact_qkv):
     torch.manual_seed(0)
-    net = VideoNet(VideoConfig(**TINY))
+    net = VideoNet(VideoConfig(**TINY, lact_qkv=lact_qkv))
     for block in net.blocks:
         assert torch.count_nonzero(block.lact.gate_proj.weight) == 0
         assert block.lact.w_gate.std() > 0  # the fast weights kept their own init
+        assert (block.lact.qkv is not None) == (lact_qkv == "own")
     net.reset_parameters()
     assert all(torch.count_nonzero(b.lact.gate_proj.weight) == 0 for b in net.blocks)
     # switched off: the same outputs as the network without a LaCT branch and the same other weights
     with torch.no_grad():
         torch.nn.init.normal_(net.head.weight, std=0.1)
-    baseline = VideoNet(VideoConfig(**{**TINY, "lact": None}))
+    baseline = VideoNet(VideoConfig(**{**TINY, "lact": None, "lact_qkv": lact_qkv}))
     missing, unexpected = baseline.load_state_dict(net.state_dict(), strict=False)
     assert not missing and all(".lact." in key for key in unexpected)
     x, c, t = latents(4).float(), latents(4, seed=2).float(), torch.rand(2, 4)
     torch.testing.assert_close(net(x, c, t), baseline(x, c, t))
 
 
-def test_chunk_outputs_never_depend_on_later_chunks_and_lact_reaches_past_the_window():
-    net = make_net()
+@pytest.mark.parametrize("lact_qkv", ["shared", "own"])
+def test_chunk_outputs_never_depend_on_later_chunks_and_lact_reaches_past_the_window(lact_qkv):
+    net = make_net(lact_qkv=lact_qkv)
     x, c, t = latents(4), latents(4, seed=2), torch.rand(2, 4, dtype=torch.float64)
     out = net(x, c, t)
     # change chunk 2 (noisy and clean) and its time: chunks 0, 1 unchanged, chunk 2 changes
@@ -103,7 +106,10 @@ def test_a_wider_window_lets_attention_see_further_back():
     torch.testing.assert_close(out2[:, :, 6:8], out[:, :, 6:8], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"window": 2, "lact": dict(heads=1, rotary=True, muon="fixed")}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"window": 2, "lact": dict(heads=1, rotary=True, muon="fixed")}, {"lact_qkv": "own"}],
+)
 def test_cached_chunk_steps_equal_the_full_forward(overrides):
     net = make_net(**overrides)
     x, c, t = latents(4), latents(4, seed=2), torch.rand(2, 4, dtype=torch.float64)
@@ -181,6 +187,7 @@ def test_schedulers_are_built_from_arguments_with_the_shift():
         ({"num_heads": 3}, "num_heads"),
         ({"lact": dict(heads=3)}, "lact.heads"),
         ({"lact": dict(chunk_size=5)}, "lact.chunk_size"),
+        ({"lact_qkv": "mine"}, "lact_qkv"),
         ({"frames_per_chunk": 3, "num_frames": 9, "patch_size": (2, 2, 2)}, "patch_size"),
     ],
 )
@@ -204,6 +211,7 @@ def test_parameter_count_formula_matches_the_built_model():
         {"lact": None},
         {"lact": dict(heads=4, momentum=False)},
         {"lact": dict(output_gate=None)},
+        {"lact_qkv": "own"},
     ):
         cfg = VideoConfig(**{**TINY, **overrides})
         assert parameter_count(cfg) == sum(p.numel() for p in VideoNet(cfg).parameters())
