@@ -157,7 +157,7 @@ BACKWARD_STEP = textwrap.dedent(
 )
 
 # The backwards compared (name, lact.ops.set_lean_backward mode), autograd first: every ratio divides by it.
-BACKWARDS = (("autograd", False), ("lean", True), ("keep", "keep"))
+BACKWARDS = (("autograd", False), ("lean", True), ("keep", "keep"), ("keep_all", "keep_all"))
 
 
 def measure_backward(length: int, mode: bool | str, muon: str | None, threads: int) -> dict:
@@ -188,10 +188,10 @@ def best_of_rounds(length: int, muon: str | None, threads: int, rounds: int) -> 
     }
 
 
-def backward_section(lengths: list[int], threads: int, rounds: int) -> None:
+def backward_section(lengths: list[int], threads: int, rounds: int, muons: list[str | None]) -> None:
     names = [name for name, _ in BACKWARDS]
     rows, util_rows = [], []
-    for muon in (None, "schedule"):
+    for muon in muons:
         for n in lengths:
             res = best_of_rounds(n, muon, threads, rounds)
             auto = res["autograd"]
@@ -217,8 +217,8 @@ def backward_section(lengths: list[int], threads: int, rounds: int) -> None:
             util_rows.append(cells)
             print("|", " | ".join(util_rows[-1]), "|", flush=True)
     print(
-        f"\nbackwards of causal_lact fwd+bwd (autograd; lean = set_lean_backward(True); keep = "
-        f'set_lean_backward("keep")), fp32, chunk 2048, {HEADS} heads, d=h={HEAD_DIM}, momentum on, '
+        f"\nbackwards of causal_lact fwd+bwd (autograd; lean = set_lean_backward(True); keep, keep_all = "
+        f'set_lean_backward("keep"), ("keep_all")), fp32, chunk 2048, {HEADS} heads, d=h={HEAD_DIM}, momentum on, '
         f"{threads} thread(s), best of {rounds} alternating rounds; times in s of process CPU time (wall in "
         "brackets), which other jobs on a shared machine disturb less than wall time; peak = largest growth "
         "of the maximum resident set\n"
@@ -255,9 +255,11 @@ def main() -> None:
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 57344])
     parser.add_argument("--rounds", type=int, default=2, help="--backward: alternating rounds per variant")
+    parser.add_argument("--muon", nargs="+", default=["off", "on"], choices=["off", "on"], help="--backward")
     args = parser.parse_args()
     if args.backward:
-        backward_section(args.lengths, args.threads, args.rounds)
+        muons = [None if m == "off" else "schedule" for m in args.muon]
+        backward_section(args.lengths, args.threads, args.rounds, muons)
         return
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

@@ -272,7 +272,7 @@ def _update(w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr
 def apply_weights(w_gate: Tensor, w_up: Tensor, w_down: Tensor, x: Tensor) -> Tensor:
     """swiglu_apply as the schedules call it: one `LeanApply` autograd node under the lean backward."""
     if _lean_wanted(w_gate, w_up, w_down, x):
-        return LeanApply.apply(w_gate, w_up, w_down, x)
+        return LeanApply.apply(w_gate, w_up, w_down, x, _LEAN["mode"] == "keep_all")
     return swiglu_apply(w_gate, w_up, w_down, x)
 
 
@@ -284,7 +284,7 @@ def apply_weights(w_gate: Tensor, w_up: Tensor, w_down: Tensor, x: Tensor) -> Te
 # the "keep" mode an update also keeps its chunk's three pre-activations G, U, P (of autograd's ~13), so
 # that its backward redoes no forward matmul.
 
-LEAN_MODES = (None, False, True, "keep")
+LEAN_MODES = (None, False, True, "keep", "keep_all")
 _LEAN: dict[str, bool | str | None] = {"mode": None}
 
 
@@ -319,7 +319,7 @@ def update_backward(muon: str | None = None, prenorm: bool = False) -> str:
         return "autograd"
     if mode is None:
         return "keep"
-    return "lean" if mode is True else mode
+    return "lean" if mode is True else "keep"
 
 
 def _lean_wanted(*tensors: Tensor | None) -> bool:
@@ -334,25 +334,33 @@ class LeanApply(torch.autograd.Function):
     """o = f_W(x) = W_down (silu(W_gate x) * (W_up x)); saves W and x, recomputes the [B, n, h] activations."""
 
     @staticmethod
-    def forward(ctx, w_gate, w_up, w_down, x):
-        ctx.save_for_backward(w_gate, w_up, w_down, x)
-        return swiglu_apply(w_gate, w_up, w_down, x)
+    def forward(ctx, w_gate, w_up, w_down, x, keep):
+        ctx.keep = keep
+        if not keep:
+            ctx.save_for_backward(w_gate, w_up, w_down, x)
+            return swiglu_apply(w_gate, w_up, w_down, x)
+        gate, up = x @ w_gate.mT, x @ w_up.mT  # swiglu_apply's arithmetic, keeping G, U
+        ctx.save_for_backward(w_gate, w_up, w_down, x, gate, up)
+        return (F.silu(gate) * up) @ w_down.mT
 
     @staticmethod
     def backward(ctx, grad_out):
-        w_gate, w_up, w_down, x = ctx.saved_tensors
+        w_gate, w_up, w_down, x, *kept = ctx.saved_tensors
         hidden = w_gate.shape[1]
         # [W_gate; W_up] stacked: one matmul recomputes both pre-activations. (Every product here is written
         # functionally or accumulated with baddbmm_: `out=` into views of a stacked buffer breaks dynamo's
         # graph when the block is compiled.)
-        gate, up = (x @ torch.cat([w_gate, w_up], dim=1).mT).split(hidden, dim=-1)  # [B, n, h] each
+        if kept:
+            gate, up = kept
+        else:
+            gate, up = (x @ torch.cat([w_gate, w_up], dim=1).mT).split(hidden, dim=-1)  # [B, n, h] each
         silu_gate = F.silu(gate)
         g_hidden = grad_out @ w_down  # [B, n, h]
-        g_w_down = grad_out.mT @ (silu_gate * up)  # [B, d, h]
         g_up = g_hidden * silu_gate
+        g_w_down = grad_out.mT @ silu_gate.mul_(up)  # [B, d, h]
         g_gate = torch.ops.aten.silu_backward(g_hidden.mul_(up), gate)  # grad H U silu'(G), one kernel
         g_x = torch.bmm(g_gate, w_gate).baddbmm_(g_up, w_up)
-        return g_gate.mT @ x, g_up.mT @ x, g_w_down, g_x
+        return g_gate.mT @ x, g_up.mT @ x, g_w_down, g_x, None
 
 
 class LeanUpdate(torch.autograd.Function):
@@ -448,21 +456,22 @@ class LeanUpdate(torch.autograd.Function):
         silu_gate = gate * sig
         one_minus = 1 - sig
         silu_grad = torch.addcmul(sig, silu_gate, one_minus)  # silu'(g) = s + silu(g) (1 - s)
-        hid = silu_gate * up
+        # silu''(g) = s (1 - s) (2 + g (1 - 2 s)) = s (1 - s) (2 + g - 2 silu(g)), times P U
         pu = p * up
-        a_mat, c_mat = p * silu_gate, pu * silu_grad
+        pu_silu_grad2 = torch.sub(gate, silu_gate, alpha=2).add_(2).mul_(sig).mul_(one_minus).mul_(pu)
+        hid = silu_gate * up
+        a_mat, c_mat = p * silu_gate, pu.mul_(silu_grad)
         # The lr gradients: sum over h of (the matrix) x (its gradient before the per-token lr).
         g_lr_down = (vg * hid).sum(-1, keepdim=True)
         g_lr_up = (a_mat * e_up).sum(-1, keepdim=True)
         g_lr_gate = (c_mat * e_gate).sum(-1, keepdim=True)
         g_a, g_c, g_hid = e_up.mul_(lr_u), e_gate.mul_(lr_g), vg.mul_(lr_d)
-        # silu''(g) = s (1 - s) (2 + g (1 - 2 s)) = s (1 - s) (2 + g - 2 silu(g))
-        silu_grad2 = torch.sub(gate, silu_gate, alpha=2).add_(2).mul_(sig).mul_(one_minus)
-        # grad G = (grad H U + grad A P) silu' + grad C P U silu'';  grad U = grad H silu + grad C P silu';
-        # grad P = grad A silu + grad C U silu'
-        g_gate = (g_hid * up).addcmul_(g_a, p).mul_(silu_grad).addcmul_(g_c, silu_grad2.mul_(pu))
-        g_up = (g_hid * silu_gate).addcmul_(g_c, p * silu_grad)
-        g_p = (g_a * silu_gate).addcmul_(g_c, up * silu_grad)
+        # grad G = (grad H U + grad A P) silu' + grad C P U silu'';  with X = grad C silu':
+        # grad U = grad H silu + X P;  grad P = grad A silu + X U
+        g_gate = (g_hid * up).addcmul_(g_a, p).mul_(silu_grad).addcmul_(g_c, pu_silu_grad2)
+        x_c = g_c.mul_(silu_grad)
+        g_up = g_hid.mul_(silu_gate).addcmul_(x_c, p)
+        g_p = g_a.mul_(silu_gate).addcmul_(x_c, up)
         # grad K, grad V: accumulated in place, the per-token lr folded into the [b, h] factors.
         g_k = torch.bmm(c_mat.mul_(lr_g), gd_gate).baddbmm_(a_mat.mul_(lr_u), gd_up)
         g_k = g_k.baddbmm_(g_gate, w_gate).baddbmm_(g_up, w_up)  # [B, b, d]

@@ -38,7 +38,7 @@ SCHEDULES = {
 }
 
 
-HAND_DERIVED = [True, "keep"]  # the modes that run LeanApply / LeanUpdate
+HAND_DERIVED = [True, "keep", "keep_all"]  # the modes that run LeanApply / LeanUpdate
 
 
 @pytest.mark.parametrize("mode", HAND_DERIVED)
