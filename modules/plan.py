@@ -198,18 +198,19 @@ def lact_operator_bytes(layer: LaCTLayer, batch: int, length: int, update_len: i
     Bidirectional: L_u = the input tokens, n_u = ceil(L_u / C) (one update when C is None).
     Under the hand-derived backward (lact.ops.set_lean_backward; by default on, in its "keep" mode, for every
     apply and for every update but the pre-norm variant's) an apply saves only the weights it read and its
-    queries (held by the layer anyway), so the apply term above vanishes; an update saves, in the "keep"
-    mode, its chunk's G, U, P instead of the 13 + 2 tensors above:                        B H L_u 3 h a
+    queries (held by the layer anyway), so the apply term above becomes 0 (in the "keep_all" mode its G, U:
+    2 B H L h a); an update saves, in the "keep" and "keep_all" modes, its chunk's G, U, P instead of the
+    13 + 2 tensors above:                                                                 B H L_u 3 h a
     (nothing [L, h]-sized in the lean mode), and the same per-update state (W_c, its update before the weight
     norm, the momentum buffer), with Muon also the update after Newton-Schulz, the s iterates and their s
     Gram matrices:                                                                   n_u B H 3 ((1 + s) m n + s m^2) a
     """
     heads, d, h = layer.num_heads, layer.head_dim, layer.hidden
     bh = batch * heads
-    lean_apply = lean_backward_mode() is not False
+    mode = lean_backward_mode()
     backward = update_backward(layer.muon, layer.prenorm)
     lean_update = backward != "autograd"
-    total = 0 if lean_apply else 4 * bh * length * h * a
+    total = 4 * bh * length * h * a if mode is False else 2 * bh * length * h * a if mode == "keep_all" else 0
     if not lean_update:
         total += bh * update_len * (13 * h + 2 * d) * a
     elif backward == "keep":

@@ -135,13 +135,14 @@ def test_lean_backward_saves_a_fraction_of_autograds_activations():
     assert lean_bytes < autograd_bytes / 8, (lean_bytes, autograd_bytes)
 
 
-def test_keep_mode_saves_exactly_three_activations_per_updated_token():
-    """ "keep" adds G, U, P [B, b, h] of every updating chunk to what the lean mode saves, nothing else, and
-    stays within half of what autograd saves."""
+def test_keep_modes_save_exactly_the_pre_activations():
+    """Mode "keep" adds G, U, P [B, b, h] of every updating chunk to what the lean mode saves, nothing else,
+    and stays within half of what autograd saves; "keep_all" adds G, U of every read chunk to that."""
     lean_bytes, keep_bytes, autograd_bytes = saved_bytes(True), saved_bytes("keep"), saved_bytes(False)
-    batch, updated_tokens, hidden = 2, 2048 - 512, 32  # the last chunk only reads
+    batch, tokens, updated_tokens, hidden = 2, 2048, 2048 - 512, 32  # the last chunk only reads
     assert keep_bytes - lean_bytes == 3 * batch * updated_tokens * hidden * 4
     assert keep_bytes < autograd_bytes / 2, (keep_bytes, autograd_bytes)
+    assert saved_bytes("keep_all") - keep_bytes == 2 * batch * tokens * hidden * 4
 
 
 def update_nodes(muon):
@@ -161,13 +162,18 @@ def update_nodes(muon):
 
 @pytest.mark.parametrize("muon", [None, "fixed"])
 def test_modes_choose_the_nodes(muon):
-    """auto (None) = "keep": hand-derived reads, updates that keep their activations; True: the same nodes
-    recomputing; False: no hand-derived node."""
-    for mode, keep in ((None, True), ("keep", True), (True, False)):
+    """auto (None) = "keep": hand-derived reads that recompute, updates that keep their activations; True:
+    the same nodes, all recomputing; "keep_all": all keeping; False: no hand-derived node."""
+    for mode, apply_keeps, update_keeps in (
+        (None, False, True),
+        ("keep", False, True),
+        (True, False, False),
+        ("keep_all", True, True),
+    ):
         with lean(mode):
             nodes = update_nodes(muon)
-        assert "LeanApplyBackward" in nodes, mode
-        assert [node.keep for node in nodes["LeanUpdateBackward"]] == [keep], mode
+        assert {node.keep for node in nodes["LeanApplyBackward"]} == {apply_keeps}, mode
+        assert [node.keep for node in nodes["LeanUpdateBackward"]] == [update_keeps], mode
     with lean(False):
         assert not any(name.startswith("Lean") for name in update_nodes(muon))
     with pytest.raises(ValueError, match="lean backward mode"):
