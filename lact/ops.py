@@ -292,13 +292,17 @@ def set_lean_backward(mode: bool | str | None) -> None:
     """Choose the schedules' backward (all give the same gradients: tests/lact/test_lean_backward.py).
 
     False: plain autograd of the forward (keeps ~13 [B, b, h] activations per updating chunk and 4 per read).
-    True: the hand-derived backward everywhere, keeping no [B, b, h] activation: reads and updates recompute
-    theirs (the least memory: 0.33-0.37 of autograd's peak at 56K tokens, but 5 of the forward's 9 matmuls
-    per chunk are redone).
+    True ("lean"): the hand-derived backward everywhere, keeping no [B, b, h] activation: reads and updates
+    recompute their pre-activations, 5 of the forward's 9 [b, d] x [d, h] matmuls per chunk (the least
+    memory: 0.32-0.35 of autograd's peak at 56K tokens, 0.96-1.12x its CPU time).
     "keep": the hand-derived backward everywhere, each update keeping its chunk's G, U, P [B, b, h] (reads
-    still recompute theirs): 2 of the 9 matmuls redone, for 3 [B, b, h] tensors per updating chunk.
-    None (the default, "auto"): "keep", the fastest of the three at 8K-56K tokens with and without Muon and
-    within half of autograd's peak memory at 56K (benchmarks/README.md, Memory-lean backward).
+    still recompute their G, U: 2 of the 9 matmuls): 0.38-0.43 of autograd's peak at 56K, 0.87-0.96x its
+    CPU time at 8K-56K tokens.
+    "keep_all": as "keep", and the reads keep their G, U too (nothing recomputed): 0.81-0.91x autograd's
+    CPU time, but 0.52 of its peak at 56K without Muon.
+    None (the default, "auto"): "keep", the fastest mode within half of autograd's peak memory at 56K and
+    faster than autograd (benchmarks/README.md, Memory-lean backward). The pre-norm variant's updates run
+    under autograd in every mode.
     """
     if mode not in LEAN_MODES:
         raise ValueError(f"lean backward mode must be one of {LEAN_MODES} (None = auto), got {mode!r}")
