@@ -241,7 +241,7 @@ def update_step(
         unnormalized = tuple(u + d for u, d in zip(base, step))
         weights = tuple(renormalize_rows(u, n) for u, n in zip(unnormalized, state.row_norms))
         return FastWeightState(weights, state.row_norms, new_momentum and tuple(new_momentum), unnormalized)
-    backward = update_backward(muon)
+    backward = update_backward()
     if backward != "autograd" and _lean_wanted(*args, beta, *(momentum or ())):
         out = LeanUpdate.apply(*args, beta, *(momentum or (None, None, None)), muon, backward == "keep")
         weights, new_momentum = out[:3], (out[3:] if beta is not None else None)
@@ -281,8 +281,8 @@ def apply_weights(w_gate: Tensor, w_up: Tensor, w_down: Tensor, x: Tensor) -> Te
 # their silu products, P = V^T W_down, ...) until the backward pass. These two autograd Functions keep only
 # their inputs (the fast weights of each chunk, a few [B, h, d] matrices, and views of q, k, v, lr that the
 # caller holds anyway) and recompute the activations of one chunk at a time in a hand-derived backward; in
-# the "keep" mode an update also keeps its chunk's three pre-activations G, U, P (of autograd's ~13), so
-# that its backward redoes no forward matmul.
+# the "keep" mode (the default) an update also keeps its chunk's three pre-activations G, U, P (of
+# autograd's ~13), so that its backward redoes no forward matmul, and in "keep_all" a read keeps its G, U.
 
 LEAN_MODES = (None, False, True, "keep", "keep_all")
 _LEAN: dict[str, bool | str | None] = {"mode": None}
@@ -314,10 +314,10 @@ def lean_backward_mode() -> bool | str | None:
     return _LEAN["mode"]
 
 
-def update_backward(muon: str | None = None, prenorm: bool = False) -> str:
+def update_backward(prenorm: bool = False) -> str:
     """The backward an update runs under the current mode: "autograd", "lean" (`LeanUpdate` recomputing G, U,
-    P) or "keep" (`LeanUpdate` keeping them). The pre-norm variant always runs under autograd. `muon` is
-    part of the question because the auto rule was decided per Muon setting (today the same for both)."""
+    P) or "keep" (`LeanUpdate` keeping them; also in the "keep_all" mode). The same with and without Muon;
+    the pre-norm variant always runs under autograd."""
     mode = _LEAN["mode"]
     if prenorm or mode is False:
         return "autograd"

@@ -208,7 +208,7 @@ def lact_operator_bytes(layer: LaCTLayer, batch: int, length: int, update_len: i
     heads, d, h = layer.num_heads, layer.head_dim, layer.hidden
     bh = batch * heads
     mode = lean_backward_mode()
-    backward = update_backward(layer.muon, layer.prenorm)
+    backward = update_backward(layer.prenorm)
     lean_update = backward != "autograd"
     total = 4 * bh * length * h * a if mode is False else 2 * bh * length * h * a if mode == "keep_all" else 0
     if not lean_update:
