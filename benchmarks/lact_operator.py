@@ -1,18 +1,20 @@
 """Throughput of the LaCT operator against this machine's own matmul peak, measured in the same run.
 
     python benchmarks/lact_operator.py [--quick] [--threads N] [--dtype float32|bfloat16]
-    python benchmarks/lact_operator.py --backward [--lengths 8192 32768 57344] [--threads 1]
+    python benchmarks/lact_operator.py --backward [--lengths 8192 32768 57344] [--threads 1] [--rounds 2]
 
 Prints one markdown table per section:
   1. matmul peak (same dtype and thread count), the reference every percentage below divides by;
   2. causal_lact at L = 8192, chunk 2048, 4 heads, d = h = 128: forward and forward+backward, Muon off / on;
   3. chunk sweep 16 ... 4096 at that L (forward+backward tokens/s) and the ratio chunk 2048 / chunk 16;
   4. length sweep: LaCT + sliding-window attention against full causal attention, time and t(2L) / t(L).
-With --backward, only section 5: the memory-lean backward (lact/ops.py LeanApply/LeanUpdate) against plain
-autograd, side by side: forward+backward time and peak memory of causal_lact at each L (chunk 2048, 4 heads,
-d = h = 128, momentum on, Muon off and "schedule"), each measurement in a fresh subprocess (peak resident
-memory only grows within a process), and the matmul utilisation of forward+backward relative to the
-forward's, measured in the same subprocess (forward alone under no_grad, alternating with forward+backward).
+With --backward, only section 5: the operator's backwards side by side (lact/ops.py set_lean_backward):
+plain autograd, "lean" (LeanApply/LeanUpdate recomputing every [b, h] activation) and "keep" (the same
+nodes, the updates keeping their G, U, P): forward+backward time and peak memory of causal_lact at each L
+(chunk 2048, 4 heads, d = h = 128, momentum on, Muon off and "schedule"), each measurement in a fresh
+subprocess (peak resident memory only grows within a process), the variants alternating over --rounds
+rounds, and the matmul utilisation of forward+backward relative to the forward's, measured in the same
+subprocess (forward alone under no_grad, alternating with forward+backward).
 
 Matmul FLOPs, counted from the shapes (B = batch x heads rows, L tokens, chunks of C, n_c = ceil(L / C),
 n_u = n_c - 1 updates since the last chunk only reads, d = head dim, h = hidden width):
@@ -22,9 +24,9 @@ n_u = n_c - 1 updates since the last chunk only reads, d = head dim, h = hidden 
     Muon (s Newton-Schulz iterations, s = 5, per update and per matrix m x n, m <= n): A = Y Y^T (2 m^2 n),
     A A (2 m^3), (bA + cA^2) Y (2 m^2 n), three matrices.
   forward+backward  3 F: every forward matmul Z = X Y costs two of the same size in the backward
-    (dX = dZ Y^T, dY = X^T dZ), which is what autograd runs. The lean backward's recomputation (the 5 of the
-    9 [C, d] x [d, h] matmuls per chunk that the forward had already done, and bA + cA^2 per Newton-Schulz
-    iteration) and all non-matmul work count as time, not as FLOPs.
+    (dX = dZ Y^T, dY = X^T dZ), which is what autograd runs. The hand-derived backwards' recomputation
+    (lean: 5 of the 9 [C, d] x [d, h] matmuls per chunk that the forward had already done; keep: the 2 of
+    the read; both: bA + cA^2 per Newton-Schulz iteration) and all non-matmul work count as time, not FLOPs.
 The utilisation ratio is (3 F / t_fwd+bwd) / (F / t_fwd) = 3 t_fwd / t_fwd+bwd: 1 means the forward+backward
 runs its matmul FLOPs as efficiently as the forward runs its own (issue 13's target: at least 0.85).
 Only ratios inside one run mean anything: the machines are shared and noisy. Every time is the best of
@@ -128,9 +130,9 @@ BACKWARD_STEP = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from benchmarks.lact_operator import operator_inputs
     from lact.ops import causal_lact, set_lean_backward
-    length, lean, muon, threads = int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] or None, int(sys.argv[5])
+    length, mode, muon, threads = int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4] or None, int(sys.argv[5])
     torch.set_num_threads(threads)
-    set_lean_backward(lean)
+    set_lean_backward(mode)
     inputs = operator_inputs(length, torch.float32, requires_grad=True)
     momentum = torch.full((inputs[0].shape[0], length, 1), 0.5, requires_grad=True)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -154,21 +156,16 @@ BACKWARD_STEP = textwrap.dedent(
     """
 )
 
+# The backwards compared (name, lact.ops.set_lean_backward mode), autograd first: every ratio divides by it.
+BACKWARDS = (("autograd", False), ("lean", True), ("keep", "keep"), ("keep_all", "keep_all"))
 
-def measure_backward(length: int, lean: bool, muon: str | None, threads: int) -> dict:
-    """Forward+backward time (s) and peak memory growth (MiB) of causal_lact in a fresh process."""
+
+def measure_backward(length: int, mode: bool | str, muon: str | None, threads: int) -> dict:
+    """Forward+backward time (s) and peak memory growth (MiB) of causal_lact in a fresh process, under
+    set_lean_backward(mode)."""
     root = str(Path(__file__).resolve().parents[1])
     out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            BACKWARD_STEP,
-            root,
-            str(length),
-            "1" if lean else "0",
-            muon or "",
-            str(threads),
-        ],
+        [sys.executable, "-c", BACKWARD_STEP, root, str(length), json.dumps(mode), muon or "", str(threads)],
         check=True,
         capture_output=True,
         text=True,
@@ -177,51 +174,66 @@ def measure_backward(length: int, lean: bool, muon: str | None, threads: int) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def backward_section(lengths: list[int], threads: int) -> None:
+def best_of_rounds(length: int, muon: str | None, threads: int, rounds: int) -> dict[str, dict]:
+    """Every backward of BACKWARDS measured `rounds` times, alternating (forward order in even rounds,
+    reversed in odd ones, so no variant always runs first after another's process): per backward the least
+    time of each kind (other jobs only add time) and the largest peak."""
+    results: dict[str, list[dict]] = {name: [] for name, _ in BACKWARDS}
+    for r in range(rounds):
+        for name, mode in BACKWARDS if r % 2 == 0 else BACKWARDS[::-1]:
+            results[name].append(measure_backward(length, mode, muon, threads))
+    return {
+        name: {key: (max if key == "peak_mib" else min)(run[key] for run in runs) for key in runs[0]}
+        for name, runs in results.items()
+    }
+
+
+def backward_section(lengths: list[int], threads: int, rounds: int, muons: list[str | None]) -> None:
+    names = [name for name, _ in BACKWARDS]
     rows, util_rows = [], []
-    for muon in (None, "schedule"):
+    for muon in muons:
         for n in lengths:
-            auto = measure_backward(n, False, muon, threads)
-            lean = measure_backward(n, True, muon, threads)
+            res = best_of_rounds(n, muon, threads, rounds)
+            auto = res["autograd"]
             rows.append(
-                [
-                    "on" if muon else "off",
-                    str(n),
-                    f"{auto['seconds']:.2f} / {auto['cpu_seconds']:.2f}",
-                    f"{lean['seconds']:.2f} / {lean['cpu_seconds']:.2f}",
-                    f"{lean['seconds'] / auto['seconds']:.2f} / {lean['cpu_seconds'] / auto['cpu_seconds']:.2f}",
-                    f"{auto['peak_mib']:.0f}",
-                    f"{lean['peak_mib']:.0f}",
-                    f"{lean['peak_mib'] / auto['peak_mib']:.2f}",
+                ["on" if muon else "off", str(n)]
+                + [f"{res[k]['cpu_seconds']:.2f} ({res[k]['seconds']:.2f})" for k in names]
+                + [
+                    f"**{res[k]['cpu_seconds'] / auto['cpu_seconds']:.2f}** ({res[k]['seconds'] / auto['seconds']:.2f})"
+                    for k in names[1:]
                 ]
+                + [f"{res[k]['peak_mib']:.0f}" for k in names]
+                + [f"**{res[k]['peak_mib'] / auto['peak_mib']:.2f}**" for k in names[1:]]
             )
             print("|", " | ".join(rows[-1]), "|", flush=True)
             flops = operator_flops(n, 2048, muon is not None)
             cells = ["on" if muon else "off", str(n), f"{flops / 1e9:.1f}", f"{3 * flops / 1e9:.1f}"]
-            for result in (auto, lean):
+            for k in names:
+                r = res[k]
                 cells += [
-                    f"{flops / result['fwd_cpu_seconds'] / 1e9:.1f}",
-                    f"{3 * flops / result['cpu_seconds'] / 1e9:.1f}",
-                    f"**{3 * result['fwd_cpu_seconds'] / result['cpu_seconds']:.2f}**"
-                    f" ({3 * result['fwd_seconds'] / result['seconds']:.2f})",
+                    f"{flops / r['fwd_cpu_seconds'] / 1e9:.1f} / {3 * flops / r['cpu_seconds'] / 1e9:.1f}",
+                    f"**{3 * r['fwd_cpu_seconds'] / r['cpu_seconds']:.2f}** ({3 * r['fwd_seconds'] / r['seconds']:.2f})",
                 ]
             util_rows.append(cells)
             print("|", " | ".join(util_rows[-1]), "|", flush=True)
     print(
-        f"\nlean vs autograd backward, causal_lact fwd+bwd, fp32, chunk 2048, {HEADS} heads, d=h={HEAD_DIM}, "
-        f"momentum on, {threads} thread(s); cpu = process CPU time, which other jobs on a shared machine "
-        "disturb less than wall time\n"
+        f"\nbackwards of causal_lact fwd+bwd (autograd; lean = set_lean_backward(True); keep, keep_all = "
+        f'set_lean_backward("keep"), ("keep_all")), fp32, chunk 2048, {HEADS} heads, d=h={HEAD_DIM}, momentum on, '
+        f"{threads} thread(s), best of {rounds} alternating rounds; times in s of process CPU time (wall in "
+        "brackets), which other jobs on a shared machine disturb less than wall time; peak = largest growth "
+        "of the maximum resident set\n"
     )
-    header = ["Muon", "L", "autograd s (wall / cpu)", "lean s (wall / cpu)", "time lean/autograd (wall / cpu)",
-              "autograd peak MiB", "lean peak MiB", "peak lean/autograd"]  # fmt: skip
+    header = ["Muon", "L"] + [f"{k} s" for k in names] + [f"time {k}/autograd" for k in names[1:]]
+    header += [f"{k} peak MiB" for k in names] + [f"peak {k}/autograd" for k in names[1:]]
     print(table(header, rows))
     print(
         "\nmatmul utilisation (FLOPs per the docstring; GFLOP/s from CPU time): ratio = fwd+bwd FLOP/s over "
         "forward FLOP/s of the same process = 3 t_fwd / t_fwd+bwd, CPU time (wall time in brackets); "
         "target >= 0.85\n"
     )
-    header = ["Muon", "L", "fwd GFLOP", "fwd+bwd GFLOP", "autograd: fwd GFLOP/s", "fwd+bwd GFLOP/s", "ratio",
-              "lean: fwd GFLOP/s", "fwd+bwd GFLOP/s", "ratio"]  # fmt: skip
+    header = ["Muon", "L", "fwd GFLOP", "fwd+bwd GFLOP"]
+    for k in names:
+        header += [f"{k}: GFLOP/s fwd / fwd+bwd", "ratio"]
     print(table(header, util_rows))
 
 
@@ -238,11 +250,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, lengths up to 16K (smoke run)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--backward", action="store_true", help="only the lean-vs-autograd backward section")
+    parser.add_argument(
+        "--backward", action="store_true", help="only the backward section (autograd, lean, keep)"
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 57344])
+    parser.add_argument("--rounds", type=int, default=2, help="--backward: alternating rounds per variant")
+    parser.add_argument("--muon", nargs="+", default=["off", "on"], choices=["off", "on"], help="--backward")
     args = parser.parse_args()
     if args.backward:
-        backward_section(args.lengths, args.threads)
+        muons = [None if m == "off" else "schedule" for m in args.muon]
+        backward_section(args.lengths, args.threads, args.rounds, muons)
         return
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

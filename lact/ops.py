@@ -14,8 +14,9 @@ synthesis) and `interleaved_lact` (autoregressive video). Each takes positional 
 operator's interface) and runs `run_causal` / `run_bidirectional` / `run_interleaved` on the fast weights and
 one `FastWeightInputs` record, which `slice(start, end)` cuts into chunks. The inner gradient itself is the
 closed form of `swiglu_update`, never autograd of the inner loss. For the outer backward, the two primitives
-run as autograd Functions with a hand-derived, memory-lean backward (`LeanApply`, `LeanUpdate`: they keep
-per chunk only [h, d]-sized matrices, not the [b, h] activations), or as plain autograd: `set_lean_backward`.
+run as autograd Functions with a hand-derived backward (`LeanApply`, `LeanUpdate`: per chunk they keep
+[h, d]-sized matrices and, in the default "keep" mode, an update's three [b, h] pre-activations, not the
+~13 [b, h] activations autograd keeps), or as plain autograd: `set_lean_backward`.
 """
 
 from __future__ import annotations
@@ -143,6 +144,14 @@ def swiglu_update(
 
     k, v [B, b, d]; lr_* [B, b, 1]. Returns (dW_gate [B,h,d], dW_up [B,h,d], dW_down [B,d,h]), in k's dtype.
     """
+    return _swiglu_update(w_gate, w_up, w_down, k, v, lr_gate, lr_up, lr_down)[0]
+
+
+def _swiglu_update(
+    w_gate, w_up, w_down, k, v, lr_gate, lr_up, lr_down
+) -> tuple[FastWeights, tuple[Tensor, ...]]:
+    """swiglu_update, also returning the chunk's pre-activations (G^T, U^T, P^T), [B, b, h] each: all the
+    backward of the update needs besides its inputs (`LeanUpdate` keeps them in its "keep" mode)."""
     lr_gate, lr_up, lr_down = (lr.to(k.dtype) for lr in (lr_gate, lr_up, lr_down))
     gate = k @ w_gate.mT  # G^T  [B, b, h]
     up = k @ w_up.mT  # U^T
@@ -154,7 +163,7 @@ def swiglu_update(
     d_up = (p * silu_gate).mT @ (k * lr_up)
     silu_grad = sig * (1 + gate * (1 - sig))
     d_gate = (p * up * silu_grad).mT @ (k * lr_gate)
-    return d_gate, d_up, d_down
+    return (d_gate, d_up, d_down), (gate, up, p)
 
 
 def newton_schulz(
@@ -229,13 +238,14 @@ def update_step(
     args = (*state.weights, *state.row_norms, chunk.k, chunk.v, chunk.lr_gate, chunk.lr_up, chunk.lr_down)
     momentum = state.momentum if beta is not None else None
     if prenorm:
-        _, new_momentum, _, step, _ = _update(*args, beta, momentum, muon)
+        _, new_momentum, _, step, *_ = _update(*args, beta, momentum, muon)
         base = state.weights if state.unnormalized is None else state.unnormalized
         unnormalized = tuple(u + d for u, d in zip(base, step))
         weights = tuple(renormalize_rows(u, n) for u, n in zip(unnormalized, state.row_norms))
         return FastWeightState(weights, state.row_norms, new_momentum and tuple(new_momentum), unnormalized)
-    if (muon is None or _LEAN["mode"] is True) and _lean_wanted(*args, beta, *(momentum or ())):
-        out = LeanUpdate.apply(*args, beta, *(momentum or (None, None, None)), muon)
+    backward = update_backward()
+    if backward != "autograd" and _lean_wanted(*args, beta, *(momentum or ())):
+        out = LeanUpdate.apply(*args, beta, *(momentum or (None, None, None)), muon, backward == "keep")
         weights, new_momentum = out[:3], (out[3:] if beta is not None else None)
     else:
         weights, new_momentum, *_ = _update(*args, beta, momentum, muon)
@@ -244,8 +254,9 @@ def update_step(
 
 def _update(w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta, momentum, muon):
     """update_step's math on plain tensors: (new weights, new momentum or None, the update after momentum,
-    the step added to the weights (the update after Muon), Muon's iterates per matrix (empty without))."""
-    delta = swiglu_update(w_gate, w_up, w_down, k, v, lr_gate, lr_up, lr_down)
+    the step added to the weights (the update after Muon), Muon's iterates per matrix (empty without), the
+    chunk's pre-activations (G^T, U^T, P^T) [B, b, h])."""
+    delta, activations = _swiglu_update(w_gate, w_up, w_down, k, v, lr_gate, lr_up, lr_down)
     new_momentum = None
     if beta is not None:
         beta = beta.to(delta[0].dtype)
@@ -257,13 +268,13 @@ def _update(w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr
         step, iterates = zip(*(_newton_schulz(d, muon) for d in delta))
     norms = (n_gate, n_up, n_down)
     weights = tuple(renormalize_rows(w + d, n) for w, d, n in zip((w_gate, w_up, w_down), step, norms))
-    return weights, new_momentum, delta, step, iterates
+    return weights, new_momentum, delta, step, iterates, activations
 
 
 def apply_weights(w_gate: Tensor, w_up: Tensor, w_down: Tensor, x: Tensor) -> Tensor:
     """swiglu_apply as the schedules call it: one `LeanApply` autograd node under the lean backward."""
     if _lean_wanted(w_gate, w_up, w_down, x):
-        return LeanApply.apply(w_gate, w_up, w_down, x)
+        return LeanApply.apply(w_gate, w_up, w_down, x, _LEAN["mode"] == "keep_all")
     return swiglu_apply(w_gate, w_up, w_down, x)
 
 
@@ -271,24 +282,50 @@ def apply_weights(w_gate: Tensor, w_up: Tensor, w_down: Tensor, x: Tensor) -> Te
 # The lean backward: autograd of the schedules above keeps every chunk's [B, b, h] activations (gate, up,
 # their silu products, P = V^T W_down, ...) until the backward pass. These two autograd Functions keep only
 # their inputs (the fast weights of each chunk, a few [B, h, d] matrices, and views of q, k, v, lr that the
-# caller holds anyway) and recompute the activations of one chunk at a time in a hand-derived backward.
+# caller holds anyway) and recompute the activations of one chunk at a time in a hand-derived backward; in
+# the "keep" mode (the default) an update also keeps its chunk's three pre-activations G, U, P (of
+# autograd's ~13), so that its backward redoes no forward matmul, and in "keep_all" a read keeps its G, U.
 
-_LEAN: dict[str, bool | None] = {"mode": None}
+LEAN_MODES = (None, False, True, "keep", "keep_all")
+_LEAN: dict[str, bool | str | None] = {"mode": None}
 
 
-def set_lean_backward(mode: bool | None) -> None:
-    """Choose the schedules' backward. True: the memory-lean hand-derived one everywhere; False: plain autograd;
-    None (the default): lean except for updates with Muon, where it measured 3-14% slower in CPU time than
-    autograd for about a third of its peak memory; without Muon it measured 7% slower at 32K and 56K tokens
-    for 0.37-0.40 of the peak (benchmarks/README.md, Memory-lean backward). Both give the same gradients
-    (tests/lact/test_lean_backward.py)."""
-    if mode not in (True, False, None):
-        raise ValueError(f"lean backward mode must be True, False or None (auto), got {mode!r}")
+def set_lean_backward(mode: bool | str | None) -> None:
+    """Choose the schedules' backward (all give the same gradients: tests/lact/test_lean_backward.py).
+
+    False: plain autograd of the forward (keeps ~13 [B, b, h] activations per updating chunk and 4 per read).
+    True ("lean"): the hand-derived backward everywhere, keeping no [B, b, h] activation: reads and updates
+    recompute their pre-activations, 5 of the forward's 9 [b, d] x [d, h] matmuls per chunk (the least
+    memory: 0.32-0.35 of autograd's peak at 56K tokens, 0.96-1.12x its CPU time).
+    "keep": the hand-derived backward everywhere, each update keeping its chunk's G, U, P [B, b, h] (reads
+    still recompute their G, U: 2 of the 9 matmuls): 0.38-0.43 of autograd's peak at 56K, 0.87-0.96x its
+    CPU time at 8K-56K tokens.
+    "keep_all": as "keep", and the reads keep their G, U too (nothing recomputed): 0.81-0.91x autograd's
+    CPU time, but 0.52 of its peak at 56K without Muon.
+    None (the default, "auto"): "keep", the fastest mode within half of autograd's peak memory at 56K and
+    faster than autograd (benchmarks/README.md, Memory-lean backward). The pre-norm variant's updates run
+    under autograd in every mode.
+    """
+    if mode not in LEAN_MODES:
+        raise ValueError(f"lean backward mode must be one of {LEAN_MODES} (None = auto), got {mode!r}")
     _LEAN["mode"] = mode
 
 
-def lean_backward_mode() -> bool | None:
+def lean_backward_mode() -> bool | str | None:
+    """The mode set by `set_lean_backward` (None: auto)."""
     return _LEAN["mode"]
+
+
+def update_backward(prenorm: bool = False) -> str:
+    """The backward an update runs under the current mode: "autograd", "lean" (`LeanUpdate` recomputing G, U,
+    P) or "keep" (`LeanUpdate` keeping them; also in the "keep_all" mode). The same with and without Muon;
+    the pre-norm variant always runs under autograd."""
+    mode = _LEAN["mode"]
+    if prenorm or mode is False:
+        return "autograd"
+    if mode is None:
+        return "keep"
+    return "lean" if mode is True else "keep"
 
 
 def _lean_wanted(*tensors: Tensor | None) -> bool:
@@ -299,81 +336,82 @@ def _lean_wanted(*tensors: Tensor | None) -> bool:
     )
 
 
-def _silu_parts(gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(sigmoid(g), silu(g), silu'(g) = s (1 + g (1 - s)))."""
-    sig = torch.sigmoid(gate)
-    return sig, gate * sig, sig * (1 + gate * (1 - sig))
-
-
 class LeanApply(torch.autograd.Function):
     """o = f_W(x) = W_down (silu(W_gate x) * (W_up x)); saves W and x, recomputes the [B, n, h] activations."""
 
     @staticmethod
-    def forward(ctx, w_gate, w_up, w_down, x):
-        ctx.save_for_backward(w_gate, w_up, w_down, x)
-        return swiglu_apply(w_gate, w_up, w_down, x)
+    def forward(ctx, w_gate, w_up, w_down, x, keep):
+        ctx.keep = keep
+        if not keep:
+            ctx.save_for_backward(w_gate, w_up, w_down, x)
+            return swiglu_apply(w_gate, w_up, w_down, x)
+        gate, up = x @ w_gate.mT, x @ w_up.mT  # swiglu_apply's arithmetic, keeping G, U
+        ctx.save_for_backward(w_gate, w_up, w_down, x, gate, up)
+        return (F.silu(gate) * up) @ w_down.mT
 
     @staticmethod
     def backward(ctx, grad_out):
-        w_gate, w_up, w_down, x = ctx.saved_tensors
+        w_gate, w_up, w_down, x, *kept = ctx.saved_tensors
         hidden = w_gate.shape[1]
         # [W_gate; W_up] stacked: one matmul recomputes both pre-activations. (Every product here is written
         # functionally or accumulated with baddbmm_: `out=` into views of a stacked buffer breaks dynamo's
         # graph when the block is compiled.)
-        gate, up = (x @ torch.cat([w_gate, w_up], dim=1).mT).split(hidden, dim=-1)  # [B, n, h] each
+        if kept:
+            gate, up = kept
+        else:
+            gate, up = (x @ torch.cat([w_gate, w_up], dim=1).mT).split(hidden, dim=-1)  # [B, n, h] each
         silu_gate = F.silu(gate)
         g_hidden = grad_out @ w_down  # [B, n, h]
-        g_w_down = grad_out.mT @ (silu_gate * up)  # [B, d, h]
         g_up = g_hidden * silu_gate
+        g_w_down = grad_out.mT @ silu_gate.mul_(up)  # [B, d, h]
         g_gate = torch.ops.aten.silu_backward(g_hidden.mul_(up), gate)  # grad H U silu'(G), one kernel
         g_x = torch.bmm(g_gate, w_gate).baddbmm_(g_up, w_up)
-        return g_gate.mT @ x, g_up.mT @ x, g_w_down, g_x
+        return g_gate.mT @ x, g_up.mT @ x, g_w_down, g_x, None
 
 
 class LeanUpdate(torch.autograd.Function):
     """update_step as one autograd node with a hand-derived backward.
 
     Inputs: w_gate, w_up, w_down [B, h|d, d|h]; their row-norm targets n_* [B, rows, 1]; k, v [B, b, d];
-    lr_* [B, b, 1]; beta [B, 1, 1] or None; the momentum buffers m_* or None; muon. Outputs: the new weights
-    and the new momentum buffers (None without momentum). Saves only its inputs.
+    lr_* [B, b, 1]; beta [B, 1, 1] or None; the momentum buffers m_* or None; muon; keep (bool). Outputs: the
+    new weights and the new momentum buffers (None without momentum). Saves its inputs and [h, d]-sized
+    matrices, and with `keep` the chunk's G, U, P [B, b, h] (set_lean_backward's "keep" mode).
     """
 
     @staticmethod
     def forward(ctx, w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta, m_gate,
-                m_up, m_down, muon):  # fmt: skip
-        ctx.muon = muon
+                m_up, m_down, muon, keep):  # fmt: skip
+        ctx.muon, ctx.keep = muon, keep
         ctx.has_momentum = m_gate is not None
         momentum = (m_gate, m_up, m_down) if ctx.has_momentum else None
-        weights, new_momentum, delta, step, iterates = _update(
+        weights, new_momentum, delta, step, iterates, activations = _update(
             w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta, momentum, muon
         )
-        # Besides the inputs, only [B, h, d]-sized matrices: the chunk's update before and after Muon and
-        # Muon's iterates with their Gram matrices, so the backward recomputes neither the three update matmuls
-        # over the chunk nor Muon's iterates.
+        # Besides the inputs, [B, h, d]-sized matrices: the chunk's update before and after Muon and Muon's
+        # iterates with their Gram matrices, so the backward recomputes neither the three update matmuls over
+        # the chunk nor Muon's iterates. With `keep` also the chunk's G, U, P [B, b, h], so that it recomputes
+        # no forward matmul either.
         ctx.save_for_backward(w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta,
-                              m_gate, m_up, m_down, *delta, *(step if muon is not None else ()),
+                              m_gate, m_up, m_down, *delta, *(activations if keep else ()),
+                              *(step if muon is not None else ()),
                               *(t for matrix in iterates for it in matrix for t in it))  # fmt: skip
         return (*weights, *(new_momentum or (None, None, None)))
 
     @staticmethod
     def backward(ctx, g_wg_new, g_wu_new, g_wd_new, g_mg_new, g_mu_new, g_md_new):
-        saved = ctx.saved_tensors
+        saved = list(ctx.saved_tensors)
         w_gate, w_up, w_down, n_gate, n_up, n_down, k, v, lr_gate, lr_up, lr_down, beta = saved[:12]
         momentum = saved[12:15] if ctx.has_momentum else None
-        delta = saved[15:18]
-        stepped = saved[18:21] if ctx.muon is not None else delta
-        rounds = (len(saved) - 21) // 6  # Muon's iterations per matrix, (Y, A) each
+        delta, rest = saved[15:18], saved[18:]
+        kept, rest = (rest[:3], rest[3:]) if ctx.keep else (None, rest)
+        stepped, rest = (rest[:3], rest[3:]) if ctx.muon is not None else (delta, rest)
+        rounds = len(rest) // 6  # Muon's iterations per matrix, (Y, A) each
         iterates = [
-            [tuple(saved[21 + 2 * (i * rounds + j) : 23 + 2 * (i * rounds + j)]) for j in range(rounds)]
+            [tuple(rest[2 * (i * rounds + j) : 2 * (i * rounds + j) + 2]) for j in range(rounds)]
             for i in range(3)
         ]
         weights, norms = (w_gate, w_up, w_down), (n_gate, n_up, n_down)
         lrs = tuple(lr.to(k.dtype) for lr in (lr_gate, lr_up, lr_down))
-        # Recompute the chunk's activations (docs/architecture.md notation, row layout: G^T = K^T W_gate^T, ...).
-        gate, up = k @ w_gate.mT, k @ w_up.mT  # [B, b, h]
-        sig, silu_gate, silu_grad = _silu_parts(gate)
-        hidden = silu_gate * up
-        p = v @ w_down  # [B, b, h]
         if beta is not None:
             beta_c = beta.to(delta[0].dtype)
         new_grads = (g_wg_new, g_wu_new, g_wd_new)
@@ -409,30 +447,37 @@ class LeanUpdate(torch.autograd.Function):
         lr_g, lr_u, lr_d = lrs
         hidden = w_gate.shape[1]
         # With A = P * silu(G), C = P * U * silu'(G): dW_down = V^T (H * lr_down), dW_up = A^T (K * lr_up),
-        # dW_gate = C^T (K * lr_gate). The products with K (with V) on the left are one matmul against the
-        # four (two) [h, d] matrices stacked: the recomputed G, U (P) and the gradients of A, C (of H lr_down).
-        right_k = torch.cat([gd_gate, gd_up, w_gate, w_up], dim=1)  # [B, 4h, d]
-        e_gate, e_up, gate, up = (k @ right_k.mT).split(hidden, dim=-1)  # [B, b, h] each
-        vg, p = (v @ torch.cat([gd_down, w_down], dim=-1)).split(hidden, dim=-1)
+        # dW_gate = C^T (K * lr_gate) (docs/architecture.md notation, row layout: G^T = K^T W_gate^T, ...).
+        # The products with K (with V) on the left are one matmul against the [h, d] matrices stacked: the
+        # gradients of A, C (of H lr_down) and, unless the forward kept them, the recomputed G, U (P).
+        if kept is None:
+            right_k = torch.cat([gd_gate, gd_up, w_gate, w_up], dim=1)  # [B, 4h, d]
+            e_gate, e_up, gate, up = (k @ right_k.mT).split(hidden, dim=-1)  # [B, b, h] each
+            vg, p = (v @ torch.cat([gd_down, w_down], dim=-1)).split(hidden, dim=-1)
+        else:
+            gate, up, p = kept
+            e_gate, e_up = (k @ torch.cat([gd_gate, gd_up], dim=1).mT).split(hidden, dim=-1)
+            vg = v @ gd_down
         sig = torch.sigmoid(gate)
         silu_gate = gate * sig
         one_minus = 1 - sig
         silu_grad = torch.addcmul(sig, silu_gate, one_minus)  # silu'(g) = s + silu(g) (1 - s)
-        hid = silu_gate * up
+        # silu''(g) = s (1 - s) (2 + g (1 - 2 s)) = s (1 - s) (2 + g - 2 silu(g)), times P U
         pu = p * up
-        a_mat, c_mat = p * silu_gate, pu * silu_grad
+        pu_silu_grad2 = torch.sub(gate, silu_gate, alpha=2).add_(2).mul_(sig).mul_(one_minus).mul_(pu)
+        hid = silu_gate * up
+        a_mat, c_mat = p * silu_gate, pu.mul_(silu_grad)
         # The lr gradients: sum over h of (the matrix) x (its gradient before the per-token lr).
         g_lr_down = (vg * hid).sum(-1, keepdim=True)
         g_lr_up = (a_mat * e_up).sum(-1, keepdim=True)
         g_lr_gate = (c_mat * e_gate).sum(-1, keepdim=True)
         g_a, g_c, g_hid = e_up.mul_(lr_u), e_gate.mul_(lr_g), vg.mul_(lr_d)
-        # silu''(g) = s (1 - s) (2 + g (1 - 2 s)) = s (1 - s) (2 + g - 2 silu(g))
-        silu_grad2 = torch.sub(gate, silu_gate, alpha=2).add_(2).mul_(sig).mul_(one_minus)
-        # grad G = (grad H U + grad A P) silu' + grad C P U silu'';  grad U = grad H silu + grad C P silu';
-        # grad P = grad A silu + grad C U silu'
-        g_gate = (g_hid * up).addcmul_(g_a, p).mul_(silu_grad).addcmul_(g_c, silu_grad2.mul_(pu))
-        g_up = (g_hid * silu_gate).addcmul_(g_c, p * silu_grad)
-        g_p = (g_a * silu_gate).addcmul_(g_c, up * silu_grad)
+        # grad G = (grad H U + grad A P) silu' + grad C P U silu'';  with X = grad C silu':
+        # grad U = grad H silu + X P;  grad P = grad A silu + X U
+        g_gate = (g_hid * up).addcmul_(g_a, p).mul_(silu_grad).addcmul_(g_c, pu_silu_grad2)
+        x_c = g_c.mul_(silu_grad)
+        g_up = g_hid.mul_(silu_gate).addcmul_(x_c, p)
+        g_p = g_a.mul_(silu_gate).addcmul_(x_c, up)
         # grad K, grad V: accumulated in place, the per-token lr folded into the [b, h] factors.
         g_k = torch.bmm(c_mat.mul_(lr_g), gd_gate).baddbmm_(a_mat.mul_(lr_u), gd_up)
         g_k = g_k.baddbmm_(g_gate, w_gate).baddbmm_(g_up, w_up)  # [B, b, d]
@@ -442,7 +487,7 @@ class LeanUpdate(torch.autograd.Function):
         g_w[2] = g_w[2] + v.mT @ g_p
         g_lrs = (g_lr_gate.to(lr_gate.dtype), g_lr_up.to(lr_up.dtype), g_lr_down.to(lr_down.dtype))
         g_ms = tuple(g_m) if g_m is not None else (None, None, None)
-        return (*g_w, *g_norms, g_k, g_v, *g_lrs, g_beta, *g_ms, None)
+        return (*g_w, *g_norms, g_k, g_v, *g_lrs, g_beta, *g_ms, None, None)
 
 
 def newton_schulz_backward(

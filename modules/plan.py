@@ -45,7 +45,7 @@ from lact.models.lm import HybridBlock
 from lact.models.nvs import NVSBlock, ViewAttention
 from lact.models.video import VideoBlock
 from lact.nn import GeluMLP, ShortConv, SwiGLUMLP
-from lact.ops import MUON_COEFFICIENTS, lean_backward_mode
+from lact.ops import MUON_COEFFICIENTS, lean_backward_mode, update_backward
 
 GiB = 1024**3
 FP32 = 4  # bytes of the tensors the code keeps in fp32 whatever the compute dtype
@@ -196,21 +196,25 @@ def lact_operator_bytes(layer: LaCTLayer, batch: int, length: int, update_len: i
         saving X, A = X X^T and bA + cA^2, plus the normalised input:                     n_u B H 3 ((s + 1) m n + 2 s m^2) a
     Causal: L_u = (ceil(L / C) - 1) C tokens, n_u = ceil(L / C) - 1 (the last chunk only reads).
     Bidirectional: L_u = the input tokens, n_u = ceil(L_u / C) (one update when C is None).
-    Under the memory-lean backward (lact.ops.set_lean_backward; by default on for every apply and for updates
-    without Newton-Schulz steps or the pre-norm variant) nothing [L, h]-sized is kept: an apply saves only the
-    weights it read and its queries (held by the layer anyway), so the apply and update terms above vanish;
-    a lean update keeps the same per-update state (W_c, its update before the weight norm, the momentum
-    buffer), with Muon also the update after Newton-Schulz, the s iterates and their s Gram matrices:
-                                                                                     n_u B H 3 ((1 + s) m n + s m^2) a
+    Under the hand-derived backward (lact.ops.set_lean_backward; by default on, in its "keep" mode, for every
+    apply and for every update but the pre-norm variant's) an apply saves only the weights it read and its
+    queries (held by the layer anyway), so the apply term above becomes 0 (in the "keep_all" mode its G, U:
+    2 B H L h a); an update saves, in the "keep" and "keep_all" modes, its chunk's G, U, P instead of the
+    13 + 2 tensors above:                                                                 B H L_u 3 h a
+    (nothing [L, h]-sized in the lean mode), and the same per-update state (W_c, its update before the weight
+    norm, the momentum buffer), with Muon also the update after Newton-Schulz, the s iterates and their s
+    Gram matrices:                                                                   n_u B H 3 ((1 + s) m n + s m^2) a
     """
     heads, d, h = layer.num_heads, layer.head_dim, layer.hidden
     bh = batch * heads
     mode = lean_backward_mode()
-    lean_apply = mode is not False
-    lean_update = mode is not False and (layer.muon is None or mode is True) and not layer.prenorm
-    total = 0 if lean_apply else 4 * bh * length * h * a
+    backward = update_backward(layer.prenorm)
+    lean_update = backward != "autograd"
+    total = 4 * bh * length * h * a if mode is False else 2 * bh * length * h * a if mode == "keep_all" else 0
     if not lean_update:
         total += bh * update_len * (13 * h + 2 * d) * a
+    elif backward == "keep":
+        total += bh * update_len * 3 * h * a
     momentum = 1 if layer.momentum_proj is not None else 0
     total += updates * bh * 3 * d * h * (2 + momentum) * a
     if layer.muon is not None:

@@ -38,12 +38,16 @@ SCHEDULES = {
 }
 
 
+HAND_DERIVED = [True, "keep", "keep_all"]  # the modes that run LeanApply / LeanUpdate
+
+
+@pytest.mark.parametrize("mode", HAND_DERIVED)
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("muon", [None, "fixed", "schedule"])
-def test_lean_gradcheck_in_float64(schedule, muon):
+def test_lean_gradcheck_in_float64(schedule, muon, mode):
     inputs = make_inputs(batch=1, length=8, dim=3, hidden=4, requires_grad=True)
     used = inputs if schedule in ("causal", "interleaved") else inputs[:9]
-    with lean(True):
+    with lean(mode):
         assert torch.autograd.gradcheck(
             lambda *xs: SCHEDULES[schedule](list(xs) + [None] * (10 - len(xs)), muon),
             used,
@@ -62,14 +66,15 @@ def gradients(inputs, fn, enabled):
     return out.detach(), [t.grad for t in inputs]
 
 
+@pytest.mark.parametrize("mode", HAND_DERIVED)
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("muon", [None, "schedule"])
-def test_lean_gradients_equal_autograd(schedule, muon):
+def test_lean_gradients_equal_autograd(schedule, muon, mode):
     """float64: equal to rounding; fp32: close; the momentum input gets a gradient only where it is used."""
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
         inputs = make_inputs(batch=2, length=12, dim=8, hidden=16, dtype=dtype, seed=3)
         fn = lambda xs: SCHEDULES[schedule](xs, muon)  # noqa: E731
-        out_lean, g_lean = gradients(inputs, fn, True)
+        out_lean, g_lean = gradients(inputs, fn, mode)
         out_ref, g_ref = gradients(inputs, fn, False)
         torch.testing.assert_close(out_lean, out_ref, rtol=0, atol=0)  # same forward arithmetic
         for i, (a, b) in enumerate(zip(g_lean, g_ref)):
@@ -80,12 +85,13 @@ def test_lean_gradients_equal_autograd(schedule, muon):
             assert ((a - b).abs().max() / scale) < tol, (dtype, i, ((a - b).abs().max() / scale).item())
 
 
+@pytest.mark.parametrize("mode", HAND_DERIVED)
 @pytest.mark.parametrize("muon", [None, "fixed"])
-def test_lean_gradients_close_to_autograd_in_bf16(muon):
+def test_lean_gradients_close_to_autograd_in_bf16(muon, mode):
     *args, mom = make_inputs(batch=4, length=256, dim=32, hidden=64, dtype=torch.float32, seed=1)
     bf = [a.bfloat16() if i < 6 else a for i, a in enumerate(args)] + [mom]
     fn = lambda xs: causal_lact(*xs[:9], chunk_size=64, momentum=xs[9], muon=muon)  # noqa: E731
-    _, g_lean = gradients(bf, fn, True)
+    _, g_lean = gradients(bf, fn, mode)
     _, g_ref32 = gradients([*args, mom], fn, False)
     _, g_ref = gradients(bf, fn, False)
     for i, (a, b, r) in enumerate(zip(g_lean, g_ref, g_ref32)):
@@ -129,27 +135,46 @@ def test_lean_backward_saves_a_fraction_of_autograds_activations():
     assert lean_bytes < autograd_bytes / 8, (lean_bytes, autograd_bytes)
 
 
-def test_auto_mode_uses_the_lean_nodes_except_for_muon_updates():
-    def node_names(muon):
-        inputs = make_inputs(batch=1, length=8, dim=3, hidden=4, requires_grad=True)
-        out = causal_lact(*inputs[:9], chunk_size=4, momentum=inputs[9], muon=muon)
-        names, stack, seen = set(), [out.grad_fn], set()
-        while stack:
-            fn = stack.pop()
-            if fn is None or fn in seen:
-                continue
-            seen.add(fn)
-            names.add(type(fn).__name__)
-            stack.extend(f for f, _ in fn.next_functions)
-        return names
+def test_keep_modes_save_exactly_the_pre_activations():
+    """Mode "keep" adds G, U, P [B, b, h] of every updating chunk to what the lean mode saves, nothing else,
+    and stays within half of what autograd saves; "keep_all" adds G, U of every read chunk to that."""
+    lean_bytes, keep_bytes, autograd_bytes = saved_bytes(True), saved_bytes("keep"), saved_bytes(False)
+    batch, tokens, updated_tokens, hidden = 2, 2048, 2048 - 512, 32  # the last chunk only reads
+    assert keep_bytes - lean_bytes == 3 * batch * updated_tokens * hidden * 4
+    assert keep_bytes < autograd_bytes / 2, (keep_bytes, autograd_bytes)
+    assert saved_bytes("keep_all") - keep_bytes == 2 * batch * tokens * hidden * 4
 
-    with lean(None):
-        assert {"LeanApplyBackward", "LeanUpdateBackward"} <= node_names(None)
-        muon_nodes = node_names("fixed")
-        assert "LeanApplyBackward" in muon_nodes and "LeanUpdateBackward" not in muon_nodes
-    with lean(True):
-        assert "LeanUpdateBackward" in node_names("fixed")
+
+def update_nodes(muon):
+    """The autograd nodes of causal_lact's graph: {class name: [nodes]}."""
+    inputs = make_inputs(batch=1, length=8, dim=3, hidden=4, requires_grad=True)
+    out = causal_lact(*inputs[:9], chunk_size=4, momentum=inputs[9], muon=muon)
+    nodes, stack, seen = {}, [out.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        nodes.setdefault(type(fn).__name__, []).append(fn)
+        stack.extend(f for f, _ in fn.next_functions)
+    return nodes
+
+
+@pytest.mark.parametrize("muon", [None, "fixed"])
+def test_modes_choose_the_nodes(muon):
+    """auto (None) = "keep": hand-derived reads that recompute, updates that keep their activations; True:
+    the same nodes, all recomputing; "keep_all": all keeping; False: no hand-derived node."""
+    for mode, apply_keeps, update_keeps in (
+        (None, False, True),
+        ("keep", False, True),
+        (True, False, False),
+        ("keep_all", True, True),
+    ):
+        with lean(mode):
+            nodes = update_nodes(muon)
+        assert {node.keep for node in nodes["LeanApplyBackward"]} == {apply_keeps}, mode
+        assert [node.keep for node in nodes["LeanUpdateBackward"]] == [update_keeps], mode
     with lean(False):
-        assert not any(n.startswith("Lean") for n in node_names(None))
+        assert not any(name.startswith("Lean") for name in update_nodes(muon))
     with pytest.raises(ValueError, match="lean backward mode"):
         set_lean_backward("yes")

@@ -17,6 +17,7 @@ import torch
 from lact.models.lm import HybridBlock, LMConfig
 from lact.models.nvs import NVSBlock, NVSConfig
 from lact.models.video import VideoConfig, VideoNet
+from lact.ops import lean_backward_mode, set_lean_backward
 from modules import plan as planner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,6 +72,24 @@ def test_lm_block_formula_counts_what_autograd_saves(one_thread, length, overrid
     x = torch.randn(2, length, 64, requires_grad=True)
     saved = saved_bytes(lambda: block(x, torch.arange(length)), block.parameters())
     formula = planner.block_bytes(block, planner.Workload(2, length), 4)
+    assert formula == pytest.approx(saved, rel=0.06)
+
+
+@pytest.mark.parametrize("mode", [False, True, "keep", "keep_all"])
+@pytest.mark.parametrize("muon", [None, "schedule"])
+def test_lm_block_formula_follows_the_operator_backward(one_thread, mode, muon):
+    """The LaCT term under every set_lean_backward mode (the default one is covered above)."""
+    fields = {"vocab_size": 100, "dim": 64, "num_layers": 1, "num_heads": 4, "window": 64}
+    lact = {"heads": 2, "chunk_size": 64, "momentum": True, "muon": muon}
+    block = HybridBlock(LMConfig(**fields, lact=lact), use_lact=True)
+    x = torch.randn(2, 512, 64, requires_grad=True)
+    before = lean_backward_mode()
+    set_lean_backward(mode)
+    try:
+        saved = saved_bytes(lambda: block(x, torch.arange(512)), block.parameters())
+        formula = planner.block_bytes(block, planner.Workload(2, 512), 4)
+    finally:
+        set_lean_backward(before)
     assert formula == pytest.approx(saved, rel=0.06)
 
 
