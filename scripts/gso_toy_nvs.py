@@ -1,7 +1,7 @@
 """Real renders: train on 48 views of one scanned object for at most 10 CPU minutes, evaluate on 16 held out.
 
     .venv/bin/python scripts/gso_toy_nvs.py [--source ../shared/data/gso_toy] [--size 64] [--minutes 10]
-        [--out outputs/gso_toy] [--override=<train.py option> ...] [--skip-train [--ckpt <run>/checkpoints/<step>.ckpt]]
+        [--out outputs/gso_toy] [--override=<train.py option> ...] [--skip-train [--ckpt <out>/run/checkpoints/step=<8 digits>.ckpt]]
 
 1. imports ../shared/data/gso_toy (64 renders, opencv_cameras.json) with the data layer's camera-JSON
    importer into outputs/gso_toy/data, resized to --size (the source stays where it is);
@@ -123,6 +123,11 @@ def main(argv=None) -> None:
         shutil.rmtree(out / "run", ignore_errors=True)
         fit_within(CONFIG, args.minutes, step_seconds, threads, [size, *args.override])
 
+    if not checkpoint.is_file():
+        found = sorted(p.name for p in checkpoint.parent.glob("*.ckpt")) if checkpoint.parent.is_dir() else []
+        raise SystemExit(
+            f"checkpoint {checkpoint} not found; {checkpoint.parent} holds {found or 'no checkpoints'}"
+        )
     torch.set_num_threads(threads)
     net, steps = load_net(checkpoint)
     tag = "" if args.ckpt is None else f"_step{steps}"  # an earlier checkpoint's files sit next to the last's
