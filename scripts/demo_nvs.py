@@ -27,6 +27,7 @@ import torch
 import yaml
 from nvs_eval import (
     ROOT,
+    apply_overrides,
     fit_within,
     load_net,
     pick_threads,
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
     out = ROOT / args.out
     if args.out != OUT:  # every path of the config derives from the run directory
         args.override.insert(0, f"--trainer.default_root_dir={out / 'run'}")
-    config = yaml.safe_load((ROOT / CONFIG).read_text())
+    config = apply_overrides(yaml.safe_load((ROOT / CONFIG).read_text()), args.override)
     data_args = config["data"]["init_args"]
     generate_data(out, used_splits(data_args))
     checkpoint = out / "run" / "checkpoints" / "last.ckpt"

@@ -36,6 +36,25 @@ def run(cmd: list[str], threads: int | None = None) -> None:
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """`config` (a parsed YAML config) with the dotted `--a.b.c=value` train.py options of `overrides` set in
+    it (values parsed as YAML), so that what a script measures or generates before `train.py` runs (the step
+    time of the network, the data splits) is that of the variant the overrides ask for. Options in another
+    form (`--a.b.c value`) are not read here; they still reach train.py."""
+    for option in overrides:
+        key, sep, value = option.removeprefix("--").partition("=")
+        if not sep or not option.startswith("--"):
+            continue
+        *parents, name = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"--override {option}: {part!r} is not a section of the config")
+        node[name] = yaml.safe_load(value)
+    return config
+
+
 def fit_within(config: str, minutes: float, step_seconds: float, threads: int, extra: list[str]) -> None:
     """`train.py fit --config config` capped at `minutes` of wall time. With the config's `optim.schedule:
     time` the cosine runs over those minutes, however fast the steps are. Otherwise (steps) it is sized from
