@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import TokenShardDataModule, check_sizes
 from datamodules.readers import iter_tokens
+from datamodules.shards import seeded_generator
 from datamodules.text import load_tokenizer, write_text_shards
 
 LM_TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
@@ -36,6 +37,30 @@ def to_lm_sample(sample: dict) -> dict:
     """A decoded token sample (``tokens`` [L + 1]) -> ``input_ids`` [L] and next-token ``labels`` [L]."""
     tokens = sample["tokens"]
     return {"input_ids": tokens[:-1], "labels": tokens[1:]}
+
+
+def vocabulary_permutation(vocab_size: int, seed: int, keep: Sequence[int] = ()) -> torch.Tensor:
+    """A fixed random permutation of the token ids: ``perm`` [vocab_size] (int64) with ``perm[i]`` the new id
+    of token i, a function of ``seed`` alone. Ids in ``keep`` (e.g. the end-of-document id, which the LM
+    reads as document structure) map to themselves; the others are shuffled among themselves.
+
+    The same text under ``perm`` is a language with the same structure and a new vocabulary: the setting of
+    Chen et al. (2023) for re-learning token embeddings on top of a pretrained body.
+    """
+    check_sizes("vocabulary_permutation", vocab_size=vocab_size)
+    kept = sorted(set(keep))
+    if kept and (kept[0] < 0 or kept[-1] >= vocab_size):
+        raise ValueError(f"vocabulary_permutation: keep={kept} must be token ids in [0, {vocab_size})")
+    moved = torch.tensor(sorted(set(range(vocab_size)) - set(kept)), dtype=torch.long)
+    perm = torch.arange(vocab_size)
+    perm[moved] = moved[torch.randperm(len(moved), generator=seeded_generator(seed))]
+    return perm
+
+
+def permuted_lm_sample(sample: dict, permutation: torch.Tensor) -> dict:
+    """`to_lm_sample` of the sample's tokens renamed by ``permutation`` [V] (token i becomes
+    ``permutation[i]``; see `vocabulary_permutation`). Picklable with functools.partial."""
+    return to_lm_sample({**sample, "tokens": permutation[sample["tokens"]]})
 
 
 def prepare_text_shards(

@@ -383,6 +383,31 @@ class ForgettingSchedule(Callback):
         self.last_reset_step = state_dict["last_reset_step"]
 
 
+def freeze_all_but_embeddings(pl_module: LightningModule) -> list[str]:
+    """Leave only the token embedding and the output embedding trainable (``requires_grad``); returns the
+    names (as in ``named_parameters()``) of the parameters still trained.
+
+    The adaptation step of Chen et al. (2023): on a new language only the embeddings are re-learnt and the
+    body stays as pretrained. Uses the callback's protocol (``token_embedding()``, and
+    ``output_embedding()`` when the module has it; tied, both are one Parameter). The task modules' optimizer
+    (modules/task.py ``parameter_groups``) leaves frozen parameters out, so call this before ``fit``.
+    """
+    if not callable(getattr(pl_module, "token_embedding", None)):
+        raise ValueError(
+            f"freeze_all_but_embeddings needs {type(pl_module).__name__}.token_embedding() (the input embedding)"
+        )
+    keep = {id(pl_module.token_embedding().weight)}
+    if callable(getattr(pl_module, "output_embedding", None)):
+        out = pl_module.output_embedding()
+        keep.add(id(out if isinstance(out, nn.Parameter) else out.weight))
+    trained = []
+    for name, p in pl_module.named_parameters():  # a tied parameter is listed once
+        p.requires_grad_(id(p) in keep)
+        if id(p) in keep:
+            trained.append(name)
+    return trained
+
+
 def _zero_state_(state: dict) -> None:
     """Zero every tensor (moments, ``step``) of one parameter's optimizer state in place."""
     for k, v in state.items():

@@ -118,3 +118,29 @@ def test_lm_datamodule_trains_on_any_text_file(tmp_path):
     assert val["input_ids"].shape[1] == 32
     (prompt,) = list(data.predict_dataloader())
     assert prompt["input_ids"].shape == (1, 6) and data.decode(prompt["input_ids"][0].tolist()) == "héllo"
+
+
+def test_vocabulary_permutation_is_a_seeded_permutation_keeping_the_kept_ids():
+    from datamodules.lm import vocabulary_permutation
+
+    perm = vocabulary_permutation(257, seed=3, keep=[256])
+    assert perm.dtype == torch.long and sorted(perm.tolist()) == list(range(257))  # a bijection
+    assert perm[256] == 256  # the end-of-document id keeps its meaning
+    assert (
+        perm[:256] != torch.arange(256)
+    ).sum() > 200  # the rest really moves (a few fixed points by chance)
+    assert torch.equal(perm, vocabulary_permutation(257, seed=3, keep=[256]))
+    assert not torch.equal(perm, vocabulary_permutation(257, seed=4, keep=[256]))
+    with pytest.raises(ValueError, match="keep"):
+        vocabulary_permutation(10, seed=0, keep=[10])
+
+
+def test_permuted_lm_sample_renames_inputs_and_labels_alike():
+    from datamodules.lm import permuted_lm_sample, to_lm_sample, vocabulary_permutation
+
+    tokens = torch.tensor([5, 1, 9, 5, 0, 9])
+    perm = vocabulary_permutation(10, seed=0, keep=[9])
+    plain, renamed = to_lm_sample({"tokens": tokens}), permuted_lm_sample({"tokens": tokens}, perm)
+    assert torch.equal(renamed["input_ids"], perm[plain["input_ids"]])
+    assert torch.equal(renamed["labels"], perm[plain["labels"]])
+    assert renamed["input_ids"][2] == 9 and not torch.equal(renamed["input_ids"], plain["input_ids"])

@@ -63,3 +63,34 @@ def test_forgetting_resets_the_lact_lm_embedding_at_reset_steps(tied):
     for step in (3, 5, 6):
         assert not torch.equal(record.rows[step - 1], record.rows[step - 2])
     assert forget.resets == 2
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.usefixtures("one_thread")
+def test_freeze_all_but_embeddings_trains_the_embeddings_and_nothing_else(tied):
+    from modules.forgetting import freeze_all_but_embeddings
+
+    seed_everything(0)
+    config = LMConfig(
+        vocab_size=64, dim=32, num_layers=1, num_heads=4, lact={"heads": 2, "chunk_size": 16}, window=8,
+        tie_embeddings=tied,
+    )  # fmt: skip
+    module = LMModule(config, optim=OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1))
+    trained = freeze_all_but_embeddings(module)
+    assert trained == (
+        ["net.token_embedding.weight"] if tied else ["net.token_embedding.weight", "net.lm_head.weight"]
+    )
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    data = MQARDataModule(vocab_size=64, num_pairs=4, gap=8, seq_len=48, batch_size=4, batches_per_epoch=3)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    for name, p in module.named_parameters():
+        if name in trained:
+            assert id(p) in optimized and not torch.equal(p, before[name]), f"{name} must train"
+        else:  # bit for bit: no update, no weight decay
+            assert id(p) not in optimized and torch.equal(p, before[name]), f"{name} must stay frozen"
+    assert len(before) > 10  # the body has parameters to hold still
