@@ -108,6 +108,25 @@ def step_time(net: NVSNet, data_args: dict, threads: int) -> float:
     return statistics.median(times[2:])  # the first steps pay one-off allocations (and compilation)
 
 
+def busy_cores(seconds: float = 2.0) -> float:
+    """How many cores other jobs keep busy now: the machine's non-idle CPU time over `seconds` while this
+    process sleeps (/proc/stat), or the 1-minute load average where /proc/stat is missing. The load average
+    alone would count this script's own data preparation of the last minute."""
+    try:
+
+        def times() -> list[int]:
+            with open("/proc/stat") as f:
+                return [int(x) for x in f.readline().split()[1:]]
+
+        before = times()
+        time.sleep(seconds)
+        delta = [b - a for a, b in zip(before, times())]
+    except (OSError, ValueError):
+        return os.getloadavg()[0]
+    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)  # idle + iowait
+    return (os.cpu_count() or 1) * (1 - idle / max(sum(delta), 1))
+
+
 def pick_threads(requested: int, config: dict) -> tuple[int, float]:
     """(threads, seconds per training step) for the config's model and batch: `requested` threads, or (0) one
     thread when other jobs load the machine, else the faster of 1 thread and all cores (up to 8). On a CPU
@@ -118,10 +137,10 @@ def pick_threads(requested: int, config: dict) -> tuple[int, float]:
     cores = min(os.cpu_count() or 1, 8)
     if requested > 0:
         candidates = [requested]
-    elif os.getloadavg()[0] >= 0.5 * cores:
+    elif (busy := busy_cores()) >= 0.5 * cores:
         # Other jobs keep the cores busy: a short timing can catch a quiet moment, after which every op of a
         # multi-threaded run waits for a preempted thread. One thread degrades gracefully.
-        print(f"load average {os.getloadavg()[0]:.1f} on {cores} cores: one torch thread", flush=True)
+        print(f"other jobs keep {busy:.1f} of {cores} cores busy: one torch thread", flush=True)
         candidates = [1]
     else:
         candidates = sorted({1, cores})

@@ -113,3 +113,20 @@ def test_script_overrides_reach_what_the_scripts_measure():
     assert config["model"]["init_args"]["net"]["lact"]["heads"] == 4  # the rest of the config is kept
     with pytest.raises(SystemExit, match="'max_steps' is not a section"):
         apply_overrides(config, ["--trainer.max_steps.x=1"])
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat")
+def test_busy_cores_sees_other_jobs_now():
+    """The NVS scripts pick one torch thread when other jobs keep the cores busy: a process spinning on one
+    core while the measurement sleeps counts as (about) one busy core, whatever ran a minute ago."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from nvs_eval import busy_cores
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert busy_cores(1.0) >= 0.7
+    finally:
+        spinner.kill()
+        spinner.wait()
