@@ -34,7 +34,8 @@ import jsonargparse
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from modules.resilience import CheckpointError, RunCheckpoint, prepare_ckpt_path
+from datamodules.errors import DataConfigError, TooManyBadSamplesError
+from modules.resilience import CheckpointError, DivergenceError, RunCheckpoint, prepare_ckpt_path
 from modules.task import LRMonitor, Throughput
 
 DEFAULT_ROOT = "outputs/run"
@@ -103,5 +104,12 @@ def main(args: list[str] | None = None, run: bool = True) -> LaCTCLI:
     )
 
 
+# Errors whose message is all a user needs (a data option that names nothing usable, more damaged data than
+# allowed, a diverged run whose last good state is already saved): printed as one line, not a traceback.
+USER_ERRORS = (DataConfigError, TooManyBadSamplesError, DivergenceError)
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except USER_ERRORS as error:
+        sys.exit(f"error: {type(error).__name__}: {error}")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from lightning.pytorch import LightningDataModule
 
-from datamodules.errors import DamageRegistry
+from datamodules.errors import DamageRegistry, DataConfigError
 from datamodules.readers import (
     CurriculumReader,
     scene_dataset,
@@ -184,7 +184,10 @@ class ShardDataModule(LightningDataModule):
 
     def train_dataloader(self):
         if self.train_shards is None:
-            raise ValueError(f"{type(self).__name__}: train_shards is not set")
+            raise DataConfigError(
+                f"{type(self).__name__}: train_shards is not set: pass --data.train_shards=FOLDER (shards written "
+                "by `python -m datamodules.prepare`)"
+            )
         dataset = self.dataset(self.train_shards, True, **self._reader_kwargs(True))
         if self.curriculum:
             trainer = self.trainer
@@ -215,7 +218,9 @@ class ShardDataModule(LightningDataModule):
         validation shards, read exactly as in validation."""
         shards = getattr(self, "test_shards", None) or self.val_shards
         if shards is None:
-            raise ValueError(f"{type(self).__name__}: set test_shards (or val_shards) to test")
+            raise DataConfigError(
+                f"{type(self).__name__}: set --data.test_shards (or --data.val_shards) to a shard folder to test"
+            )
         return self.held_out_loader(shards)
 
     def held_out_loader(self, shards):
@@ -290,5 +295,7 @@ class VideoShardDataModule(ShardDataModule):
     def predict_dataloader(self):
         """Predict continues the clips of ``val_shards`` (one exact pass)."""
         if self.val_shards is None:
-            raise ValueError(f"{type(self).__name__}: predict reads val_shards, which is not set")
+            raise DataConfigError(
+                f"{type(self).__name__}: predict reads val_shards, which is not set: pass --data.val_shards=FOLDER"
+            )
         return self.val_dataloader()

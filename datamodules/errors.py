@@ -24,6 +24,15 @@ import warnings
 import weakref
 
 
+class DataConfigError(ValueError):
+    """The data options name nothing usable: a split that is not set, a shard folder that is missing, empty
+    or left incomplete by an interrupted import. ``train.py`` prints the message alone, without a traceback."""
+
+
+class ShardsNotFoundError(DataConfigError, FileNotFoundError):
+    """A shard path, pattern or folder that names no existing shard."""
+
+
 class DamagedSampleError(ValueError):
     """One damaged sample or shard: ``shard`` (path), ``key`` (sample key, or None for the whole shard)."""
 
@@ -50,7 +59,7 @@ def _record_name(shard: str, key: str | None) -> str:
 class DamageRegistry:
     """The damaged samples and unreadable shards known in a run, shared by processes through a folder.
 
-    Each distinct damage is one file ``<hash of (shard, key)>.json``, created with ``O_EXCL``: of several
+    Each distinct damage is one file ``<hash of (shard, key)>.json``, linked into place atomically: of several
     DataLoader workers that meet the same damage, exactly one creates it, warns and counts it. An
     unreadable shard also gets ``<hash of shard>.skip``. Without ``path`` a temporary folder is made and
     removed when the creating process drops the registry; pickling (into DataLoader workers) keeps the path.
@@ -79,12 +88,18 @@ class DamageRegistry:
             record["unreadable_shard"] = True
             with open(os.path.join(self.path, _record_name(error.shard, None) + ".skip"), "w") as f:
                 f.write(error.shard)
+        # Written whole under a private name, then hard-linked into place: the link is the atomic "create if
+        # absent", so no reader ever sees a record half written (nor one left empty by a worker killed at
+        # the end of an epoch).
+        fd, scratch = tempfile.mkstemp(dir=self.path, suffix=".part")
         try:
-            fd = os.open(name + ".json", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            os.link(scratch, name + ".json")
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
+        finally:
+            os.unlink(scratch)
         return True
 
     def knows(self, shard: str, key: str | None) -> bool:

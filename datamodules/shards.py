@@ -34,7 +34,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from datamodules.errors import (
     DamagedSampleError,
     DamageRegistry,
+    DataConfigError,
     ErrorBudget,
+    ShardsNotFoundError,
     TooManyBadSamplesError,
     UnsafeEntryError,
 )
@@ -71,26 +73,26 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         if os.path.isdir(item):
             found = sorted(glob.glob(os.path.join(item, "*.tar")))
             if not found:
-                raise FileNotFoundError(f"folder {item} holds no *.tar shards")
+                raise ShardsNotFoundError(f"folder {item} holds no *.tar shards")
             shards.extend(found)
             continue
         for path in braceexpand.braceexpand(item):
             if any(c in path for c in "*?["):
                 matches = sorted(glob.glob(path))
                 if not matches:
-                    raise FileNotFoundError(f"no shard matches {path!r} (from {item!r})")
+                    raise ShardsNotFoundError(f"no shard matches {path!r} (from {item!r})")
                 shards.extend(matches)
             elif not os.path.isfile(path):
-                raise FileNotFoundError(f"shard {path} (from {item!r}) does not exist")
+                raise ShardsNotFoundError(f"shard {path} (from {item!r}) does not exist")
             else:
                 shards.append(path)
     if not shards:
-        raise FileNotFoundError(f"no shards in {spec!r}")
+        raise ShardsNotFoundError(f"no shards in {spec!r}")
     for folder in sorted({os.path.dirname(os.path.abspath(s)) for s in shards}):
         for candidate in (folder, os.path.dirname(folder)):  # a split folder (train/) inside an import
             problem = incomplete_folder_error(candidate)
             if problem is not None:
-                raise ValueError(problem)
+                raise DataConfigError(problem)
     return shards
 
 

@@ -44,6 +44,13 @@ def camera_rays(intrinsics: Tensor, w2c: Tensor, height: int, width: int) -> tup
             f"w2c must be [..., 4, 4] with the batch shape of intrinsics {tuple(intrinsics.shape[:-1])}, "
             f"got {tuple(w2c.shape)}"
         )
+    with torch.autocast(w2c.device.type, enabled=False):
+        # Rays in the cameras' dtype even under mixed precision: autocast would run the rotation in bf16
+        # (directions off by ~1e-2) and hand the moment's cross product mixed dtypes.
+        return _camera_rays(intrinsics, w2c, height, width)
+
+
+def _camera_rays(intrinsics: Tensor, w2c: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     dtype, device = w2c.dtype, w2c.device
     v, u = torch.meshgrid(
         torch.arange(height, dtype=dtype, device=device) + 0.5,

@@ -38,6 +38,32 @@ def test_help_runs():
     assert "fit" in out.stdout and "predict" in out.stdout
 
 
+@pytest.mark.parametrize(
+    ("data_args", "message"),
+    [
+        ([], "DataConfigError: NVSDataModule: train_shards is not set: pass --data.train_shards=FOLDER"),
+        (
+            ["--data.train_shards={tmp}/x"],
+            "ShardsNotFoundError: shard {tmp}/x (from '{tmp}/x') does not exist",
+        ),
+        (["--data.train_shards={tmp}"], "ShardsNotFoundError: folder {tmp} holds no *.tar shards"),
+    ],
+)
+def test_data_options_naming_nothing_usable_end_in_one_line(tmp_path, data_args, message):
+    """A user who forgot or mistyped the shard folder reads what to pass, not a 40-line traceback."""
+    args = [a.format(tmp=tmp_path) for a in data_args]
+    out = subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", "configs/nvs/tiny.yaml", *args,
+         f"--trainer.default_root_dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {message.format(tmp=tmp_path)}"), (
+        out.stderr
+    )
+    assert "Traceback" not in out.stderr
+
+
 def test_resume_from_last_continues_the_same_run(tmp_path):
     root = str(tmp_path / "run")
     train.main(["fit", *BORING, f"--trainer.default_root_dir={root}", "--trainer.max_steps=3"])

@@ -70,6 +70,18 @@ def test_plucker_channels_are_origin_direction_moment():
     torch.testing.assert_close(rays[:, 3:6].norm(dim=1), torch.ones(3, 12, 16))
 
 
+def test_rays_keep_the_cameras_precision_under_mixed_precision():
+    """Under bf16 autocast (`trainer.precision: bf16-mixed`) the rays are computed exactly as without it: the
+    rotation is not run in bf16 and the moment's cross product does not meet mixed dtypes."""
+    eyes = sphere_eyes(3, 2.0)
+    w2c = look_at(eyes, torch.zeros_like(eyes), Z_UP.expand_as(eyes))
+    intrinsics = torch.tensor([30.0, 30.0, 8.0, 6.0]).expand(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = plucker_rays(intrinsics, w2c, 12, 16)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plucker_rays(intrinsics, w2c, 12, 16), rtol=0, atol=0)
+
+
 def test_camera_to_world_inverts_and_centres_match():
     eyes = sphere_eyes(5, 3.0)
     w2c = look_at(eyes, torch.zeros_like(eyes), Z_UP.expand_as(eyes))

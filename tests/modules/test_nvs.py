@@ -144,6 +144,22 @@ def test_validation_logs_metrics_and_the_image_grid(tmp_path):
     assert (image.height, image.width) == (2 + 2 * 18, 2 + 7 * 18)
 
 
+def test_bf16_mixed_trains_and_scores_in_fp32(tmp_path):
+    """`trainer.precision: bf16-mixed` (the paper configs) runs a training step, and the held-out scores do
+    not depend on it: the nearest-view baseline (no network involved) scores the same as in fp32."""
+    torch.manual_seed(0)
+    module = NVSModule(net=TINY, optim=nvs_optim())
+    quiet_trainer(tmp_path, precision="bf16-mixed", max_steps=1).fit(module, loader(1))
+    scores = {}
+    for precision in ("32-true", "bf16-mixed"):
+        run = quiet_trainer(tmp_path, precision=precision)
+        run.test(module, loader(2), verbose=False)
+        scores[precision] = {k: float(v) for k, v in run.callback_metrics.items()}
+    for name in ("test/psnr_nearest_view", "test/ssim_nearest_view"):
+        assert scores["bf16-mixed"][name] == pytest.approx(scores["32-true"][name], abs=1e-6), name
+    assert math.isfinite(scores["bf16-mixed"]["test/ssim"])
+
+
 def test_nearest_input_view_copies_the_closest_camera():
     batch = make_batch(0, batch=1, inputs=3, targets=1)
     centres = torch.linalg.inv(torch.cat([batch["input_w2c"], batch["target_w2c"]], dim=1))[0, :, :3, 3]
