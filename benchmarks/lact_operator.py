@@ -2,6 +2,7 @@
 
     python benchmarks/lact_operator.py [--quick] [--threads N] [--dtype float32|bfloat16]
     python benchmarks/lact_operator.py --backward [--lengths 8192 32768 57344] [--threads 1] [--rounds 2]
+        [--malloc keep|default]
 
 Prints one markdown table per section:
   1. matmul peak (same dtype and thread count), the reference every percentage below divides by;
@@ -14,7 +15,9 @@ nodes, the updates keeping their G, U, P): forward+backward time and peak memory
 (chunk 2048, 4 heads, d = h = 128, momentum on, Muon off and "schedule"), each measurement in a fresh
 subprocess (peak resident memory only grows within a process), the variants alternating over --rounds
 rounds, and the matmul utilisation of forward+backward relative to the forward's, measured in the same
-subprocess (forward alone under no_grad, alternating with forward+backward).
+subprocess (forward alone under no_grad, alternating with forward+backward). Forward+backward backpropagates a
+fixed upstream gradient of the output (no loss of its own); --malloc keep runs the subprocesses with glibc's
+malloc thresholds fixed (see MALLOC).
 
 Matmul FLOPs, counted from the shapes (B = batch x heads rows, L tokens, chunks of C, n_c = ceil(L / C),
 n_u = n_c - 1 updates since the last chunk only reads, d = head dim, h = hidden width):
@@ -100,6 +103,13 @@ def operator_inputs(length: int, dtype: torch.dtype, requires_grad: bool):
     return tensors + lrs
 
 
+def upstream_gradient(length: int, dtype: torch.dtype) -> torch.Tensor:
+    """A fixed gradient for the operator's output [HEADS, L, d], made once: forward+backward is the operator's
+    alone. (A scalar loss such as out.square().mean() adds its own forward and backward over the whole
+    output, about 0.2 s of fresh 64 MiB buffers at 32K on the development CPU, 9% of the step.)"""
+    return torch.randn(HEADS, length, HEAD_DIM, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
 def operator_flops(length: int, chunk: int, muon: bool) -> float:
     """Forward matmul FLOPs of causal_lact on HEADS rows (the formula of this module's docstring): apply 6dhL
     on every token, update 12dhC on every chunk but the last (apply-only), and with Muon 5 (4 m^2 n + 2 m^3)
@@ -115,11 +125,12 @@ def operator_flops(length: int, chunk: int, muon: bool) -> float:
 
 def run_operator(length, chunk, dtype, muon, backward):
     inputs = operator_inputs(length, dtype, requires_grad=backward)
+    grad_out = upstream_gradient(length, dtype)
 
     def step():
         out = causal_lact(*inputs, chunk_size=chunk, muon=muon)
         if backward:
-            out.float().square().mean().backward()
+            out.backward(grad_out)
 
     return step
 
@@ -128,18 +139,19 @@ BACKWARD_STEP = textwrap.dedent(
     """
     import json, resource, sys, time, torch
     sys.path.insert(0, sys.argv[1])
-    from benchmarks.lact_operator import operator_inputs
+    from benchmarks.lact_operator import operator_inputs, upstream_gradient
     from lact.ops import causal_lact, set_lean_backward
     length, mode, muon, threads = int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4] or None, int(sys.argv[5])
     torch.set_num_threads(threads)
     set_lean_backward(mode)
     inputs = operator_inputs(length, torch.float32, requires_grad=True)
     momentum = torch.full((inputs[0].shape[0], length, 1), 0.5, requires_grad=True)
+    grad_out = upstream_gradient(length, torch.float32)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     wall, cpu, fwd_wall, fwd_cpu = [], [], [], []
     for _ in range(3):  # the first run sets the peak; the best of the three is the time
         start, start_cpu = time.perf_counter(), time.process_time()
-        causal_lact(*inputs, chunk_size=2048, momentum=momentum, muon=muon).square().mean().backward()
+        causal_lact(*inputs, chunk_size=2048, momentum=momentum, muon=muon).backward(grad_out)
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
         for t in [*inputs, momentum]:
@@ -160,40 +172,55 @@ BACKWARD_STEP = textwrap.dedent(
 BACKWARDS = (("autograd", False), ("lean", True), ("keep", "keep"), ("keep_all", "keep_all"))
 
 
-def measure_backward(length: int, mode: bool | str, muon: str | None, threads: int) -> dict:
+# glibc malloc returns freed blocks to the OS (blocks above a threshold that starts at 128 KiB and at most 32 MiB
+# always; the top of the heap past a trim threshold) and page-faults them in again at the next allocation: on the
+# development VM that is 2-8 us per 4 KiB page, so a fresh [4, 2048, 128] fp32 buffer costs 2-8 ms against ~1 ms
+# for the product written into it, and the backward allocates more fresh buffers per matmul than the forward.
+# "keep" fixes the thresholds (glibc's documented environment variables): blocks up to 32 MiB come from a heap
+# that is never trimmed, which is what jemalloc/tcmalloc (PyTorch's CPU tuning advice) and the CUDA caching
+# allocator give. Blocks above 32 MiB (the [4, L, 128] inputs' gradients) still fault in either setting.
+MALLOC = {
+    "default": {},
+    "keep": {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)},
+}
+
+
+def measure_backward(length: int, mode: bool | str, muon: str | None, threads: int, malloc: str) -> dict:
     """Forward+backward time (s) and peak memory growth (MiB) of causal_lact in a fresh process, under
-    set_lean_backward(mode)."""
+    set_lean_backward(mode), with the malloc settings MALLOC[malloc]."""
     root = str(Path(__file__).resolve().parents[1])
     out = subprocess.run(
         [sys.executable, "-c", BACKWARD_STEP, root, str(length), json.dumps(mode), muon or "", str(threads)],
         check=True,
         capture_output=True,
         text=True,
-        env={"OMP_NUM_THREADS": str(threads), "PATH": ""},
+        env={"OMP_NUM_THREADS": str(threads), "PATH": "", **MALLOC[malloc]},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def best_of_rounds(length: int, muon: str | None, threads: int, rounds: int) -> dict[str, dict]:
+def best_of_rounds(length: int, muon: str | None, threads: int, rounds: int, malloc: str) -> dict[str, dict]:
     """Every backward of BACKWARDS measured `rounds` times, alternating (forward order in even rounds,
     reversed in odd ones, so no variant always runs first after another's process): per backward the least
     time of each kind (other jobs only add time) and the largest peak."""
     results: dict[str, list[dict]] = {name: [] for name, _ in BACKWARDS}
     for r in range(rounds):
         for name, mode in BACKWARDS if r % 2 == 0 else BACKWARDS[::-1]:
-            results[name].append(measure_backward(length, mode, muon, threads))
+            results[name].append(measure_backward(length, mode, muon, threads, malloc))
     return {
         name: {key: (max if key == "peak_mib" else min)(run[key] for run in runs) for key in runs[0]}
         for name, runs in results.items()
     }
 
 
-def backward_section(lengths: list[int], threads: int, rounds: int, muons: list[str | None]) -> None:
+def backward_section(
+    lengths: list[int], threads: int, rounds: int, muons: list[str | None], malloc: str
+) -> None:
     names = [name for name, _ in BACKWARDS]
     rows, util_rows = [], []
     for muon in muons:
         for n in lengths:
-            res = best_of_rounds(n, muon, threads, rounds)
+            res = best_of_rounds(n, muon, threads, rounds, malloc)
             auto = res["autograd"]
             rows.append(
                 ["on" if muon else "off", str(n)]
@@ -219,7 +246,7 @@ def backward_section(lengths: list[int], threads: int, rounds: int, muons: list[
     print(
         f"\nbackwards of causal_lact fwd+bwd (autograd; lean = set_lean_backward(True); keep, keep_all = "
         f'set_lean_backward("keep"), ("keep_all")), fp32, chunk 2048, {HEADS} heads, d=h={HEAD_DIM}, momentum on, '
-        f"{threads} thread(s), best of {rounds} alternating rounds; times in s of process CPU time (wall in "
+        f"{threads} thread(s), malloc {malloc}, best of {rounds} alternating rounds; times in s of process CPU time (wall in "
         "brackets), which other jobs on a shared machine disturb less than wall time; peak = largest growth "
         "of the maximum resident set\n"
     )
@@ -256,10 +283,16 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 57344])
     parser.add_argument("--rounds", type=int, default=2, help="--backward: alternating rounds per variant")
     parser.add_argument("--muon", nargs="+", default=["off", "on"], choices=["off", "on"], help="--backward")
+    parser.add_argument(
+        "--malloc",
+        default="default",
+        choices=sorted(MALLOC),
+        help="--backward: glibc malloc thresholds of the measuring processes (see MALLOC)",
+    )
     args = parser.parse_args()
     if args.backward:
         muons = [None if m == "off" else "schedule" for m in args.muon]
-        backward_section(args.lengths, args.threads, args.rounds, muons)
+        backward_section(args.lengths, args.threads, args.rounds, muons, args.malloc)
         return
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
