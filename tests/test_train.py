@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from lightning.pytorch import Callback
 
 import train
+from datamodules.errors import DataConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 BORING = [
@@ -39,28 +41,32 @@ def test_help_runs():
 
 
 @pytest.mark.parametrize(
-    ("data_args", "message"),
+    ("data_args", "error"),
     [
-        ([], "DataConfigError: NVSDataModule: train_shards is not set: pass --data.train_shards=FOLDER"),
-        (
-            ["--data.train_shards={tmp}/x"],
-            "ShardsNotFoundError: shard {tmp}/x (from '{tmp}/x') does not exist",
-        ),
-        (["--data.train_shards={tmp}"], "ShardsNotFoundError: folder {tmp} holds no *.tar shards"),
+        ([], "NVSDataModule: train_shards is not set: pass --data.train_shards=FOLDER"),
+        (["--data.train_shards={tmp}/x"], "shard {tmp}/x (from '{tmp}/x') does not exist"),
+        (["--data.train_shards={tmp}"], "folder {tmp} holds no *.tar shards"),
     ],
 )
-def test_data_options_naming_nothing_usable_end_in_one_line(tmp_path, data_args, message):
-    """A user who forgot or mistyped the shard folder reads what to pass, not a 40-line traceback."""
+def test_data_options_naming_nothing_usable_are_data_config_errors(tmp_path, data_args, error):
+    """Forgotten or mistyped shard folders raise DataConfigError, which train.py prints as one line."""
     args = [a.format(tmp=tmp_path) for a in data_args]
+    with pytest.raises(DataConfigError, match=re.escape(error.format(tmp=tmp_path))):
+        train.main(
+            ["fit", "--config", "configs/nvs/tiny.yaml", *args, f"--trainer.default_root_dir={tmp_path}/run"]
+        )
+
+
+def test_user_errors_end_train_py_in_one_line(tmp_path):
+    """A user who forgot the shard folder reads what to pass, not a 40-line traceback."""
     out = subprocess.run(
-        [sys.executable, "train.py", "fit", "--config", "configs/nvs/tiny.yaml", *args,
+        [sys.executable, "train.py", "fit", "--config", "configs/nvs/tiny.yaml",
          f"--trainer.default_root_dir={tmp_path / 'run'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {message.format(tmp=tmp_path)}"), (
-        out.stderr
-    )
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: DataConfigError: NVSDataModule: train_shards is not set"), out.stderr
     assert "Traceback" not in out.stderr
 
 
