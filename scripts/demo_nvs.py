@@ -27,6 +27,7 @@ import torch
 import yaml
 from nvs_eval import (
     ROOT,
+    add_run_options,
     apply_overrides,
     fit_within,
     load_net,
@@ -34,6 +35,7 @@ from nvs_eval import (
     print_summary,
     render,
     run,
+    run_folder,
     test_scores,
     write_grid,
     write_turntable,
@@ -92,24 +94,9 @@ def generate_data(out: Path, splits: list[str]) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=10.0, help="training time limit (default 10)")
-    parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads (0: the faster of 1 and all cores)"
-    )
-    parser.add_argument("--skip-train", action="store_true", help="evaluate the existing checkpoint only")
-    parser.add_argument(
-        "--out", default=OUT, help=f"output folder (default {OUT}); e.g. to run two variants side by side"
-    )
-    parser.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        help="a train.py option for fit, predict and test, e.g. --override=--model.init_args.net.colour_values=true",
-    )
+    add_run_options(parser, OUT, "fit, predict and test")
     args = parser.parse_args(argv)
-    out = ROOT / args.out
-    if args.out != OUT:  # every path of the config derives from the run directory
-        args.override.insert(0, f"--trainer.default_root_dir={out / 'run'}")
+    out = run_folder(args, OUT)
     config = apply_overrides(yaml.safe_load((ROOT / CONFIG).read_text()), args.override)
     data_args = config["data"]["init_args"]
     generate_data(out, used_splits(data_args))

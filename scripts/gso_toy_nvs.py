@@ -29,6 +29,7 @@ import torch
 import yaml
 from nvs_eval import (
     ROOT,
+    add_run_options,
     apply_overrides,
     fit_within,
     load_net,
@@ -36,6 +37,7 @@ from nvs_eval import (
     print_summary,
     render,
     run,
+    run_folder,
     test_scores,
     write_turntable,
 )
@@ -82,31 +84,16 @@ def main(argv=None) -> None:
         "--source", default=str(ROOT.parent / "shared" / "data" / "gso_toy"), help="camera-JSON folder"
     )
     parser.add_argument("--size", type=int, default=64, help="image height = width (64 or 128)")
-    parser.add_argument("--minutes", type=float, default=10.0, help="training time limit (default 10)")
-    parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads (0: the faster of 1 and all cores)"
-    )
-    parser.add_argument("--skip-train", action="store_true", help="evaluate the existing checkpoint only")
+    add_run_options(parser, OUT, "fit and test")
     parser.add_argument(
         "--ckpt",
         default=None,
         help="with --skip-train: the checkpoint to evaluate (default <out>/run/checkpoints/last.ckpt)",
     )
-    parser.add_argument(
-        "--out", default=OUT, help=f"output folder (default {OUT}); e.g. to run two variants side by side"
-    )
-    parser.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        help="a train.py option for fit and test, e.g. --override=--model.init_args.net.colour_values=true",
-    )
     args = parser.parse_args(argv)
     if args.ckpt and not args.skip_train:
         raise SystemExit("--ckpt names a checkpoint to evaluate: pass --skip-train with it")
-    source, out = Path(args.source), ROOT / args.out
-    if args.out != OUT:  # every path of the config derives from the run directory
-        args.override.insert(0, f"--trainer.default_root_dir={out / 'run'}")
+    source, out = Path(args.source), run_folder(args, OUT)
     if not (source / "opencv_cameras.json").is_file():
         raise SystemExit(
             f"{source}/opencv_cameras.json not found: pass --source <folder with the gso_toy renders>"

@@ -55,6 +55,36 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
     return config
 
 
+def add_run_options(parser, default_out: str, commands: str) -> None:
+    """The options both NVS scripts take: time limit, threads, evaluation only, output folder and train.py
+    options for `commands` (e.g. "fit and test"). `run_folder(args, default_out)` applies --out."""
+    parser.add_argument("--minutes", type=float, default=10.0, help="training time limit (default 10)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: the faster of 1 and all cores)"
+    )
+    parser.add_argument("--skip-train", action="store_true", help="evaluate the existing checkpoint only")
+    parser.add_argument(
+        "--out",
+        default=default_out,
+        help=f"output folder (default {default_out}); e.g. to run two variants side by side",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help=f"a train.py option for {commands}, e.g. --override=--model.init_args.net.colour_values=true",
+    )
+
+
+def run_folder(args, default_out: str) -> Path:
+    """The output folder of `args.out`. Every path of the configs derives from the run directory, so another
+    folder than the default moves it there (an override put first, so the user's own ones still win)."""
+    out = ROOT / args.out
+    if args.out != default_out:
+        args.override.insert(0, f"--trainer.default_root_dir={out / 'run'}")
+    return out
+
+
 def fit_within(config: str, minutes: float, step_seconds: float, threads: int, extra: list[str]) -> None:
     """`train.py fit --config config` capped at `minutes` of wall time. With the config's `optim.schedule:
     time` the cosine runs over those minutes, however fast the steps are. Otherwise (steps) it is sized from

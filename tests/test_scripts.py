@@ -115,6 +115,26 @@ def test_script_overrides_reach_what_the_scripts_measure():
         apply_overrides(config, ["--trainer.max_steps.x=1"])
 
 
+def test_out_moves_the_run_directory_and_user_overrides_still_win():
+    """Both NVS scripts parse the same options; --out elsewhere than the default moves the run directory
+    (every config path derives from it), put before the user's overrides so that theirs are applied last."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from nvs_eval import add_run_options, run_folder
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    parser = argparse.ArgumentParser()
+    add_run_options(parser, "outputs/demo", "fit and test")
+    args = parser.parse_args([])
+    assert run_folder(args, "outputs/demo") == ROOT / "outputs/demo" and args.override == []
+    mine = "--trainer.default_root_dir=/elsewhere"
+    args = parser.parse_args(["--out", "outputs/b", f"--override={mine}", "--minutes", "2"])
+    assert run_folder(args, "outputs/demo") == ROOT / "outputs/b" and args.minutes == 2.0
+    assert args.override == [f"--trainer.default_root_dir={ROOT / 'outputs/b/run'}", mine]
+
+
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat")
 def test_busy_cores_sees_other_jobs_now():
     """The NVS scripts pick one torch thread when other jobs keep the cores busy: a process spinning on one
