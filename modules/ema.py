@@ -2,7 +2,7 @@
 
 After every optimizer step that changed the weights: ema <- decay * ema + (1 - decay) * weight, for every floating-point parameter and
 buffer of `pl_module.net`, kept in fp32 (a DTensor shard under FSDP2: each rank averages its own shard).
-Validation and predict run with the averaged weights swapped in, and the training weights are swapped back
+Validation, test and predict run with the averaged weights swapped in, and the training weights are swapped back
 afterwards, so a task needs no EMA code of its own. The average is saved in checkpoints and restored on resume
 instead of being restarted from the weights:
 - a single-file checkpoint keeps it in the callback's state (plain tensors; under FSDP2 with
@@ -34,7 +34,7 @@ class EMA(Callback):
     """Args:
     decay: weight of the old average per step (0.999: an average over roughly the last 1000 steps).
     start_step: steps before which the average just copies the weights (the early weights are noise).
-    validate: run validation with the averaged weights; predict always uses them.
+    validate: run validation with the averaged weights; test and predict always use them.
     """
 
     def __init__(self, decay: float = 0.999, start_step: int = 0, validate: bool = True):
@@ -129,6 +129,12 @@ class EMA(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         self.swap_out(pl_module)
 
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.swap_in(pl_module)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.swap_out(pl_module)
+
     def on_predict_start(self, trainer, pl_module) -> None:
         self.swap_in(pl_module)
 
@@ -174,3 +180,13 @@ class EMA(Callback):
             self._sharded_source = Path(path)  # read in ensure(), once the network is sharded
             return
         self._loaded = dict(state_dict["averages"])
+
+
+def averaged_weights(checkpoint: dict) -> dict[str, Tensor] | None:
+    """The EMA callback's averages of the network's tensors in a single-file Lightning checkpoint (loaded with
+    torch.load), keyed like `pl_module.net`'s state dict, or None when the run had no EMA callback. For
+    scripts that build the network from a checkpoint without a Trainer; they then see what predict sees."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith("EMA") and state.get("averages"):
+            return dict(state["averages"])
+    return None

@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:  # scripts/ run as files: make the suite's package
 from lact.geometry import orbit_cameras  # noqa: E402
 from lact.models.nvs import NVSConfig, NVSNet  # noqa: E402
 from lact.nn import compile_blocks  # noqa: E402
+from modules.ema import averaged_weights  # noqa: E402
 from modules.nvs import nearest_input_view  # noqa: E402
 from modules.nvs_outputs import image_grid, save_gif, save_png, to_uint8  # noqa: E402
 
@@ -110,12 +111,12 @@ def fit_within(config: str, minutes: float, step_seconds: float, threads: int, e
 
 
 def load_net(checkpoint: Path) -> tuple[NVSNet, int]:
-    """(the network of a Lightning checkpoint in eval mode, its global step), loaded with weights_only=True."""
+    """(the network of a Lightning checkpoint in eval mode, its global step), loaded with weights_only=True;
+    with the EMA callback's averaged weights when the run had one (what `train.py test` and predict use)."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     net = NVSNet(NVSConfig(**ckpt["hyper_parameters"]["net"]))
-    net.load_state_dict(
-        {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    )
+    weights = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict({**weights, **(averaged_weights(ckpt) or {})})
     return net.eval(), int(ckpt["global_step"])
 
 

@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader
 
 from lact.models.lm import LMConfig
-from modules.ema import EMA
+from modules.ema import EMA, averaged_weights
 from modules.lm import LMModule
 from modules.mlm import MaskedLMModule
 from modules.nvs import NVSModule
@@ -235,6 +235,39 @@ def test_the_ema_of_the_weights_ignores_a_skipped_step():
     before, skipped, after = record.averages[1], record.averages[2], record.averages[3]
     assert all(torch.equal(skipped[n], before[n]) for n in before)  # the skipped step left it alone
     assert any(not torch.equal(after[n], skipped[n]) for n in before)  # the next good step moved it
+
+
+class WeightsSeen(Callback):
+    """The network's weights when each test batch starts (after every callback's on_test_start)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.seen.append({n: p.detach().clone() for n, p in pl_module.net.named_parameters()})
+
+
+def test_test_scores_the_averaged_weights_and_scripts_read_them_from_the_checkpoint(tmp_path):
+    """`train.py test` scores what predict renders (the EMA averages), the training weights come back
+    afterwards, and a script building the network from the checkpoint file gets the same averages."""
+    torch.manual_seed(0)
+    module = build("nvs", OptimConfig(lr=1e-2, warmup_steps=0))
+    ema, seen = EMA(decay=0.5), WeightsSeen()
+    trainer = quiet_trainer(max_steps=3, callbacks=[ema, seen], default_root_dir=tmp_path)
+    trainer.fit(module, batches("nvs", 3))
+    trained = {n: p.detach().clone() for n, p in module.net.named_parameters()}
+    assert any(not torch.equal(trained[n], ema.averages[n]) for n in trained)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    trainer.test(module, batches("nvs", 1), verbose=False)
+    assert all(torch.equal(seen.seen[0][n], ema.averages[n]) for n in trained)
+    assert all(torch.equal(p, trained[n]) for n, p in module.net.named_parameters())
+    averages = averaged_weights(torch.load(tmp_path / "last.ckpt", weights_only=True))
+    assert averages.keys() >= trained.keys()
+    assert all(torch.equal(averages[n], ema.averages[n]) for n in trained)
+    plain = quiet_trainer(max_steps=1, default_root_dir=tmp_path / "plain")
+    plain.fit(build("nvs", OptimConfig()), batches("nvs", 1))
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    assert averaged_weights(torch.load(tmp_path / "plain.ckpt", weights_only=True)) is None
 
 
 def test_too_many_consecutive_skips_stop_the_run_naming_the_field():
