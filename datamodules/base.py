@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
 
 from datamodules.errors import DamageRegistry, DataConfigError
 from datamodules.readers import (
@@ -28,6 +29,20 @@ from datamodules.readers import (
     video_dataset,
 )
 from datamodules.shards import ShardReader
+
+
+class StepPositionedLoader(DataLoader):
+    """A training loader over generated data whose batch n is a pure function of (seed, n), placed by its
+    DataModule at the batches already consumed (global step x accumulation) whenever a pass starts: a resumed
+    run continues the stream, and a checkpoint needs no loader state. Lightning's stateful-loader interface is
+    implemented with that empty state so that resuming in the middle of an epoch (always, with these endless
+    epochs) does not warn that the data would not resume."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def check_sizes(owner: str, minimum: int = 1, **fields) -> None:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from datamodules.base import check_sizes
+from datamodules.base import StepPositionedLoader, check_sizes
 
 IGNORE = -100
 TRAIN, VAL = 0, 1
@@ -108,7 +108,7 @@ class MQARStream(IterableDataset):
             yield mqar_sample(self.seed, TRAIN, index, **self.task)
 
 
-class StepAlignedLoader(DataLoader):
+class StepAlignedLoader(StepPositionedLoader):
     """Sets the stream's start to `start_fn()` (samples already consumed) each time a pass begins."""
 
     def __init__(self, dataset: MQARStream, start_fn, **kwargs):

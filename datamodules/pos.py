@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import check_sizes
+from datamodules.base import StepPositionedLoader, check_sizes
 from datamodules.shards import seeded_generator
 
 PAD, MASK, COP = 0, 1, 2
@@ -254,7 +254,7 @@ class POSDataModule(LightningDataModule):
         if self.trainer is not None:
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
         data = _GeneratedBatches(self.sampler, self.batch_size, self.seed, self.num_batches, start)
-        return DataLoader(data, batch_size=None, shuffle=False)
+        return StepPositionedLoader(data, batch_size=None, shuffle=False)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [

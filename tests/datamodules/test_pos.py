@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from datamodules.pos import (
     COP,
@@ -18,6 +21,8 @@ from datamodules.pos import (
     seeded_generator,
     zipf_probs,
 )
+from modules.mlm import MaskedLMModule
+from tests.lightning_helpers import quiet_trainer
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +126,35 @@ def test_bad_sizes_are_named():
         PosVocab.build(50, 1.5, 10, 0)
     with pytest.raises(ValueError, match="kind='nope'"):
         PosSampler(PosVocab.build(50, 0.1, 10, 0), 1.0).sample("nope", 2, seeded_generator(0))
+
+
+class SeenBatches(Callback):
+    def __init__(self):
+        self.ids = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ids.append(batch["input_ids"].clone())
+
+
+def test_a_run_resumed_mid_epoch_continues_the_stream_without_warning(tmp_path):
+    """The generated stream's epochs never end, so every resume is mid-epoch: the resumed run must see the
+    batches the uninterrupted one saw, and Lightning must not warn that the loader cannot resume."""
+
+    def fit(max_steps: int, ckpt=None):
+        torch.manual_seed(0)
+        data = POSDataModule(class_size=20, holdout_size=4, batch_size=4, eval_size=4)
+        net = {"vocab_size": data.vocab_size, "dim": 16, "depth": 1, "num_heads": 2, "max_len": 8}
+        seen = SeenBatches()
+        trainer = quiet_trainer(tmp_path, max_steps=max_steps, limit_val_batches=0, callbacks=[seen])
+        trainer.fit(MaskedLMModule(net), datamodule=data, ckpt_path=ckpt)
+        return trainer, seen.ids
+
+    _, uninterrupted = fit(5)
+    first, _ = fit(3)
+    first.save_checkpoint(tmp_path / "step3.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, resumed = fit(5, tmp_path / "step3.ckpt")
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+    assert len(resumed) == 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[3:], strict=True))
