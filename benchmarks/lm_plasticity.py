@@ -20,7 +20,7 @@ Writes ``<out>/lm_plasticity.png`` (pretraining and re-learning validation loss)
 Each process runs on one CPU thread; ``--jobs`` arms at a time.
 
 Usage:
-    .venv/bin/python benchmarks/lm_plasticity.py [--seeds 0 1 2] [--pretrain-steps 700] [--every-k 60]
+    .venv/bin/python benchmarks/lm_plasticity.py [--seeds 0 1 2] [--pretrain-steps 3000] [--every-k 100]
         [--relearn-steps 300] [--relearn-lr 3e-3] [--thresholds 3.0 2.8 2.7] [--jobs 2] [--out DIR]
         [--reuse-pretrain] [--embedding-start fresh|pretrained] [--plot-only]
 """
@@ -308,8 +308,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--pretrain-steps", type=int, default=700)
-    p.add_argument("--every-k", type=int, default=60, help="K of active forgetting in pretraining")
+    p.add_argument("--pretrain-steps", type=int, default=3000)
+    p.add_argument("--every-k", type=int, default=100, help="K of active forgetting in pretraining")
     p.add_argument("--relearn-steps", type=int, default=300)
     p.add_argument("--relearn-lr", type=float, default=3e-3)
     p.add_argument("--relearn-warmup", type=int, default=10)
