@@ -31,6 +31,12 @@ from datamodules.readers import (
 from datamodules.shards import ShardReader
 
 
+def consumed_batches(trainer) -> int:
+    """Training batches a run has consumed (optimizer steps x gradient accumulation); 0 without a trainer.
+    Where the generated-data loaders resume their stream."""
+    return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
+
+
 class StepPositionedLoader(DataLoader):
     """A training loader over generated data whose batch n is a pure function of (seed, n), placed by its
     DataModule at the batches already consumed (global step x accumulation) whenever a pass starts: a resumed

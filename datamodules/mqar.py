@@ -22,7 +22,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from datamodules.base import StepPositionedLoader, check_sizes
+from datamodules.base import StepPositionedLoader, check_sizes, consumed_batches
 
 IGNORE = -100
 TRAIN, VAL = 0, 1
@@ -153,12 +153,6 @@ class MQARDataModule(LightningDataModule):
         self.batch_size, self.batches_per_epoch, self.val_samples = batch_size, batches_per_epoch, val_samples
         self.seed, self.num_workers = seed, num_workers
 
-    def _consumed_batches(self) -> int:
-        trainer = self.trainer
-        if trainer is None:
-            return 0
-        return trainer.global_step * trainer.accumulate_grad_batches
-
     def train_dataloader(self) -> DataLoader:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         stream = MQARStream(
@@ -166,7 +160,7 @@ class MQARDataModule(LightningDataModule):
         )
         return StepAlignedLoader(
             stream,
-            lambda: self._consumed_batches() * self.batch_size,
+            lambda: consumed_batches(self.trainer) * self.batch_size,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
         )

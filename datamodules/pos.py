@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import StepPositionedLoader, check_sizes
+from datamodules.base import StepPositionedLoader, check_sizes, consumed_batches
 from datamodules.shards import seeded_generator
 
 PAD, MASK, COP = 0, 1, 2
@@ -250,9 +250,7 @@ class POSDataModule(LightningDataModule):
         return self.vocab.holdout
 
     def train_dataloader(self) -> DataLoader:
-        start = 0
-        if self.trainer is not None:
-            start = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        start = consumed_batches(self.trainer)
         data = _GeneratedBatches(self.sampler, self.batch_size, self.seed, self.num_batches, start)
         return StepPositionedLoader(data, batch_size=None, shuffle=False)
 
