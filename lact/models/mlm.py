@@ -30,23 +30,31 @@ class MaskedLMConfig:
     embed_std: float = 1.0
     tie_embeddings: bool = True
     dropout: float = 0.0
+    layout: str = "prenorm"
+
+
+LAYOUTS = ("prenorm", "bert")
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm transformer block: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``, bidirectional attention.
+    """Transformer block with bidirectional attention, pre-norm ``x + Attn(LN(x))`` then
+    ``x + MLP(LN(x))``, or post-norm (BERT's) ``LN(x + Attn(x))`` then ``LN(x + MLP(x))``.
 
     Args:
         dim: model width D.
         num_heads: attention heads (D must be divisible by it).
         mlp_ratio: hidden width of the MLP as a multiple of D.
         dropout: probability of dropping attention weights and each branch's output in training (BERT's).
+        postnorm: normalise after each residual sum instead of before each branch.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int = 4, dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: int = 4, dropout: float = 0.0, postnorm: bool = False
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        self.num_heads, self.dropout = num_heads, dropout
+        self.num_heads, self.dropout, self.postnorm = num_heads, dropout, postnorm
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -56,16 +64,25 @@ class EncoderBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, L, D] -> [B, L, D]."""
         b, l, d = x.shape
-        heads = self.num_heads
-        q, k, v = self.qkv(self.norm1(x)).view(b, l, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-        p = self.dropout if self.training else 0.0
+        heads, p = self.num_heads, (self.dropout if self.training else 0.0)
+        pre1, pre2 = (nn.Identity(), nn.Identity()) if self.postnorm else (self.norm1, self.norm2)
+        q, k, v = self.qkv(pre1(x)).view(b, l, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # [B, heads, L, D/heads], no mask: encoder
         x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(b, l, d)), p, self.training)
-        return x + F.dropout(self.mlp(self.norm2(x)), p, self.training)
+        x = self.norm1(x) if self.postnorm else x
+        x = x + F.dropout(self.mlp(pre2(x)), p, self.training)
+        return self.norm2(x) if self.postnorm else x
 
 
 class MaskedLMEncoder(nn.Module):
-    """Token embedding + learned positions -> pre-norm blocks -> LayerNorm -> tied output projection.
+    """Token embedding + learned positions -> blocks -> tied output projection, in one of two layouts:
+
+    - ``prenorm``: pre-norm blocks, then a LayerNorm before the output projection.
+    - ``bert``: the reference's BERT (surajK610/dual_process trains Hugging Face's BertForMaskedLM): a
+      LayerNorm on the summed embeddings, post-norm blocks, and BERT's MLM head: a Linear + GELU + LayerNorm
+      transform before the output projection, which carries a per-token output bias. The LayerNorm on the
+      embeddings makes what the blocks see independent of the token rows' overall scale; the tied output
+      logits still scale with each row's norm.
 
     Args:
         vocab_size: V, the number of token ids (specials, content and held-out tokens together).
@@ -80,6 +97,7 @@ class MaskedLMEncoder(nn.Module):
         dropout: training-time dropout of every block (attention weights and branch outputs); 0 = none.
         tie_embeddings: the output projection is the token embedding (default); False gives it its own
             ``[V, D]`` weight, drawn like the token embedding.
+        layout: ``prenorm`` (default) or ``bert``, see above.
     """
 
     def __init__(
@@ -94,16 +112,25 @@ class MaskedLMEncoder(nn.Module):
         embed_std: float = 1.0,
         tie_embeddings: bool = True,
         dropout: float = 0.0,
+        layout: str = "prenorm",
     ) -> None:
         super().__init__()
         if not 0 <= pad_id < vocab_size:
             raise ValueError(f"pad_id={pad_id} must be a token id in [0, vocab_size={vocab_size})")
-        self.init_std, self.embed_std = init_std, embed_std
+        if layout not in LAYOUTS:
+            raise ValueError(f"net.layout={layout!r}: expected one of {LAYOUTS}")
+        bert = layout == "bert"
+        self.init_std, self.embed_std, self.layout = init_std, embed_std, layout
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
         self.pos = nn.Parameter(torch.zeros(max_len, dim))
-        self.blocks = nn.ModuleList(EncoderBlock(dim, num_heads, dropout=dropout) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.embed_norm = nn.LayerNorm(dim) if bert else nn.Identity()
+        blocks = (EncoderBlock(dim, num_heads, dropout=dropout, postnorm=bert) for _ in range(depth))
+        self.blocks = nn.ModuleList(blocks)
+        # the input of the output projection: BERT's MLM transform, or the pre-norm stack's final LayerNorm
+        self.norm = (
+            nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim)) if bert else nn.LayerNorm(dim)
+        )
+        self.head = nn.Linear(dim, vocab_size, bias=bert)
         if tie_embeddings:
             self.head.weight = self.embed.weight  # tied: one Parameter, two uses
         self.tie_embeddings = tie_embeddings
@@ -116,6 +143,8 @@ class MaskedLMEncoder(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.pos, 0.0, self.init_std)
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
         with torch.no_grad():
             self.init_embedding_(self.embed.weight)
             self.embed.weight[self.embed.padding_idx].zero_()
@@ -134,7 +163,7 @@ class MaskedLMEncoder(nn.Module):
         """ids: [B, L] int64 token ids -> logits [B, L, V] (float, unnormalised)."""
         if ids.shape[1] > self.pos.shape[0]:
             raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len={self.pos.shape[0]}")
-        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        x = self.embed_norm(self.embed(ids) + self.pos[: ids.shape[1]])
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lact.models.mlm import MaskedLMEncoder
@@ -33,3 +34,30 @@ def test_dropout_acts_in_training_only():
     assert torch.equal(net(ids), net(ids))
     net.train()
     assert not torch.equal(net(ids), net(ids))
+
+
+def test_bert_layout_normalises_the_embeddings_and_every_block_output():
+    torch.manual_seed(0)
+    net = MaskedLMEncoder(vocab_size=40, dim=16, depth=2, num_heads=2, max_len=7, layout="bert")
+    ids = torch.randint(1, 40, (3, 7))
+    seen = []
+    for block in net.blocks:
+        block.register_forward_hook(lambda m, inp, out: seen.append(out))
+    net(ids).sum().backward()
+    assert net.head.bias.grad is not None
+    for out in seen:  # post-norm: LayerNorm (weight 1, bias 0 at init) is the last operation of each block
+        torch.testing.assert_close(out.mean(-1), torch.zeros(3, 7), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(3, 7), atol=1e-3, rtol=0)
+    # the LayerNorm on the summed embeddings: scaling every token row and the positions leaves the logits'
+    # input unchanged, so only the tied projection (and the output bias) sees the rows' scale
+    with torch.no_grad():
+        hidden = net.norm(net.blocks[-1](net.blocks[0](net.embed_norm(net.embed(ids) + net.pos))))
+        net.embed.weight.mul_(5.0)
+        net.pos.mul_(5.0)
+    torch.testing.assert_close(net(ids), hidden @ net.embed.weight.T + net.head.bias, atol=1e-4, rtol=1e-4)
+    assert net.head.weight is net.embed.weight and torch.count_nonzero(net.head.bias) == 0
+
+
+def test_unknown_layout_names_the_field():
+    with pytest.raises(ValueError, match="net.layout='postnorm'"):
+        MaskedLMEncoder(vocab_size=30, dim=16, depth=1, num_heads=2, layout="postnorm")
