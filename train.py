@@ -81,7 +81,10 @@ class LaCTCLI(LightningCLI):
             resolved = prepare_ckpt_path(self.config[subcommand])
         except CheckpointError as error:
             sys.exit(f"error: {error}")
-        super()._parse_ckpt_path()  # Lightning: an explicit file's hyperparameters replace the model's args
+        # Lightning's own step is left out on purpose: for an explicit checkpoint file it replaces the model's
+        # arguments with the checkpoint's hyperparameters, which would silently undo the config's sampler and
+        # optimisation settings (predict with more steps, resume with a lower lr). The check above has already
+        # made sure the config builds the checkpoint's network.
         self.config[subcommand]["ckpt_path"] = resolved
         # --- end resilience ---
 

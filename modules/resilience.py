@@ -50,8 +50,9 @@ PARTIAL_SUFFIX = ".partial"
 # Sharded (FSDP2 / torch.distributed.checkpoint) checkpoints are directories holding these two files.
 SHARDED_META = "meta.pt"  # Lightning's non-tensor state (loops, callbacks, hyper_parameters)
 SHARDED_INDEX = ".metadata"  # torch.distributed.checkpoint's index of the tensor shards
-# Hyperparameter groups that may change when a run is resumed (lower the lr after a divergence, ...).
-RESUMABLE_GROUPS = ("optim",)
+# Hyperparameter groups that may change when a run is resumed or a checkpoint is loaded (lower the lr after a
+# divergence, sample with another scheduler or step count, ...): they hold no network parameter.
+RESUMABLE_GROUPS = ("optim", "sampler")
 # Network-config fields that change how the network is computed, not its parameters.
 RUNTIME_FIELDS = ("activation_checkpointing", "compile")
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import train
+from modules.resilience import CheckpointError, check_checkpoint
 from tests.resilience_helpers import Diverging
 from tests.test_train import BORING, RecordStartStep
 
@@ -208,3 +209,43 @@ def test_a_checkpoint_of_another_network_names_the_fields_that_differ(tmp_path):
     dim = hparams[group]["dim"]
     assert str(tmp_path / "other.ckpt") in message
     assert f"{group}.dim: checkpoint {dim}, config {dim // 2}" in message, message
+
+
+def test_sampler_and_optimisation_settings_may_differ_from_the_checkpoints(tmp_path):
+    """Sampling a trained video model with another scheduler, step count or shift (or resuming with another
+    lr) loads the checkpoint; a network field that differs is still refused."""
+    net = {"dim": 64, "lact": {"heads": 2}}
+    hparams = {
+        "net": net,
+        "optim": {"lr": 1e-3},
+        "sampler": {"scheduler": "unipc", "steps": 10, "shift": 3.0},
+    }
+    state = {"pytorch-lightning_version": "2.6.6", "global_step": 4, "loops": {}, "state_dict": {}}
+    torch.save({**state, "hyper_parameters": hparams}, tmp_path / "run.ckpt")
+    other_sampler = {
+        "net": net,
+        "optim": {"lr": 1e-4},
+        "sampler": {"scheduler": "euler", "steps": 40, "shift": 1.0},
+    }
+    check_checkpoint(str(tmp_path / "run.ckpt"), {"init_args": other_sampler})
+    other_net = {**other_sampler, "net": {"dim": 64, "lact": {"heads": 4}}}
+    with pytest.raises(CheckpointError, match="net.lact.heads: checkpoint 2, config 4"):
+        check_checkpoint(str(tmp_path / "run.ckpt"), {"init_args": other_net})
+
+
+def test_an_explicit_checkpoint_file_runs_with_the_configs_sampler_and_optim(tmp_path, monkeypatch):
+    """`predict --ckpt_path FILE --model.init_args.sampler.steps=40` samples with 40 steps (Lightning's CLI
+    would replace the model's arguments with the checkpoint's hyperparameters and sample with the trained 10)."""
+    common = ["--config", "configs/video/tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    common += [f"--data.init_args.train_shards={tmp_path}", f"--data.init_args.val_shards={tmp_path}"]
+    cli = train.main(common, run=False)
+    state = {"pytorch-lightning_version": "2.6.6", "global_step": 4, "loops": {}, "state_dict": {}}
+    torch.save({**state, "hyper_parameters": dict(cli.model.hparams)}, tmp_path / "run.ckpt")
+    seen = {}
+    monkeypatch.setattr(
+        train.LaCTCLI, "_run_subcommand", lambda self, name: seen.setdefault("model", self.model)
+    )
+    steps, lr = cli.model.sampler.steps + 30, cli.model.optim.lr / 10
+    overrides = [f"--model.init_args.sampler.steps={steps}", f"--model.init_args.optim.lr={lr}"]
+    train.main(["predict", *common, f"--ckpt_path={tmp_path / 'run.ckpt'}", *overrides])
+    assert seen["model"].sampler.steps == steps and seen["model"].optim.lr == lr
