@@ -175,13 +175,52 @@ def parameter_groups(
             groups[prefix + "matrices"].append(p)
         else:
             groups[prefix + "vectors"].append(p)
-    decay = {"matrices": weight_decay, "embeddings": 0.0, "vectors": 0.0}
-    decay.update(lact_matrices=weight_decay, lact_vectors=0.0)
-    out = [{"name": k, "params": v, "weight_decay": decay[k]} for k, v in groups.items() if v]
+    out = [
+        {"name": k, "params": v, "weight_decay": group_weight_decay(k, weight_decay)}
+        for k, v in groups.items()
+        if v
+    ]
     for group in out:
         if group["name"].startswith("lact_"):
             group["lr"] = lact_lr
     return out
+
+
+def group_weight_decay(name: str, weight_decay: float) -> float:
+    """The weight decay of a `parameter_groups` group: `weight_decay` for matrices, none for the rest."""
+    return weight_decay if name in ("matrices", "lact_matrices") else 0.0
+
+
+def peak_lr(name: str, optim: OptimConfig) -> float:
+    """The lr a `parameter_groups` group reaches after the warmup under `optim`."""
+    return optim.lr * (optim.lact_lr_scale if name.startswith("lact_") else 1.0)
+
+
+def resume_with(optimizer: torch.optim.Optimizer, schedule, trained: OptimConfig, now: OptimConfig) -> None:
+    """Make a resumed run follow the config's optimisation settings `now` where the checkpoint, trained under
+    `trained`, restored its own: restoring an optimizer and a schedule brings back their lr, betas, eps and
+    weight decay, so a run resumed with a lower lr would otherwise train on at the old one. Every lr of a
+    group (the current one, the schedule's base and last values) is scaled by the ratio of the two peaks, so
+    the schedule goes on from the same point at the new height (a callback's own scaling of a group is
+    kept); weight decay, betas and eps are set from `now`. The schedule's shape (warmup, length, floor ratio)
+    stays the checkpoint's."""
+    ratios = []
+    for group in optimizer.param_groups:
+        name = group.get("name", "matrices")
+        ratio = peak_lr(name, now) / peak_lr(name, trained)
+        ratios.append(ratio)
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+        group.update(
+            weight_decay=group_weight_decay(name, now.weight_decay), betas=tuple(now.betas), eps=now.eps
+        )
+    for scheduler in [schedule, *getattr(schedule, "_schedulers", [])]:
+        for key in ("base_lrs", "_last_lr"):
+            if getattr(scheduler, key, None) is not None:
+                setattr(scheduler, key, [lr * r for lr, r in zip(getattr(scheduler, key), ratios)])
+        if isinstance(scheduler, CosineAnnealingLR):
+            scheduler.eta_min *= min(ratios)  # one floor for every group (warmup_cosine's choice)
 
 
 def warmup_cosine(
@@ -403,6 +442,30 @@ class TaskModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self.consecutive_skips = checkpoint.get("consecutive_skips", 0)
+        trained = (checkpoint.get("hyper_parameters") or {}).get("optim")
+        # only a checkpoint that restores an optimizer (an imported one starts a fresh optimizer)
+        restores = bool(checkpoint.get("optimizer_states")) and trained is not None
+        self._trained_optim = as_config(OptimConfig, trained) if restores else None
+
+    def on_train_start(self) -> None:
+        # The optimizer and schedule states are restored by now: a resumed run switches to the config's settings.
+        trained, now = getattr(self, "_trained_optim", None), self.optim
+        fields = ("lr", "lact_lr_scale", "weight_decay", "eps")
+        if trained is not None and (
+            any(getattr(trained, f) != getattr(now, f) for f in fields)
+            or tuple(trained.betas) != tuple(now.betas)
+        ):
+            optimizer = self.trainer.optimizers[0]
+            schedule = (
+                self.trainer.lr_scheduler_configs[0].scheduler if self.trainer.lr_scheduler_configs else None
+            )
+            resume_with(optimizer, schedule, trained, self.optim)
+            rank_zero_warn(
+                f"resuming with the config's optimisation settings, which differ from the checkpoint's: lr "
+                f"{trained.lr} -> {self.optim.lr}, weight_decay {trained.weight_decay} -> {self.optim.weight_decay}"
+                " (the schedule continues from its step, scaled to the new lr)"
+            )
+        self._trained_optim = None
 
 
 class LRMonitor(LearningRateMonitor):

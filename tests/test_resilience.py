@@ -249,3 +249,33 @@ def test_an_explicit_checkpoint_file_runs_with_the_configs_sampler_and_optim(tmp
     overrides = [f"--model.init_args.sampler.steps={steps}", f"--model.init_args.optim.lr={lr}"]
     train.main(["predict", *common, f"--ckpt_path={tmp_path / 'run.ckpt'}", *overrides])
     assert seen["model"].sampler.steps == steps and seen["model"].optim.lr == lr
+
+
+def test_a_run_resumed_with_a_lower_lr_trains_at_it_on_the_same_schedule(tmp_path):
+    """Restoring the optimizer and schedule would bring the checkpoint's lr back; the config's wins, and the
+    warmup + cosine goes on from the step it reached, scaled to the new peak."""
+
+    def fit(root, steps, *extra):
+        args = ["fit", "--config", "configs/icl/base.yaml", "--config", "configs/icl/tiny.yaml"]
+        args += [
+            f"--trainer.default_root_dir={root}",
+            "--trainer.logger=false",
+            f"--trainer.max_steps={steps}",
+        ]
+        args += ["--model.init_args.optim.warmup_steps=2", "--model.init_args.optim.min_lr_ratio=0.1"]
+        args += ["--model.init_args.optim.total_steps=8", *extra]
+        optimizer = train.main(args).trainer.optimizers[0]
+        return [group["lr"] for group in optimizer.param_groups], optimizer.param_groups[0]["weight_decay"]
+
+    straight, _ = fit(tmp_path / "a", 6)
+    fit(tmp_path / "b", 4)
+    with pytest.warns(UserWarning, match="lr 0.001 -> 0.0001"):
+        resumed, decay = fit(
+            tmp_path / "b",
+            6,
+            "--ckpt_path=last",
+            "--model.init_args.optim.lr=1e-4",
+            "--model.init_args.optim.weight_decay=0.5",
+        )
+    assert resumed == pytest.approx([lr / 10 for lr in straight], rel=1e-6)
+    assert decay == 0.5  # the matrices' group takes the config's weight decay too
