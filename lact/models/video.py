@@ -71,7 +71,9 @@ class VideoConfig:
         tokens of one chunk (the interleaved schedule updates once per clean chunk); lact.output_gate "zero"
         (default) starts the branch switched off. Through the CLI (jsonargparse), fields a YAML `lact:` block
         leaves out take LaCTConfig's class defaults (chunk_size 2048, output_gate "silu"), so the configs in
-        configs/video/ spell out chunk_size: null and output_gate: zero.
+        configs/video/ spell out chunk_size: null and output_gate: zero. lact.rotary gives the fast q/k
+        attention's 3D rotary (frame, row, column), applied per attention head as the published video model
+        does (so the fast-weight head dim must be a multiple of the attention head dim, rotary_dim null).
     lact_qkv: where the LaCT branch takes its fast-weight q, k, v from: "shared" (attention's projection,
         taken before its RMSNorm and rotary; the published LaCT video model shares attention's q, k, v too) or
         "own" (the LaCT layer's own bias-free Linear(D, 3D): fast-weight keys and values that need not also
@@ -167,6 +169,14 @@ class VideoConfig:
                     f"VideoConfig.lact.chunk_size={self.lact.chunk_size}: video updates once per chunk, so it "
                     f"must be None or the tokens of one chunk ({self.tokens_per_chunk})"
                 )
+            fast_head_dim = self.dim // self.lact.heads
+            if self.lact.rotary and (self.lact.rotary_dim is not None or fast_head_dim % head_dim):
+                raise ValueError(
+                    f"VideoConfig.lact.rotary rotates the fast q/k with attention's 3D rotary, one attention head "
+                    f"(dim {head_dim}) at a time: lact.heads={self.lact.heads} gives fast-weight heads of "
+                    f"{fast_head_dim} channels, which must be a multiple of {head_dim}, and lact.rotary_dim "
+                    f"must be null (got {self.lact.rotary_dim})"
+                )
 
     @property
     def num_chunks(self) -> int:
@@ -204,10 +214,11 @@ def parameter_count(cfg: VideoConfig) -> int:
            + 4 D^2 + 4 D + 2 D + 2 D)     cross-attention with q/k RMSNorm and its LayerNorm (with text_dim)
       + D P + P + 2 D                     head and its modulation
       + N (3 H d h + 3 (D + 1) H + m (D + 1) H + g D H + d   LaCT: W0, lr (and momentum) projections,
-           + o 3 D^2)                                         gate, per-head RMSNorm, own q/k/v projection
-                                                              (H = lact.heads, d = D / H, h = int(inter_multi
-                                                              d), m = 1 with momentum, g = 1 with an output
-                                                              gate, o = 1 with lact_qkv "own")
+           + o 3 D^2 + a 4 D)                                 gate, per-head RMSNorm, own q/k/v projection,
+                                                              q/k scale and offset (H = lact.heads, d = D / H,
+                                                              h = int(inter_multi d), m = 1 with momentum,
+                                                              g = 1 with an output gate, o = 1 with lact_qkv
+                                                              "own", a = 1 with lact.qk_affine)
 
     Wan 2.1 1.3B (D 1536, F 8960, N 30, E 4096) gives 1.42e9 without LaCT; 14B (D 5120, F 13824, N 40) 14.3e9.
     """
@@ -227,8 +238,14 @@ def parameter_count(cfg: VideoConfig) -> int:
         m = 1 if cfg.lact.momentum else 0
         g = 1 if cfg.lact.output_gate else 0
         o = 1 if cfg.lact_qkv == "own" else 0
+        a = 1 if cfg.lact.qk_affine else 0
         total += layers * (
-            3 * heads * d * h + (3 + m) * (d_model + 1) * heads + g * d_model * heads + d + o * 3 * d_model**2
+            3 * heads * d * h
+            + (3 + m) * (d_model + 1) * heads
+            + g * d_model * heads
+            + d
+            + o * 3 * d_model**2
+            + a * 4 * d_model
         )
     return total
 
@@ -243,10 +260,12 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
 
 class Rotary3D(nn.Module):
     """Rotary embedding over (frame, row, column): the head dim is split like Wan's, d - 4 (d // 6) for time
-    and 2 (d // 6) each for rows and columns, each part rotated by its own axis position."""
+    and 2 (d // 6) each for rows and columns, each part rotated by its own axis position. ``dim`` is the head
+    dim, so a LaCT layer (`LaCTLayer.rotate`) rotates its fast-weight q/k in groups of attention heads."""
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
+        self.dim = head_dim
         part = 2 * (head_dim // 6)
         self.sizes = (head_dim - 2 * part, part, part)
         self.axes = nn.ModuleList(RotaryEmbedding(size, base) for size in self.sizes)
@@ -317,6 +336,9 @@ class VideoBlock(nn.Module):
                 own_qkv=not self.lact_shares_qkv,
                 out_proj=False,
             )
+            if cfg.lact.rotary:
+                # the published video model's fast q/k get attention's 3D rotary, head by head
+                self.lact.rotary = Rotary3D(self.head_dim, cfg.rope_base)
         self.o_proj = nn.Linear(dim, dim)
         self.cross = None
         if cfg.text_dim is not None:
@@ -366,7 +388,7 @@ class VideoBlock(nn.Module):
                 cache.k, cache.v = [*cache.k, k][-self.window :], [*cache.v, v][-self.window :]
         mixed = attn.transpose(1, 2).flatten(2)
         if self.lact is not None:
-            lact_positions = positions[0] if self.lact.rotary is not None else None
+            lact_positions = positions if self.lact.rotary is not None else None
             lact_qkv = qkv if self.lact_shares_qkv else None
             if cache is None:
                 mixed = mixed + self.lact(y, qkv=lact_qkv, positions=lact_positions)

@@ -122,6 +122,23 @@ def test_cached_chunk_steps_equal_the_full_forward(overrides):
         net.append_clean_chunk(c[:, :, chunk], cache)
 
 
+def test_lact_rotary_is_attentions_3d_rotary_applied_head_by_head_to_the_fast_qk():
+    net = make_net(lact=dict(heads=1, rotary=True))  # one fast-weight head of 32 = two attention heads of 16
+    block = net.blocks[0]
+    y = torch.randn(1, 5, 32, dtype=torch.float64)
+    qkv = block.qkv(y)
+    # the same content at different frames, rows and columns must give different fast queries
+    positions = (torch.tensor([0, 0, 3, 0, 0]), torch.tensor([0, 1, 0, 0, 2]), torch.tensor([0, 0, 0, 4, 0]))
+    q = block.lact.fast_weight_inputs(y, qkv, positions).q  # [B * fast heads, L, 32]
+    heads = qkv[..., :32].unflatten(-1, (2, 16)).transpose(0, 2)  # [2 attention heads, L, B=1, 16]
+    rotated = [block.rotary(h.transpose(0, 1), positions).transpose(0, 1) for h in heads]  # each [L, 1, 16]
+    expected = torch.nn.functional.normalize(torch.cat(rotated, dim=-1).transpose(0, 1), dim=-1)
+    torch.testing.assert_close(q, expected)
+    unrotated = torch.nn.functional.normalize(qkv[..., :32], dim=-1)
+    assert all((q[0, i] - unrotated[0, i]).abs().max() > 1e-3 for i in range(1, 5))  # each axis moves q
+    torch.testing.assert_close(q[0, 0], unrotated[0, 0])  # position (0, 0, 0) is the identity
+
+
 @pytest.mark.parametrize("scheduler", ["euler", "unipc"])
 def test_cached_sampling_equals_recomputing_the_prefix(scheduler):
     net = make_net().float()
@@ -188,6 +205,10 @@ def test_schedulers_are_built_from_arguments_with_the_shift():
         ({"lact": dict(heads=3)}, "lact.heads"),
         ({"lact": dict(chunk_size=5)}, "lact.chunk_size"),
         ({"lact_qkv": "mine"}, "lact_qkv"),
+        (
+            {"num_heads": 1, "lact": dict(heads=2, rotary=True)},
+            "lact.rotary",
+        ),  # fast head 16 < attention's 32
         ({"frames_per_chunk": 3, "num_frames": 9, "patch_size": (2, 2, 2)}, "patch_size"),
     ],
 )
