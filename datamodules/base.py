@@ -38,11 +38,20 @@ def consumed_batches(trainer) -> int:
 
 
 class StepPositionedLoader(DataLoader):
-    """A training loader over generated data whose batch n is a pure function of (seed, n), placed by its
-    DataModule at the batches already consumed (global step x accumulation) whenever a pass starts: a resumed
-    run continues the stream, and a checkpoint needs no loader state. Lightning's stateful-loader interface is
-    implemented with that empty state so that resuming in the middle of an epoch (always, with these endless
-    epochs) does not warn that the data would not resume."""
+    """A training loader over generated data whose item n is a pure function of (seed, n). Each time a pass
+    starts, it sets ``dataset.start`` to ``start_fn()``, the position its DataModule computes from the batches
+    already consumed (`consumed_batches`): a resumed run continues the stream, and a checkpoint needs no
+    loader state. Lightning's stateful-loader interface is implemented with that empty state so that resuming
+    in the middle of an epoch (always, with these endless epochs) does not warn that the data would not
+    resume."""
+
+    def __init__(self, dataset, start_fn: Callable[[], int], **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.start_fn = start_fn
+
+    def __iter__(self):
+        self.dataset.start = self.start_fn()
+        return super().__iter__()
 
     def state_dict(self) -> dict:
         return {}

@@ -108,18 +108,6 @@ class MQARStream(IterableDataset):
             yield mqar_sample(self.seed, TRAIN, index, **self.task)
 
 
-class StepAlignedLoader(StepPositionedLoader):
-    """Sets the stream's start to `start_fn()` (samples already consumed) each time a pass begins."""
-
-    def __init__(self, dataset: MQARStream, start_fn, **kwargs):
-        super().__init__(dataset, **kwargs)
-        self.start_fn = start_fn
-
-    def __iter__(self):
-        self.dataset.start = self.start_fn()
-        return super().__iter__()
-
-
 class MQARDataModule(LightningDataModule):
     """MQAR batches ``input_ids`` / ``labels`` [B, seq_len], generated on the fly (no shards).
 
@@ -158,7 +146,7 @@ class MQARDataModule(LightningDataModule):
         stream = MQARStream(
             self.batches_per_epoch * self.batch_size, self.seed, rank=rank, world_size=world, **self.task
         )
-        return StepAlignedLoader(
+        return StepPositionedLoader(
             stream,
             lambda: consumed_batches(self.trainer) * self.batch_size,
             batch_size=self.batch_size,

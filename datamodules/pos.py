@@ -155,15 +155,16 @@ class PosSampler:
 
 
 class _GeneratedBatches(Dataset):
-    """Index i -> the training batch number ``start + i``, a pure function of (seed, start + i)."""
+    """Index i -> the training batch number ``start + i``, a pure function of (seed, start + i); the loader
+    sets ``start`` when a pass begins."""
 
-    def __init__(self, sampler: PosSampler, batch_size: int, seed: int, length: int, start: int) -> None:
+    def __init__(self, sampler: PosSampler, batch_size: int, seed: int, length: int) -> None:
         self.sampler, self.batch_size, self.seed, self.length, self.start = (
             sampler,
             batch_size,
             seed,
             length,
-            start,
+            0,
         )
 
     def __len__(self) -> int:
@@ -250,9 +251,10 @@ class POSDataModule(LightningDataModule):
         return self.vocab.holdout
 
     def train_dataloader(self) -> DataLoader:
-        start = consumed_batches(self.trainer)
-        data = _GeneratedBatches(self.sampler, self.batch_size, self.seed, self.num_batches, start)
-        return StepPositionedLoader(data, batch_size=None, shuffle=False)
+        data = _GeneratedBatches(self.sampler, self.batch_size, self.seed, self.num_batches)
+        return StepPositionedLoader(
+            data, lambda: consumed_batches(self.trainer), batch_size=None, shuffle=False
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         return [
