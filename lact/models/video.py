@@ -14,7 +14,8 @@ and the network predicts the flow (eps - x0) of every noisy chunk. Block (pre-no
     q, k, v = Linear(D, 3D)(y)                                      attention's projection
     x += gate1 * o_proj( WindowAttn(rope3d(RMSNorm q), rope3d(RMSNorm k), v)
                          + zero_gate(y) * RMSNorm_head(LaCT_interleaved(q', k', v')) )
-    q', k', v' = q, k, v (lact_qkv "shared") or LaCT's own Linear(D, 3D, bias=False)(y) (lact_qkv "own")
+    q', k', v' = q, k, v (lact_qkv "shared") or LaCT's own Linear(D, 3D, bias=False)(y) (lact_qkv "own"),
+                 or of y + WindowAttn(...) (lact_input "attention": tokens mixed before the fast weights)
     x += CrossAttn(LN(x), caption embeddings)                       only with text_dim set
     x += gate2 * FFN(LN(x) * (1 + scale2) + shift2)                 Linear -> GELU(tanh) -> Linear
 
@@ -78,6 +79,9 @@ class VideoConfig:
         taken before its RMSNorm and rotary; the published LaCT video model shares attention's q, k, v too) or
         "own" (the LaCT layer's own bias-free Linear(D, 3D): fast-weight keys and values that need not also
         serve attention).
+    lact_input: what the LaCT branch reads (its q/k/v with an own projection, and its gate): "block" (y, the
+        block's modulated input, beside attention) or "attention" (y + attention's output, so fast-weight keys
+        and values carry what attention gathered from the window; needs lact_qkv "own").
     text_dim: width of caption embeddings for cross-attention; None = unconditional.
     freq_dim: sinusoidal time-embedding width.  rope_base: rotary base.  eps: norm epsilon.
     activation_checkpointing: recompute each block in the backward pass.
@@ -97,6 +101,7 @@ class VideoConfig:
     window: int = 1
     lact: LaCTConfig | None = field(default_factory=LaCTConfig)
     lact_qkv: str = "shared"
+    lact_input: str = "block"
     text_dim: int | None = None
     freq_dim: int = 256
     rope_base: float = 10000.0
@@ -161,6 +166,15 @@ class VideoConfig:
             raise ValueError(
                 f"VideoConfig.lact_qkv must be 'shared' (attention's q, k, v) or 'own' (LaCT's own projection), "
                 f"got {self.lact_qkv!r}"
+            )
+        if self.lact_input not in ("block", "attention"):
+            raise ValueError(
+                f"VideoConfig.lact_input must be 'block' or 'attention', got {self.lact_input!r}"
+            )
+        if self.lact_input == "attention" and self.lact_qkv != "own":
+            raise ValueError(
+                "VideoConfig.lact_input='attention' feeds the fast weights y + attention's output, which attention's "
+                "own q/k/v projection does not see: set lact_qkv: own"
             )
         if self.lact is not None:
             self.lact = lact_config(self.lact, default_lact(), "VideoConfig", self.dim)
@@ -325,6 +339,7 @@ class VideoBlock(nn.Module):
         self.lact = None
         # with its own projection the LaCT branch is given no qkv and projects y itself
         self.lact_shares_qkv = cfg.lact_qkv == "shared"
+        self.lact_after_attention = cfg.lact_input == "attention"
         if cfg.lact is not None:
             # the schedule's chunk is always one segment of the interleaved sequence
             self.lact = LaCTLayer.from_config(
@@ -390,10 +405,11 @@ class VideoBlock(nn.Module):
         if self.lact is not None:
             lact_positions = positions if self.lact.rotary is not None else None
             lact_qkv = qkv if self.lact_shares_qkv else None
+            lact_x = y + mixed if self.lact_after_attention else y
             if cache is None:
-                mixed = mixed + self.lact(y, qkv=lact_qkv, positions=lact_positions)
+                mixed = mixed + self.lact(lact_x, qkv=lact_qkv, positions=lact_positions)
             else:
-                mixed = mixed + self.lact_step(y, lact_qkv, lact_positions, cache, clean)
+                mixed = mixed + self.lact_step(lact_x, lact_qkv, lact_positions, cache, clean)
         x = x + gate1 * self.o_proj(mixed).unflatten(1, (segments, tokens))
         if self.cross is not None:
             x = x + self.cross(self.norm3(x).flatten(1, 2), context).unflatten(1, (segments, tokens))

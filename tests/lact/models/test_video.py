@@ -108,7 +108,12 @@ def test_a_wider_window_lets_attention_see_further_back():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"window": 2, "lact": dict(heads=1, rotary=True, muon="fixed")}, {"lact_qkv": "own"}],
+    [
+        {},
+        {"window": 2, "lact": dict(heads=1, rotary=True, muon="fixed")},
+        {"lact_qkv": "own"},
+        {"lact_qkv": "own", "lact_input": "attention"},
+    ],
 )
 def test_cached_chunk_steps_equal_the_full_forward(overrides):
     net = make_net(**overrides)
@@ -205,6 +210,7 @@ def test_schedulers_are_built_from_arguments_with_the_shift():
         ({"lact": dict(heads=3)}, "lact.heads"),
         ({"lact": dict(chunk_size=5)}, "lact.chunk_size"),
         ({"lact_qkv": "mine"}, "lact_qkv"),
+        ({"lact_input": "attention"}, "lact_input"),  # with attention's shared projection
         (
             {"num_heads": 1, "lact": dict(heads=2, rotary=True)},
             "lact.rotary",
