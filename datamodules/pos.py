@@ -159,13 +159,8 @@ class _GeneratedBatches(Dataset):
     sets ``start`` when a pass begins."""
 
     def __init__(self, sampler: PosSampler, batch_size: int, seed: int, length: int) -> None:
-        self.sampler, self.batch_size, self.seed, self.length, self.start = (
-            sampler,
-            batch_size,
-            seed,
-            length,
-            0,
-        )
+        self.sampler, self.batch_size, self.seed, self.length = sampler, batch_size, seed, length
+        self.start = 0
 
     def __len__(self) -> int:
         return self.length

@@ -680,18 +680,15 @@ def run_interleaved(
         raise ValueError(f"interleaved_lact: L={length} must be a multiple of chunk_size={chunk_size}")
     if state is None:
         state = FastWeightState.initial(*weights)
-    segments = chunk_spans(length, chunk_size)
     # clean_i and noisy_{i+1} are adjacent and read the same weights: one read per pair halves the small
-    # kernels of a sequence of short segments
-    reads = [segments[0]] + [
-        (start, segments[min(i + 1, len(segments) - 1)][1]) for i, (start, _) in enumerate(segments) if i % 2
+    # kernels of a sequence of short segments. Reads: noisy_0, then pairs of segments from clean_0 on.
+    reads = [(0, chunk_size)] + [
+        (chunk_size + s, chunk_size + e) for s, e in chunk_spans(length - chunk_size, 2 * chunk_size)
     ]
     queries = torch.split(inputs.q, [end - start for start, end in reads], dim=1)
-    cleans = inputs.split(segments)[1::2]
+    cleans = inputs.split(chunk_spans(length, chunk_size))[1::2]
     outputs = [apply_weights(*state.weights, queries[0])]
-    for clean, query in zip(
-        cleans, queries[1:]
-    ):  # write clean_i into memory first, then read with the new weights
+    for clean, query in zip(cleans, queries[1:]):  # write clean_i into memory, then read with the new weights
         state = update_step(state, clean, muon=muon)
         outputs.append(apply_weights(*state.weights, query))
     return torch.cat(outputs, dim=1), state

@@ -63,15 +63,23 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, L, D] -> [B, L, D]."""
+        if self.postnorm:
+            x = self.norm1(x + self.attend(x))
+            return self.norm2(x + self.feed(x))
+        x = x + self.attend(self.norm1(x))
+        return x + self.feed(self.norm2(x))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention branch (dropout on its weights and output in training): [B, L, D] -> [B, L, D]."""
         b, l, d = x.shape
         heads, p = self.num_heads, (self.dropout if self.training else 0.0)
-        pre1, pre2 = (nn.Identity(), nn.Identity()) if self.postnorm else (self.norm1, self.norm2)
-        q, k, v = self.qkv(pre1(x)).view(b, l, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(b, l, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # [B, heads, L, D/heads], no mask: encoder
-        x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(b, l, d)), p, self.training)
-        x = self.norm1(x) if self.postnorm else x
-        x = x + F.dropout(self.mlp(pre2(x)), p, self.training)
-        return self.norm2(x) if self.postnorm else x
+        return F.dropout(self.proj(a.transpose(1, 2).reshape(b, l, d)), p, self.training)
+
+    def feed(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP branch (dropout on its output in training): [B, L, D] -> [B, L, D]."""
+        return F.dropout(self.mlp(x), self.dropout if self.training else 0.0, self.training)
 
 
 class MaskedLMEncoder(nn.Module):
