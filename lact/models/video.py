@@ -33,6 +33,7 @@ the keys/values of the last `window` clean chunks and the fast-weight state of e
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -157,6 +158,7 @@ class VideoConfig:
                 f"VideoConfig.num_heads={self.num_heads} gives head dim {head_dim}; the 3D rotary needs an even "
                 "head dim >= 6"
             )
+        self._warn_unresolved_rotary(head_dim)
         if self.text_dim is not None:
             _check_int("text_dim", self.text_dim)
         for name in ("activation_checkpointing", "compile"):
@@ -190,6 +192,22 @@ class VideoConfig:
                     f"(dim {head_dim}) at a time: lact.heads={self.lact.heads} gives fast-weight heads of "
                     f"{fast_head_dim} channels, which must be a multiple of {head_dim}, and lact.rotary_dim "
                     f"must be null (got {self.lact.rotary_dim})"
+                )
+
+    def _warn_unresolved_rotary(self, head_dim: int) -> None:
+        """Warn when an axis of the 3D rotary cannot tell apart the token positions attention sees together
+        (the frames of a chunk and its window, the rows, the columns; see rotary_resolves)."""
+        frames, rows, columns = self.token_grid
+        positions = ((self.window + 1) * frames, rows, columns)
+        for axis, size, count in zip(("frames", "rows", "columns"), Rotary3D.split(head_dim), positions):
+            if not rotary_resolves(size, self.rope_base, count):
+                warnings.warn(
+                    f"VideoConfig: the 3D rotary turns the {count} {axis} of tokens with {size} of a head's "
+                    f"{head_dim} channels (num_heads={self.num_heads}, rope_base={self.rope_base:g}) and none of "
+                    f"their frequencies turns by 1 to pi radians across them: tokens about 2 pi positions apart "
+                    f"look alike to attention (a trained model paints ghost copies of shapes there). Use fewer "
+                    f"heads (a larger head dim) or a smaller rope_base.",
+                    stacklevel=4,
                 )
 
     @property
@@ -272,6 +290,16 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def rotary_resolves(size: int, base: float, positions: int) -> bool:
+    """Whether rotary channels of `size` (frequencies base^(-2j / size), j < size / 2, in radians per token)
+    tell `positions` consecutive token positions apart: some frequency turns by 1 to pi radians across them.
+    Faster ones wrap around (a position ~2 pi tokens away looks like a neighbour), slower ones barely turn. With
+    head dim 16 (4 channels per spatial axis: 1 and 0.01 rad per token) an 8-token axis fails and the demo
+    network painted ghost copies of shapes 6 tokens away; head dim 32 (0.16 rad per token) resolves it."""
+    span = positions - 1
+    return span < 1 or any(1.0 <= base ** (-2 * j / size) * span <= math.pi for j in range(size // 2))
+
+
 class Rotary3D(nn.Module):
     """Rotary embedding over (frame, row, column): the head dim is split like Wan's, d - 4 (d // 6) for time
     and 2 (d // 6) each for rows and columns, each part rotated by its own axis position. ``dim`` is the head
@@ -280,9 +308,14 @@ class Rotary3D(nn.Module):
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         self.dim = head_dim
-        part = 2 * (head_dim // 6)
-        self.sizes = (head_dim - 2 * part, part, part)
+        self.sizes = self.split(head_dim)
         self.axes = nn.ModuleList(RotaryEmbedding(size, base) for size in self.sizes)
+
+    @staticmethod
+    def split(head_dim: int) -> tuple[int, int, int]:
+        """Channels of a head rotated by (frame, row, column) position."""
+        part = 2 * (head_dim // 6)
+        return head_dim - 2 * part, part, part
 
     def forward(self, x: Tensor, positions: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         """x [..., L, head_dim], positions three [L] integer tensors -> x rotated."""

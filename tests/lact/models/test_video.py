@@ -3,12 +3,13 @@ to recomputing the prefix, both diffusers schedulers, config errors, parameter c
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from lact.models.video import VideoConfig, VideoNet, default_lact, parameter_count
+from lact.models.video import VideoConfig, VideoNet, default_lact, parameter_count, rotary_resolves
 from lact.models.video_sampling import SamplerConfig, build_scheduler, sample_video
 from tests.config_helpers import merged_config
 
@@ -221,6 +222,20 @@ def test_schedulers_are_built_from_arguments_with_the_shift():
 def test_bad_configs_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"VideoConfig.{field}"):
         VideoConfig(**{**TINY, **overrides})
+
+
+def test_a_rotary_that_cannot_tell_token_positions_apart_is_warned_about():
+    # 8 x 8 tokens; head dim 16 rotates rows with 1 and 0.01 rad per token: row 6 looks like row 0
+    aliased = {**TINY, "latent_size": (16, 16), "num_heads": 2}
+    with pytest.warns(UserWarning, match=r"8 rows of tokens .*num_heads=2"):
+        VideoConfig(**aliased)
+    assert not rotary_resolves(4, 10000.0, 8) and rotary_resolves(4, 10000.0, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VideoConfig(**{**aliased, "num_heads": 1})  # head dim 32: 0.16 rad per token spans the 8 rows
+        VideoConfig(**{**aliased, "rope_base": 30.0})  # 0.18 rad per token
+        for name in ("tiny", "demo", "wan1_3b"):
+            VideoConfig(**merged_config(f"configs/video/{name}.yaml")["model"]["init_args"]["net"])
 
 
 def test_bad_inputs_name_the_shape():
