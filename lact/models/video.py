@@ -84,7 +84,8 @@ class VideoConfig:
         block's modulated input, beside attention) or "attention" (y + attention's output, so fast-weight keys
         and values carry what attention gathered from the window; needs lact_qkv "own").
     text_dim: width of caption embeddings for cross-attention; None = unconditional.
-    freq_dim: sinusoidal time-embedding width.  rope_base: rotary base.  eps: norm epsilon.
+    freq_dim: sinusoidal time-embedding width.  rope_base: rotary base (with num_heads, a warning names it when
+        an axis of the rotary cannot tell its tokens apart: rotary_resolves).  eps: norm epsilon.
     activation_checkpointing: recompute each block in the backward pass.
     compile: torch.compile each block when training (lact/nn.py compile_blocks, applied by the task's
         configure_model; the cached sampler's methods stay eager).
@@ -293,7 +294,7 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
 def rotary_resolves(size: int, base: float, positions: int) -> bool:
     """Whether rotary channels of `size` (frequencies base^(-2j / size), j < size / 2, in radians per token)
     tell `positions` consecutive token positions apart: some frequency turns by 1 to pi radians across them.
-    Faster ones wrap around (a position ~2 pi tokens away looks like a neighbour), slower ones barely turn. With
+    Faster ones wrap around (a position ~2 pi tokens away looks like the same one), slower ones barely turn. With
     head dim 16 (4 channels per spatial axis: 1 and 0.01 rad per token) an 8-token axis fails and the demo
     network painted ghost copies of shapes 6 tokens away; head dim 32 (0.16 rad per token) resolves it."""
     span = positions - 1
