@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # scripts/ run as files: make the suite's packages importable
     sys.path.insert(0, str(ROOT))
 
+from cpu_threads import fastest_threads  # noqa: E402
+
 from lact.geometry import orbit_cameras  # noqa: E402
 from lact.models.nvs import NVSConfig, NVSNet  # noqa: E402
 from lact.nn import compile_blocks  # noqa: E402
@@ -139,49 +141,12 @@ def step_time(net: NVSNet, data_args: dict, threads: int) -> float:
     return statistics.median(times[2:])  # the first steps pay one-off allocations (and compilation)
 
 
-def busy_cores(seconds: float = 2.0) -> float:
-    """How many cores other jobs keep busy now: the machine's non-idle CPU time over `seconds` while this
-    process sleeps (/proc/stat), or the 1-minute load average where /proc/stat is missing. The load average
-    alone would count this script's own data preparation of the last minute."""
-    try:
-
-        def times() -> list[int]:
-            with open("/proc/stat") as f:
-                return [int(x) for x in f.readline().split()[1:]]
-
-        before = times()
-        time.sleep(seconds)
-        delta = [b - a for a, b in zip(before, times())]
-    except (OSError, ValueError):
-        return os.getloadavg()[0]
-    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)  # idle + iowait
-    return (os.cpu_count() or 1) * (1 - idle / max(sum(delta), 1))
-
-
 def pick_threads(requested: int, config: dict) -> tuple[int, float]:
-    """(threads, seconds per training step) for the config's model and batch: `requested` threads, or (0) one
-    thread when other jobs load the machine, else the faster of 1 thread and all cores (up to 8). On a CPU
-    shared with other jobs one thread is often several times faster than two."""
+    """(threads, seconds per training step) for the config's model and batch (cpu_threads.fastest_threads)."""
     net = NVSNet(NVSConfig(**config["model"]["init_args"]["net"]))
     if net.config.compile:  # time the step training will run (its compile time is not budgeted here)
         compile_blocks(net.blocks)
-    cores = min(os.cpu_count() or 1, 8)
-    if requested > 0:
-        candidates = [requested]
-    elif (busy := busy_cores()) >= 0.5 * cores:
-        # Other jobs keep the cores busy: a short timing can catch a quiet moment, after which every op of a
-        # multi-threaded run waits for a preempted thread. One thread degrades gracefully.
-        print(f"other jobs keep {busy:.1f} of {cores} cores busy: one torch thread", flush=True)
-        candidates = [1]
-    else:
-        candidates = sorted({1, cores})
-    timings = {n: step_time(net, config["data"]["init_args"], n) for n in candidates}
-    best = min(timings, key=timings.get)
-    print(
-        f"torch threads: {', '.join(f'{n}: {t:.2f} s/step' for n, t in timings.items())} -> {best}",
-        flush=True,
-    )
-    return best, timings[best]
+    return fastest_threads(requested, lambda threads: step_time(net, config["data"]["init_args"], threads))
 
 
 def test_scores(config: str, checkpoint: Path, overrides: list[str]) -> dict:

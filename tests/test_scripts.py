@@ -137,11 +137,11 @@ def test_out_moves_the_run_directory_and_user_overrides_still_win():
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat")
 def test_busy_cores_sees_other_jobs_now():
-    """The NVS scripts pick one torch thread when other jobs keep the cores busy: a process spinning on one
+    """The CPU demos pick one torch thread when other jobs keep the cores busy: a process spinning on one
     core while the measurement sleeps counts as (about) one busy core, whatever ran a minute ago."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        from nvs_eval import busy_cores
+        from cpu_threads import busy_cores
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
