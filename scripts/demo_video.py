@@ -17,6 +17,7 @@ Training uses one torch thread when other jobs keep the cores busy, else whichev
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -71,25 +72,30 @@ def continuation_grid(predict_dir: Path, rows: int = 4) -> np.ndarray:
     return np.concatenate(lines, axis=1)
 
 
-def step_seconds(threads: int) -> float:
-    """Wall seconds of one training step (flow loss, backward, AdamW) of the demo network on a random batch
-    shaped like the demo's, with `threads` torch threads (median of 3 after 2 warm-up steps)."""
-    torch.set_num_threads(threads)
+def step_timer():
+    """A function threads -> wall seconds of one training step (flow loss, backward, AdamW) of the demo network
+    on a random batch shaped like the demo's, with that many torch threads (median of 3 after 2 warm-up steps,
+    which pay one-off allocations)."""
     module = train.main(["--config", CONFIG], run=False).model
     data = yaml.safe_load(Path(CONFIG).read_text())["data"]["init_args"]
     frames, height, width, channels = data["shape"]
     x0 = torch.rand(data["batch_size"], channels, frames, height, width) * 2 - 1
     optimizer = torch.optim.AdamW(module.net.parameters(), 1e-4)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        t = torch.rand(x0.shape[0], module.net.cfg.num_chunks)
-        loss = module.flow_loss(x0, t, torch.randn_like(x0), None).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return sorted(times[2:])[1]
+
+    def step_seconds(threads: int) -> float:
+        torch.set_num_threads(threads)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            t = torch.rand(x0.shape[0], module.net.cfg.num_chunks)
+            loss = module.flow_loss(x0, t, torch.randn_like(x0), None).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[2:])
+
+    return step_seconds
 
 
 def main() -> None:
@@ -100,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = args.threads or 1  # evaluation only: no step timing
     if not args.skip_train:
-        threads, _ = fastest_threads(args.threads, step_seconds)
+        threads, _ = fastest_threads(args.threads, step_timer())
     torch.set_num_threads(threads)
     generate_data()
     common = ["--config", CONFIG]
