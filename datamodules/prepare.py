@@ -126,6 +126,7 @@ def run_videos(args: argparse.Namespace) -> dict:
                 height=args.height,
                 width=args.width,
                 num_objects=tuple(args.objects),
+                radius=tuple(args.radius),
             )
             caption = None if args.no_caption else video["caption"]
             key = f"{args.key_prefix}{args.seed}_{i:07d}"
@@ -204,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="video i of seed s is always the same")
     p.add_argument("--objects", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"))
+    p.add_argument(
+        "--radius",
+        type=float,
+        nargs=2,
+        default=(0.09, 0.18),
+        metavar=("LO", "HI"),
+        help="range of shape radii in units of the frame's short side (default 0.09 0.18)",
+    )
     p.add_argument(
         "--format",
         choices=("frames", "pooled-pixels"),
