@@ -137,10 +137,13 @@ def test_radius_range_sets_the_shape_sizes():
 def test_prepare_videos_passes_the_radius_range_and_names_a_bad_one(tmp_path):
     args = ["videos", "--num-videos", "2", "--frames", "3", "--height", "16", "--width", "16", "--seed", "5"]
     prepare.main([*args, "--out", str(tmp_path / "big"), "--radius", "0.25", "0.3"])
-    for i, sample in enumerate(iter_videos(tmp_path / "big", field="frames")):
+    samples = list(iter_videos(tmp_path / "big", field="frames"))
+    assert len(samples) == 2
+    for i, sample in enumerate(samples):
         want = generate_video([5, i], num_frames=3, height=16, width=16, radius=(0.25, 0.3))["frames"]
         assert np.array_equal(sample["frames"].numpy(), want)
         default = generate_video([5, i], num_frames=3, height=16, width=16)["frames"]
         assert not np.array_equal(want, default)
     with pytest.raises(SystemExit, match="radius"):
         prepare.main([*args, "--out", str(tmp_path / "bad"), "--radius", "0.3", "0.1"])
+    assert not list((tmp_path / "bad").glob("*.tar"))  # no half-written shards left behind
